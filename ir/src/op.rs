@@ -47,7 +47,7 @@ pub enum Op {
     /// Same elements, new shape (given by the result type).
     Reshape,
     /// Rotary position embedding over the first `dims` dims of each head of `x[tokens, heads, head_dim]`.
-    /// Position p rotates pair i by `p / freq_scale * base^(-2i/dims)`.
+    /// Position p rotates pair i by the angle `p * freq_scale * base^(-2i/dims)`.
     Rope { base: f32, dims: usize, freq_scale: f32, style: RopeStyle },
     /// Causal attention of `q[tokens, heads, hd]` over this layer's KV cache after appending `k`, `v`
     /// (`[tokens, kv_heads, hd]`) at `positions`. `window`: a key at position j is seen from position i only

@@ -35,7 +35,7 @@ fn parse_errors_name_the_line() {
         ("graph g\n%0 = frobnicate : f32[1]\n", "line 2: unknown op `frobnicate`"),
         ("graph g\n%0 = embed @w : f32[1]\n", "line 2: undeclared weight @w"),
         ("graph g\n%0 = input {name=tokens} : q9_9[1]\n", "line 2: unknown dtype `q9_9`"),
-        ("graph g\n%0 = rms_norm %0 : f32[1]\n", "line 2: missing attribute `eps`"),
+        ("graph g\nweight @w : f32[1]\n%0 = rms_norm @w, @w : f32[1]\n", "line 3: missing attribute `eps`"),
         ("%0 = input {name=tokens} : i32[tokens]\n", "line 1: expected `graph NAME` first"),
     ];
     for (text, want) in cases {

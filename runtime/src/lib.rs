@@ -1,1 +1,16 @@
+//! kiln-runtime: executes graphs and serves the model's text interface.
+//!
+//! The reference executor, the sampler, tokenizers and chat templates built from model metadata alone. It never
+//! depends on the compiler: a serving process needs only what a compiled model carries.
 
+pub mod chat;
+pub mod engine;
+pub mod generate;
+pub mod reference;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use engine::{Engine, ExecError, Logits};
+pub use reference::ReferenceExecutor;
+pub use sampler::{Sampler, SamplerConfig};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,141 @@
+//! GGUF reader: header, metadata, tensor infos; tensor data stays in the memory map and is never copied.
+//!
+//! Every malformed input is a `GgufError` naming the field and byte offset. Lengths and counts are checked
+//! against the bytes that remain before anything is allocated, so no input can make the reader allocate
+//! more than a small multiple of the file size, recurse without bound, or loop long.
+
+mod reader;
+mod value;
+
+pub use value::{MetaValue, ValueType};
+
+use kiln_ir::weights::{WeightSource, WeightView};
+use kiln_ir::QuantFormat;
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+/// Why a GGUF file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("not a GGUF file: magic is {found:?} at byte 0, expected \"GGUF\"")]
+    BadMagic { found: [u8; 4] },
+    #[error("unsupported GGUF version {version} at byte 4 (kiln reads versions 2 and 3)")]
+    UnsupportedVersion { version: u32 },
+    #[error("malformed GGUF at byte {offset}: {field}: {reason}")]
+    Malformed { offset: u64, field: String, reason: String },
+}
+
+/// One tensor's header entry.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub format: QuantFormat,
+    /// GGUF order: `dims[0]` is the contiguous one.
+    pub dims: Vec<usize>,
+    /// Row-major shape (`dims` reversed): `[out, in]` for a matrix.
+    pub shape: Vec<usize>,
+    /// Offset relative to the start of the data section.
+    pub offset: usize,
+    pub size: usize,
+}
+
+impl TensorInfo {
+    pub fn elements(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A parsed GGUF file.
+pub struct GgufFile {
+    bytes: Bytes,
+    pub version: u32,
+    pub alignment: usize,
+    metadata: Vec<(String, MetaValue)>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+    data_offset: usize,
+}
+
+impl GgufFile {
+    /// Memory-maps and parses a file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
+        let path = path.as_ref();
+        let io = |source| GgufError::Io { path: path.display().to_string(), source };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only; kiln never writes model files, and a file truncated by another process
+        // while mapped is outside what any mmap-based reader can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::parse(Bytes::Mapped(map))
+    }
+
+    /// Parses a file held in memory (tests, fuzzing).
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
+        Self::parse(Bytes::Owned(bytes))
+    }
+
+    fn parse(bytes: Bytes) -> Result<Self, GgufError> {
+        let header = reader::parse(bytes.as_slice())?;
+        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(GgufFile {
+            version: header.version,
+            alignment: header.alignment,
+            metadata: header.metadata,
+            tensors: header.tensors,
+            data_offset: header.data_offset,
+            by_name,
+            bytes,
+        })
+    }
+
+    /// Metadata in file order.
+    pub fn metadata(&self) -> &[(String, MetaValue)] {
+        &self.metadata
+    }
+
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// A tensor's bytes, borrowed from the map.
+    pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        let start = self.data_offset + info.offset;
+        &self.bytes.as_slice()[start..start + info.size]
+    }
+
+    pub fn file_size(&self) -> usize {
+        self.bytes.as_slice().len()
+    }
+}
+
+impl WeightSource for GgufFile {
+    fn weight(&self, name: &str) -> Option<WeightView<'_>> {
+        let info = self.tensor(name)?;
+        Some(WeightView { format: info.format, shape: &info.shape, data: self.tensor_data(info) })
+    }
+}

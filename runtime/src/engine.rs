@@ -1,0 +1,50 @@
+//! The interface every executor offers: run a step of tokens of one sequence, get logits.
+
+use kiln_ir::DType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("weight `{0}` is missing from the model")]
+    MissingWeight(String),
+    #[error("weight `{name}` is {found}, the graph expects {expected}")]
+    WeightMismatch { name: String, expected: String, found: String },
+    #[error("context full: position {need} is past the context size {max} (raise --ctx or shorten the input)")]
+    ContextFull { need: usize, max: usize },
+    #[error("sequence position {start} skips ahead of the {cached} cached tokens")]
+    PositionGap { start: usize, cached: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error("the graph has no `{0}` output")]
+    NoOutput(&'static str),
+    #[error("the reference executor cannot run {0} operands")]
+    Unsupported(DType),
+}
+
+/// Logits for each token of a step, row-major `[rows, vocab]`.
+pub struct Logits {
+    pub vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.vocab
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    pub fn last(&self) -> &[f32] {
+        self.row(self.rows() - 1)
+    }
+}
+
+pub trait Engine {
+    /// Runs `tokens` at positions `start..start + tokens.len()` of the current sequence, after the tokens cached
+    /// at `0..start` (anything cached beyond `start` is discarded).
+    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError>;
+    /// The most positions a sequence may use.
+    fn max_context(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+}

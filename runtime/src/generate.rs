@@ -1,0 +1,113 @@
+//! Generation and perplexity on any `Engine`.
+
+use crate::engine::{Engine, ExecError};
+use crate::sampler::Sampler;
+use crate::tokenizer::Tokenizer;
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The token budget ran out.
+    Length,
+    /// The model produced an end-of-generation token.
+    Stop,
+}
+
+pub struct Generation {
+    pub ids: Vec<u32>,
+    pub finish: FinishReason,
+    /// The top raw logits at the first generated position, highest first.
+    pub first_top_logits: Vec<(u32, f32)>,
+}
+
+/// Feeds `prompt` (continuing a sequence whose first `start` positions are cached), then samples up to
+/// `max_tokens`, calling `on_token` with each new id. End-of-generation tokens stop it and are not returned.
+pub fn generate(
+    engine: &mut dyn Engine,
+    tokenizer: &Tokenizer,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    start: usize,
+    max_tokens: usize,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation, ExecError> {
+    let mut history = prompt.to_vec();
+    let mut ids = Vec::new();
+    let mut logits = engine.forward(prompt, start)?;
+    let first_top_logits = top_logits(logits.last(), 5);
+    let mut pos = start + prompt.len();
+    while ids.len() < max_tokens {
+        let id = sampler.sample(logits.last(), &history);
+        if tokenizer.is_end_of_generation(id) {
+            return Ok(Generation { ids, finish: FinishReason::Stop, first_top_logits });
+        }
+        on_token(id);
+        ids.push(id);
+        history.push(id);
+        if ids.len() == max_tokens {
+            break;
+        }
+        logits = engine.forward(&[id], pos)?;
+        pos += 1;
+    }
+    Ok(Generation { ids, finish: FinishReason::Length, first_top_logits })
+}
+
+/// The `k` highest logits, highest first.
+pub fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    /// One standard error of the estimate, in perplexity units (as llama-perplexity prints it).
+    pub pm: f64,
+    pub chunks: usize,
+    pub scored_tokens: usize,
+}
+
+/// llama-perplexity's method: consecutive chunks of `ctx` tokens, each evaluated alone; only predictions in the
+/// second half of a chunk count. When the model adds BOS, each chunk's first token is replaced by BOS, as
+/// llama-perplexity does. `on_chunk(i, ppl_so_far)` reports progress.
+pub fn perplexity(
+    engine: &mut dyn Engine,
+    tokens: &[u32],
+    ctx: usize,
+    max_chunks: Option<usize>,
+    bos: Option<u32>,
+    mut on_chunk: impl FnMut(usize, f64),
+) -> Result<Perplexity, ExecError> {
+    let available = tokens.len() / ctx;
+    let chunks = max_chunks.map_or(available, |m| m.min(available));
+    let first = ctx / 2;
+    let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
+    for c in 0..chunks {
+        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if let Some(bos) = bos {
+            chunk[0] = bos;
+        }
+        let logits = engine.forward(&chunk, 0)?;
+        for j in first..ctx - 1 {
+            let row = logits.row(j);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let log_sum = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+            let loss = log_sum - row[chunk[j + 1] as usize] as f64;
+            nll += loss;
+            nll2 += loss * loss;
+            count += 1;
+        }
+        on_chunk(c, (nll / count as f64).exp());
+    }
+    if count == 0 {
+        return Ok(Perplexity { ppl: f64::NAN, pm: f64::NAN, chunks: 0, scored_tokens: 0 });
+    }
+    let mean = nll / count as f64;
+    let variance = nll2 / count as f64 - mean * mean;
+    let ppl = mean.exp();
+    let pm = if variance > 0.0 && count > 1 { (variance / (count - 1) as f64).sqrt() * ppl } else { 0.0 };
+    Ok(Perplexity { ppl, pm, chunks, scored_tokens: count })
+}

@@ -1,0 +1,141 @@
+//! The reference math of each op, on plain f32 slices. Clarity over speed; only the matmul is parallel.
+
+use kiln_ir::dequant::{dequantize, dot_f32};
+use kiln_ir::weights::WeightView;
+use kiln_ir::RopeStyle;
+use rayon::prelude::*;
+
+/// `x[t, k] @ W[n, k]^T -> [t, n]`: each weight row is dequantized once and dotted with every token's row.
+pub fn matmul(x: &[f32], k: usize, w: &WeightView) -> Vec<f32> {
+    let n = w.shape[0];
+    let t = x.len() / k;
+    let mut out_t = vec![0f32; n * t]; // [n, t]: one contiguous chunk per weight row, filled in parallel
+    out_t.par_chunks_mut(t).enumerate().for_each_init(
+        || vec![0f32; k],
+        |row, (j, out)| {
+            dequantize(w.format, w.row(j), row);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = dot_f32(row, &x[i * k..(i + 1) * k]);
+            }
+        },
+    );
+    let mut out = vec![0f32; t * n];
+    for j in 0..n {
+        for i in 0..t {
+            out[i * n + j] = out_t[j * t + i];
+        }
+    }
+    out
+}
+
+/// RMSNorm over rows of `w.len()`: `x / sqrt(mean(x^2) + eps) * w`, with the sum in f64 as ggml does.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(d) {
+        let mean = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+        let scale = 1.0 / (mean as f32 + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(&v, &g)| v * scale * g));
+    }
+    out
+}
+
+/// Elementwise `a op b`, with `b` repeated over `a` when it is shorter (a bias or per-channel weight).
+pub fn broadcast(a: &[f32], b: &[f32], op: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    a.chunks_exact(b.len()).flat_map(|row| row.iter().zip(b).map(|(&x, &y)| op(x, y))).collect()
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (as ggml and `gelu_pytorch_tanh`).
+pub fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+/// Rotates `x[t, heads, head_dim]` in place by each token's position.
+pub fn rope(x: &mut [f32], head_dim: usize, positions: &[i32], dims: usize, base: f32, freq_scale: f32, style: RopeStyle) {
+    let per_token = x.len() / positions.len();
+    for (token, &pos) in x.chunks_exact_mut(per_token).zip(positions) {
+        for head in token.chunks_exact_mut(head_dim) {
+            for i in 0..dims / 2 {
+                let theta = pos as f64 * freq_scale as f64 * (base as f64).powf(-2.0 * i as f64 / dims as f64);
+                let (sin, cos) = theta.sin_cos();
+                let (a, b) = match style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + dims / 2),
+                };
+                let (x0, x1) = (head[a] as f64, head[b] as f64);
+                head[a] = (x0 * cos - x1 * sin) as f32;
+                head[b] = (x0 * sin + x1 * cos) as f32;
+            }
+        }
+    }
+}
+
+/// One layer's cached keys and values, `[position, kv_heads, head_dim]`, grown as positions are written.
+#[derive(Default)]
+pub struct LayerCache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+/// Writes `k`, `v` at `positions` into the cache, then attends each query to the cached keys at or before its
+/// position (and within the window). Returns `[t, heads, head_dim]`.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], positions: &[i32], cache: &mut LayerCache, s: &AttentionShape) -> Vec<f32> {
+    let kv_width = s.kv_heads * s.head_dim;
+    for ((kr, vr), &pos) in k.chunks_exact(kv_width).zip(v.chunks_exact(kv_width)).zip(positions) {
+        let at = pos as usize * kv_width;
+        if cache.k.len() < at + kv_width {
+            cache.k.resize(at + kv_width, 0.0);
+            cache.v.resize(at + kv_width, 0.0);
+        }
+        cache.k[at..at + kv_width].copy_from_slice(kr);
+        cache.v[at..at + kv_width].copy_from_slice(vr);
+    }
+    let group = s.heads / s.kv_heads;
+    let hd = s.head_dim;
+    let mut out = vec![0f32; q.len()];
+    let mut scores = Vec::new();
+    for (t, &pos) in positions.iter().enumerate() {
+        let pos = pos as usize;
+        let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for h in 0..s.heads {
+            let kvh = h / group;
+            let qh = &q[(t * s.heads + h) * hd..][..hd];
+            scores.clear();
+            scores.extend((first..=pos).map(|j| dot_f32(qh, &cache.k[j * kv_width + kvh * hd..][..hd]) * s.scale));
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc as f64;
+            }
+            let o = &mut out[(t * s.heads + h) * hd..][..hd];
+            for (j, &p) in (first..=pos).zip(&scores) {
+                let weight = (p as f64 / sum) as f32;
+                for (oi, vi) in o.iter_mut().zip(&cache.v[j * kv_width + kvh * hd..][..hd]) {
+                    *oi += weight * vi;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A float weight (norm gains, biases) as f32.
+pub fn weight_f32(w: &WeightView) -> Vec<f32> {
+    let mut out = vec![0f32; w.shape.iter().product()];
+    dequantize(w.format, w.data, &mut out);
+    out
+}

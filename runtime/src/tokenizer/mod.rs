@@ -1,0 +1,224 @@
+//! Tokenizers built from GGUF metadata alone (`TokenizerSpec`): byte-level BPE and SentencePiece-style.
+//!
+//! Written to match llama.cpp token for token: the same pre-tokenizer regexes per `tokenizer.ggml.pre`, the same
+//! special-token splitting, the same BOS/EOS and space-prefix rules.
+
+mod bpe;
+mod pretokenize;
+mod spm;
+
+use bpe::Bpe;
+use kiln_ir::model::{TokenType, TokenizerKind, TokenizerSpec};
+use pretokenize::PreTokenizer;
+use spm::Spm;
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("unknown pre-tokenizer `{0}` (tokenizer.ggml.pre; kiln knows {known})", known = pretokenize::KNOWN)]
+    UnknownPreTokenizer(String),
+    #[error("token id {0} is outside the vocabulary")]
+    BadId(u32),
+}
+
+enum Model {
+    Bpe { pre: PreTokenizer, bpe: Bpe, byte_of_char: HashMap<char, u8> },
+    SentencePiece,
+}
+
+pub struct Tokenizer {
+    spec: TokenizerSpec,
+    token_id: HashMap<String, u32>,
+    /// Control, user-defined and unknown tokens, matched whole in text; grouped by first byte, longest first.
+    specials: HashMap<u8, Vec<(String, u32)>>,
+    byte_tokens: [Option<u32>; 256],
+    model: Model,
+}
+
+/// A piece of input text: raw text to tokenize, or a special token found in it.
+enum Fragment<'t> {
+    Text(&'t str),
+    Special(u32),
+}
+
+impl Tokenizer {
+    pub fn new(spec: &TokenizerSpec) -> Result<Self, TokenizerError> {
+        let mut token_id = HashMap::with_capacity(spec.tokens.len());
+        for (id, text) in spec.tokens.iter().enumerate() {
+            token_id.entry(text.clone()).or_insert(id as u32);
+        }
+        let mut specials: HashMap<u8, Vec<(String, u32)>> = HashMap::new();
+        for (id, (text, ty)) in spec.tokens.iter().zip(&spec.token_types).enumerate() {
+            if matches!(ty, TokenType::Control | TokenType::UserDefined | TokenType::Unknown) && !text.is_empty() {
+                specials.entry(text.as_bytes()[0]).or_default().push((text.clone(), id as u32));
+            }
+        }
+        for group in specials.values_mut() {
+            group.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        }
+        let byte_tokens = std::array::from_fn(|b| token_id.get(&format!("<0x{b:02X}>")).copied());
+        let model = match spec.kind {
+            TokenizerKind::BytePairGpt2 => {
+                let pre = PreTokenizer::new(&spec.pre).ok_or_else(|| TokenizerError::UnknownPreTokenizer(spec.pre.clone()))?;
+                let byte_of_char = bpe::byte_chars().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+                Model::Bpe { pre, bpe: Bpe::new(&spec.merges, &token_id), byte_of_char }
+            }
+            TokenizerKind::SentencePiece => Model::SentencePiece,
+        };
+        Ok(Tokenizer { spec: spec.clone(), token_id, specials, byte_tokens, model })
+    }
+
+    pub fn spec(&self) -> &TokenizerSpec {
+        &self.spec
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.spec.tokens.len()
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.spec.tokens.get(id as usize).map(String::as_str)
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        self.spec.bos
+    }
+
+    /// Whether a token ends generation (EOS, or an end-of-turn token).
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        Some(id) == self.spec.eos || self.spec.eot.contains(&id)
+    }
+
+    /// Tokenizes text. Special tokens written in the text (`<|im_start|>`) become their ids. `add_special` adds
+    /// BOS/EOS as the model's metadata asks.
+    pub fn encode(&self, text: &str, add_special: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        if add_special && self.spec.add_bos {
+            out.extend(self.spec.bos);
+        }
+        let mut prev_special = true;
+        for fragment in self.split_specials(text) {
+            match fragment {
+                Fragment::Special(id) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                Fragment::Text(t) => {
+                    self.encode_text(t, prev_special, &mut out);
+                    prev_special = false;
+                }
+            }
+        }
+        if add_special && self.spec.add_eos {
+            out.extend(self.spec.eos);
+        }
+        out
+    }
+
+    fn encode_text(&self, text: &str, prev_special: bool, out: &mut Vec<u32>) {
+        match &self.model {
+            Model::Bpe { pre, bpe, .. } => {
+                for piece in pre.split(text) {
+                    bpe.encode_piece(piece, out);
+                }
+            }
+            Model::SentencePiece => {
+                let mut escaped = String::with_capacity(text.len() + 3);
+                if self.spec.add_space_prefix && prev_special {
+                    escaped.push('\u{2581}');
+                }
+                escaped.extend(text.chars().map(|c| if c == ' ' { '\u{2581}' } else { c }));
+                let spm = Spm { token_id: &self.token_id, scores: &self.spec.scores, byte_tokens: &self.byte_tokens, unknown: self.spec.unknown };
+                spm.encode(&escaped, out);
+            }
+        }
+    }
+
+    /// Splits out special tokens, scanning left to right and taking the longest special token at each position.
+    fn split_specials<'t>(&self, text: &'t str) -> Vec<Fragment<'t>> {
+        let mut fragments = Vec::new();
+        let (mut start, mut i) = (0, 0);
+        let bytes = text.as_bytes();
+        while i < bytes.len() {
+            let found = self.specials.get(&bytes[i]).and_then(|group| group.iter().find(|(s, _)| text[i..].starts_with(s.as_str())));
+            match found {
+                Some((s, id)) => {
+                    if start < i {
+                        fragments.push(Fragment::Text(&text[start..i]));
+                    }
+                    fragments.push(Fragment::Special(*id));
+                    i += s.len();
+                    start = i;
+                }
+                None => i += 1,
+            }
+        }
+        if start < bytes.len() {
+            fragments.push(Fragment::Text(&text[start..]));
+        }
+        fragments
+    }
+
+    /// The bytes a token stands for. Control tokens render as nothing (they are markup, not text).
+    pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>, TokenizerError> {
+        let text = self.token_text(id).ok_or(TokenizerError::BadId(id))?;
+        let ty = self.spec.token_types.get(id as usize).copied().unwrap_or(TokenType::Normal);
+        Ok(match (ty, &self.model) {
+            (TokenType::Control, _) => Vec::new(),
+            (TokenType::UserDefined, _) => text.as_bytes().to_vec(),
+            (TokenType::Byte, _) => parse_byte_token(text).map(|b| vec![b]).unwrap_or_default(),
+            (_, Model::Bpe { byte_of_char, .. }) => text.chars().filter_map(|c| byte_of_char.get(&c).copied()).collect(),
+            (_, Model::SentencePiece) => text.replace('\u{2581}', " ").into_bytes(),
+        })
+    }
+
+    /// Decodes ids to text (invalid UTF-8 sequences become U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            bytes.extend(self.token_bytes(id)?);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The token's text for display: byte-level characters decoded, `▁` as a space, control tokens verbatim.
+    pub fn piece(&self, id: u32) -> Result<String, TokenizerError> {
+        let ty = self.spec.token_types.get(id as usize).copied().unwrap_or(TokenType::Normal);
+        if ty == TokenType::Control {
+            return Ok(self.token_text(id).ok_or(TokenizerError::BadId(id))?.to_string());
+        }
+        Ok(String::from_utf8_lossy(&self.token_bytes(id)?).into_owned())
+    }
+}
+
+fn parse_byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// Turns a stream of token bytes into text, holding back an incomplete UTF-8 sequence until it completes.
+#[derive(Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            // An error with no `error_len` is a truncated sequence at the end: wait for more bytes.
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => self.pending.len(),
+        };
+        let text = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+        self.pending.drain(..valid);
+        text
+    }
+
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
