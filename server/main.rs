@@ -1,1 +1,51 @@
-fn main() {}
+//! `kiln`: compile, inspect and run quantized LLMs.
+
+mod commands;
+mod model;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about = "A compiler and runtime for quantized LLMs (GGUF models).")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a model's metadata and tensors, or its lowered IR (--ir).
+    Inspect(commands::inspect::InspectArgs),
+    /// Show the token ids (and pieces) of a text.
+    Tokenize(commands::tokenize::TokenizeArgs),
+    /// Generate text from a prompt.
+    Run(commands::run::RunArgs),
+    /// Chat interactively, using the model's chat template.
+    Chat(commands::chat::ChatArgs),
+    /// Measure perplexity over a text file (llama-perplexity's method).
+    Perplexity(commands::perplexity::PerplexityArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match &cli.command {
+        Command::Inspect(args) => commands::inspect::run(args),
+        Command::Tokenize(args) => commands::tokenize::run(args),
+        Command::Run(args) => commands::run::run(args),
+        Command::Chat(args) => commands::chat::run(args),
+        Command::Perplexity(args) => commands::perplexity::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the error and its causes, joined.
+            eprintln!("error: {}", format!("{error:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! Quantization formats and their reference dequantizers, tensor types, the graph with its text form and
 //! verifier, model metadata, and the weight-source interface executors read through.
 
+pub mod activation;
 pub mod dequant;
 pub mod format;
 pub mod graph;

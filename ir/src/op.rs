@@ -35,7 +35,8 @@ pub enum Op {
     Embed,
     /// `x * w / rms(x)` over the last dim.
     RmsNorm { eps: f32 },
-    /// `x[.., k] @ W[n, k]^T -> [.., n]`.
+    /// `x[.., k] @ W[n, k]^T -> [.., n]`, with `x` first rounded to the weight format's activation format
+    /// (`activation::ActivationFormat::for_weight`), as ggml's dot products do.
     MatMul,
     /// Elementwise; the second operand may be a suffix of the first's shape (a bias, broadcast).
     Add,

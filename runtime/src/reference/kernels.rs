@@ -1,14 +1,20 @@
 //! The reference math of each op, on plain f32 slices. Clarity over speed; only the matmul is parallel.
 
+use kiln_ir::activation::ActivationFormat;
 use kiln_ir::dequant::{dequantize, dot_f32};
 use kiln_ir::weights::WeightView;
 use kiln_ir::RopeStyle;
 use rayon::prelude::*;
 
-/// `x[t, k] @ W[n, k]^T -> [t, n]`: each weight row is dequantized once and dotted with every token's row.
+/// `x[t, k] @ W[n, k]^T -> [t, n]`: the activations are rounded to the weight's activation format, then each
+/// weight row is dequantized once and dotted with every token's row.
 pub fn matmul(x: &[f32], k: usize, w: &WeightView) -> Vec<f32> {
     let n = w.shape[0];
     let t = x.len() / k;
+    let mut rounded = x.to_vec();
+    let activation = ActivationFormat::for_weight(w.format);
+    rounded.chunks_exact_mut(k).for_each(|row| activation.round_trip(row));
+    let x = &rounded;
     let mut out_t = vec![0f32; n * t]; // [n, t]: one contiguous chunk per weight row, filled in parallel
     out_t.par_chunks_mut(t).enumerate().for_each_init(
         || vec![0f32; k],

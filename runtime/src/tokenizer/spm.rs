@@ -55,7 +55,8 @@ impl Spm<'_> {
         }
         while let Some(c) = queue.pop() {
             let right = c.right;
-            if next[c.left] != Some(right) || len[c.left] + len[right] != c.len {
+            // Live symbols have a length; a merged-away left side can still link to a grown right side.
+            if len[c.left] == 0 || next[c.left] != Some(right) || len[c.left] + len[right] != c.len {
                 continue;
             }
             len[c.left] += len[right];

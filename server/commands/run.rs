@@ -1,0 +1,60 @@
+//! `kiln run MODEL -p PROMPT`: generate a continuation.
+
+use super::sampling::SamplingArgs;
+use crate::model::Model;
+use anyhow::Result;
+use clap::Args;
+use kiln_runtime::generate::generate;
+use kiln_runtime::tokenizer::StreamDecoder;
+use kiln_runtime::Sampler;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    pub model: PathBuf,
+    /// The prompt (raw text; special tokens such as <|im_start|> are recognised).
+    #[arg(short, long)]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Context size in tokens (0: the model's, at most 4096).
+    #[arg(long, default_value_t = 0)]
+    pub ctx: usize,
+    /// Print one JSON object: prompt_ids, ids, text, and top_logits (top 5 at the first generated position).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let sampler_config = args.sampling.config()?;
+    let model = Model::open(&args.model)?;
+    let mut engine = model.executor(args.ctx)?;
+    let tokenizer = &model.tokenizer;
+    let prompt_ids = tokenizer.encode(&args.prompt, true);
+    anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
+    let mut sampler = Sampler::new(sampler_config);
+    let mut stdout = std::io::stdout().lock();
+    let mut stream = StreamDecoder::default();
+    let started = std::time::Instant::now();
+    let result = generate(&mut engine, tokenizer, &mut sampler, &prompt_ids, 0, args.max_tokens, |id| {
+        if !args.json {
+            let text = tokenizer.token_bytes(id).map(|b| stream.push(&b)).unwrap_or_default();
+            // A closed stdout (e.g. piped to `head`) ends output, not generation's correctness.
+            let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
+        }
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(tokens = result.ids.len(), seconds, finish = ?result.finish, "generated");
+    if args.json {
+        let text = tokenizer.decode(&result.ids)?;
+        let top: Vec<(u32, f32)> = result.first_top_logits;
+        println!("{}", serde_json::json!({ "prompt_ids": prompt_ids, "ids": result.ids, "text": text, "top_logits": top }));
+    } else {
+        writeln!(stdout, "{}", stream.finish())?;
+    }
+    Ok(())
+}

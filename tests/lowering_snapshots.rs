@@ -1,0 +1,36 @@
+//! The lowered IR of each real architecture, snapshotted (structure only: weights are declarations, no data).
+//! Bless changes with `INSTA_UPDATE=always cargo test --release --test lowering_snapshots` (or cargo insta review).
+
+mod common;
+
+use kiln_compiler::{lower, GgufFile};
+
+fn lowered_text(name: &str) -> Option<String> {
+    let path = common::model(name)?;
+    let gguf = GgufFile::open(path).unwrap();
+    let lowered = lower(&gguf).unwrap();
+    let text = kiln_ir::text::print(&lowered.graph);
+    // The text form round-trips and re-verifies.
+    let reparsed = kiln_ir::text::parse(&text).unwrap();
+    kiln_ir::verify(&reparsed).unwrap();
+    assert_eq!(kiln_ir::text::print(&reparsed), text);
+    Some(text)
+}
+
+#[test]
+fn llama_smollm2() {
+    let Some(text) = lowered_text("smollm2") else { return };
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn qwen2_qwen25_coder() {
+    let Some(text) = lowered_text("qwen2") else { return };
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn gemma3_270m() {
+    let Some(text) = lowered_text("gemma3") else { return };
+    insta::assert_snapshot!(text);
+}
