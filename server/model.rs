@@ -17,7 +17,8 @@ impl Model {
         let started = Instant::now();
         let gguf = GgufFile::open(path)?;
         let lowered = lower(&gguf).with_context(|| format!("cannot lower {}", path.display()))?;
-        let tokenizer = Tokenizer::new(&lowered.info.tokenizer).with_context(|| format!("cannot build the tokenizer of {}", path.display()))?;
+        let tokenizer = Tokenizer::new(&lowered.info.tokenizer)
+            .with_context(|| format!("cannot build the tokenizer of {}", path.display()))?;
         tracing::info!(
             model = %path.display(),
             architecture = %lowered.info.architecture,
@@ -25,13 +26,25 @@ impl Model {
             ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
-        Ok(Model { gguf, lowered, tokenizer })
+        Ok(Model {
+            gguf,
+            lowered,
+            tokenizer,
+        })
     }
 
     /// A reference executor over this model's weights, for sequences of up to `ctx` positions
     /// (0: the model's trained context length, capped at 4096 to keep the KV cache small).
     pub fn executor(&self, ctx: usize) -> Result<ReferenceExecutor<'_>> {
-        let ctx = if ctx == 0 { self.lowered.info.context_length.min(4096) } else { ctx };
-        Ok(ReferenceExecutor::new(self.lowered.graph.clone(), &self.gguf, ctx)?)
+        let ctx = if ctx == 0 {
+            self.lowered.info.context_length.min(4096)
+        } else {
+            ctx
+        };
+        Ok(ReferenceExecutor::new(
+            self.lowered.graph.clone(),
+            &self.gguf,
+            ctx,
+        )?)
     }
 }

@@ -19,18 +19,24 @@ fn lowered_text(name: &str) -> Option<String> {
 
 #[test]
 fn llama_smollm2() {
-    let Some(text) = lowered_text("smollm2") else { return };
+    let Some(text) = lowered_text("smollm2") else {
+        return;
+    };
     insta::assert_snapshot!(text);
 }
 
 #[test]
 fn qwen2_qwen25_coder() {
-    let Some(text) = lowered_text("qwen2") else { return };
+    let Some(text) = lowered_text("qwen2") else {
+        return;
+    };
     insta::assert_snapshot!(text);
 }
 
 #[test]
 fn gemma3_270m() {
-    let Some(text) = lowered_text("gemma3") else { return };
+    let Some(text) = lowered_text("gemma3") else {
+        return;
+    };
     insta::assert_snapshot!(text);
 }

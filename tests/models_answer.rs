@@ -7,7 +7,16 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 fn greedy(path: &std::path::Path, prompt: &str, n: usize) -> String {
-    kiln_ok(&["run", path.to_str().unwrap(), "-p", prompt, "-n", &n.to_string(), "--temp", "0"])
+    kiln_ok(&[
+        "run",
+        path.to_str().unwrap(),
+        "-p",
+        prompt,
+        "-n",
+        &n.to_string(),
+        "--temp",
+        "0",
+    ])
 }
 
 #[test]
@@ -31,7 +40,11 @@ fn qwen2_knows_a_capital() {
 #[test]
 fn gemma3_answers_plain_questions() {
     let Some(path) = model("gemma3") else { return };
-    let out = greedy(&path, "Question: What is the boiling point of water in Celsius?\nAnswer:", 6);
+    let out = greedy(
+        &path,
+        "Question: What is the boiling point of water in Celsius?\nAnswer:",
+        6,
+    );
     eprintln!("gemma3: {out}");
     assert!(out.contains("100"), "{out}");
     let out = greedy(&path, "The capital of France is", 6);
@@ -58,9 +71,18 @@ fn smollm2_chats_with_its_template() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Germany?\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Germany?\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     eprintln!("smollm2 chat: {text}");
     assert!(text.contains("Paris"), "{text}");

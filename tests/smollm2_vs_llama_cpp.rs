@@ -9,7 +9,13 @@ fn tokenizer_gives_llama_cpp_ids() {
     let Some(path) = model("smollm2") else { return };
     let path = path.to_str().unwrap();
     for case in reference()["tokenizer"]["cases"].as_array().unwrap() {
-        let out: serde_json::Value = serde_json::from_str(&kiln_ok(&["tokenize", path, case["text"].as_str().unwrap(), "--json"])).unwrap();
+        let out: serde_json::Value = serde_json::from_str(&kiln_ok(&[
+            "tokenize",
+            path,
+            case["text"].as_str().unwrap(),
+            "--json",
+        ]))
+        .unwrap();
         assert_eq!(ids(&out["ids"]), ids(&case["ids"]), "{}", case["text"]);
     }
 }
@@ -20,25 +26,47 @@ fn greedy_run_matches_llama_cpp() {
     let reference = reference();
     let greedy = &reference["greedy"][0];
     let n = greedy["n"].as_u64().unwrap().to_string();
-    let out = kiln_ok(&["run", path.to_str().unwrap(), "-p", greedy["prompt"].as_str().unwrap(), "-n", &n, "--temp", "0", "--json"]);
+    let out = kiln_ok(&[
+        "run",
+        path.to_str().unwrap(),
+        "-p",
+        greedy["prompt"].as_str().unwrap(),
+        "-n",
+        &n,
+        "--temp",
+        "0",
+        "--json",
+    ]);
     let out: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(ids(&out["prompt_ids"]), ids(&greedy["prompt_ids"]));
 
     // Top 3 at the first generated position: same ids in the same order, logits within 0.3 of llama.cpp with
     // full-precision attention (ranks 4-6 are a near-tie in the reference, so not compared).
     let ours = out["top_logits"].as_array().unwrap();
-    let theirs = greedy["top_first_position_full_precision_attention"].as_array().unwrap();
+    let theirs = greedy["top_first_position_full_precision_attention"]
+        .as_array()
+        .unwrap();
     for (rank, (o, t)) in ours.iter().zip(theirs).take(3).enumerate() {
         assert_eq!(o[0].as_u64(), t["id"].as_u64(), "rank {rank}");
         let (ol, tl) = (o[1].as_f64().unwrap(), t["logit"].as_f64().unwrap());
-        assert!((ol - tl).abs() < 0.3, "rank {rank}: logit {ol} vs llama.cpp {tl}");
+        assert!(
+            (ol - tl).abs() < 0.3,
+            "rank {rank}: logit {ol} vs llama.cpp {tl}"
+        );
     }
 
     // Greedy ids: at least the first 14 (step 14 is a near-tie in the reference); kiln currently matches all 32.
     let (got, want) = (ids(&out["ids"]), ids(&greedy["gen_ids"]));
     let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-    eprintln!("greedy: {same}/{} ids match llama.cpp; text {:?}", want.len(), out["text"]);
-    assert!(same >= 14, "only {same} greedy ids match: {got:?} vs {want:?}");
+    eprintln!(
+        "greedy: {same}/{} ids match llama.cpp; text {:?}",
+        want.len(),
+        out["text"]
+    );
+    assert!(
+        same >= 14,
+        "only {same} greedy ids match: {got:?} vs {want:?}"
+    );
 }
 
 #[test]
@@ -47,10 +75,24 @@ fn perplexity_within_1_5_percent_of_llama_cpp() {
     let reference = reference();
     let want = reference["perplexity"]["Q4_1"].as_f64().unwrap();
     // The full run (59 chunks of 128 tokens), as llama-perplexity measured it; ~2 minutes on 2 cores.
-    let out = kiln_ok(&["perplexity", path.to_str().unwrap(), "--file", "/usr/share/common-licenses/GPL-3", "--ctx", "128", "--json"]);
+    let out = kiln_ok(&[
+        "perplexity",
+        path.to_str().unwrap(),
+        "--file",
+        "/usr/share/common-licenses/GPL-3",
+        "--ctx",
+        "128",
+        "--json",
+    ]);
     let out: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ppl = out["ppl"].as_f64().unwrap();
-    eprintln!("perplexity: kiln {ppl:.4} vs llama.cpp {want} over {} chunks", out["chunks"]);
+    eprintln!(
+        "perplexity: kiln {ppl:.4} vs llama.cpp {want} over {} chunks",
+        out["chunks"]
+    );
     assert_eq!(out["chunks"].as_u64(), Some(59));
-    assert!((ppl / want - 1.0).abs() < 0.015, "kiln {ppl} vs llama.cpp {want}");
+    assert!(
+        (ppl / want - 1.0).abs() < 0.015,
+        "kiln {ppl} vs llama.cpp {want}"
+    );
 }

@@ -17,7 +17,15 @@ struct Builder {
 
 impl Builder {
     fn new() -> Self {
-        Builder { version: 3, kvs: Vec::new(), n_kv: 0, infos: Vec::new(), n_tensors: 0, data: Vec::new(), alignment: 32 }
+        Builder {
+            version: 3,
+            kvs: Vec::new(),
+            n_kv: 0,
+            infos: Vec::new(),
+            n_tensors: 0,
+            data: Vec::new(),
+            alignment: 32,
+        }
     }
 
     fn string(out: &mut Vec<u8>, s: &str) {
@@ -72,7 +80,10 @@ impl Builder {
 }
 
 fn valid() -> Builder {
-    let f32s: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let f32s: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     Builder::new()
         .kv_str("general.architecture", "llama")
         .kv_raw("answer", 4, &42u32.to_le_bytes())
@@ -91,7 +102,10 @@ fn error_of(bytes: Vec<u8>) -> String {
 fn reads_a_valid_file() {
     let file = GgufFile::from_bytes(valid().bytes()).unwrap();
     assert_eq!(file.version, 3);
-    assert_eq!(file.get("general.architecture"), Some(&MetaValue::String("llama".into())));
+    assert_eq!(
+        file.get("general.architecture"),
+        Some(&MetaValue::String("llama".into()))
+    );
     assert_eq!(file.get("answer").and_then(|v| v.as_u64()), Some(42));
     let b = file.tensor("b").unwrap();
     assert_eq!((b.shape.clone(), b.size), (vec![2, 2], 16));
@@ -112,14 +126,19 @@ fn reads_version_2_and_nested_arrays() {
     b.version = 2;
     let file = GgufFile::from_bytes(b.bytes()).unwrap();
     let outer = file.get("nested").unwrap().as_array().unwrap();
-    assert_eq!(outer[0].as_array().unwrap(), &[MetaValue::U8(1), MetaValue::U8(2)]);
+    assert_eq!(
+        outer[0].as_array().unwrap(),
+        &[MetaValue::U8(1), MetaValue::U8(2)]
+    );
     assert!(outer[1].as_array().unwrap().is_empty());
 }
 
 #[test]
 fn honours_general_alignment() {
     let f32s: Vec<u8> = [1.0f32; 4].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut b = Builder::new().kv_raw("general.alignment", 4, &64u32.to_le_bytes()).tensor("t", &[4], 0, 64, &f32s);
+    let mut b = Builder::new()
+        .kv_raw("general.alignment", 4, &64u32.to_le_bytes())
+        .tensor("t", &[4], 0, 64, &f32s);
     b.alignment = 64;
     let file = GgufFile::from_bytes(b.bytes()).unwrap();
     let t = file.tensor("t").unwrap();
@@ -190,6 +209,12 @@ fn every_truncation_of_a_valid_file_is_an_error() {
 
 #[test]
 fn missing_file_names_the_path() {
-    let err = GgufFile::open("/nonexistent/model.gguf").err().unwrap().to_string();
-    assert!(err.starts_with("cannot read /nonexistent/model.gguf: "), "{err}");
+    let err = GgufFile::open("/nonexistent/model.gguf")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with("cannot read /nonexistent/model.gguf: "),
+        "{err}"
+    );
 }

@@ -48,7 +48,9 @@ impl ActivationFormat {
             ActivationFormat::F32 => {}
             ActivationFormat::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
             ActivationFormat::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-            ActivationFormat::Q8_0 | ActivationFormat::Q8_1 => x.chunks_mut(32).for_each(round_trip_q8_0),
+            ActivationFormat::Q8_0 | ActivationFormat::Q8_1 => {
+                x.chunks_mut(32).for_each(round_trip_q8_0)
+            }
             ActivationFormat::Q8_K => x.chunks_mut(QK_K).for_each(round_trip_q8_k),
         }
     }

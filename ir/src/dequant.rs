@@ -17,7 +17,11 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 pub fn dequantize(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
     let info = format.info();
     assert_eq!(bytes.len() % info.block_bytes, 0, "{format}: partial block");
-    assert_eq!(bytes.len() / info.block_bytes * info.block_elems, out.len(), "{format}: length mismatch");
+    assert_eq!(
+        bytes.len() / info.block_bytes * info.block_elems,
+        out.len(),
+        "{format}: length mismatch"
+    );
     let block_fn: fn(&[u8], &mut [f32]) = match format {
         QuantFormat::F32 => f32_block,
         QuantFormat::F16 => f16_block,
@@ -36,7 +40,10 @@ pub fn dequantize(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
         QuantFormat::TQ1_0 => tq1_0_block,
         QuantFormat::TQ2_0 => tq2_0_block,
     };
-    for (block, y) in bytes.chunks_exact(info.block_bytes).zip(out.chunks_exact_mut(info.block_elems)) {
+    for (block, y) in bytes
+        .chunks_exact(info.block_bytes)
+        .zip(out.chunks_exact_mut(info.block_elems))
+    {
         block_fn(block, y);
     }
 }
@@ -155,7 +162,11 @@ fn q3_k_block(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 108);
     let mut scales = [0f32; 16];
     for (i, s) in scales.iter_mut().enumerate() {
-        let low = if i < 8 { packed[i] & 0x0F } else { packed[i - 8] >> 4 };
+        let low = if i < 8 {
+            packed[i] & 0x0F
+        } else {
+            packed[i - 8] >> 4
+        };
         let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
         *s = ((low | high << 4) as i8 - 32) as f32;
     }
@@ -274,7 +285,11 @@ mod tests {
     fn dot_matches_plain_sum() {
         let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.25).collect();
         let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.5).collect();
-        let plain: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+        let plain: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (*x as f64) * (*y as f64))
+            .sum();
         assert!((dot_f32(&a, &b) as f64 - plain).abs() < 1e-3);
     }
 }

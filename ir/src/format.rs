@@ -45,8 +45,20 @@ pub struct FormatInfo {
 /// Super-block size of the k-quants and ternary formats.
 pub const QK_K: usize = 256;
 
-const fn row(format: QuantFormat, gguf_id: u32, name: &'static str, block_elems: usize, block_bytes: usize) -> FormatInfo {
-    FormatInfo { format, gguf_id, name, block_elems, block_bytes }
+const fn row(
+    format: QuantFormat,
+    gguf_id: u32,
+    name: &'static str,
+    block_elems: usize,
+    block_bytes: usize,
+) -> FormatInfo {
+    FormatInfo {
+        format,
+        gguf_id,
+        name,
+        block_elems,
+        block_bytes,
+    }
 }
 
 /// The table. Byte counts are those of ggml's `block_*` structs (checked against the `#[repr(C)]` layouts in
@@ -59,20 +71,53 @@ pub const FORMATS: [FormatInfo; 16] = [
     row(QuantFormat::Q5_0, 6, "q5_0", 32, 2 + 4 + 16),
     row(QuantFormat::Q5_1, 7, "q5_1", 32, 2 + 2 + 4 + 16),
     row(QuantFormat::Q8_0, 8, "q8_0", 32, 2 + 32),
-    row(QuantFormat::Q2_K, 10, "q2_k", QK_K, QK_K / 16 + QK_K / 4 + 2 + 2),
-    row(QuantFormat::Q3_K, 11, "q3_k", QK_K, QK_K / 8 + QK_K / 4 + 12 + 2),
+    row(
+        QuantFormat::Q2_K,
+        10,
+        "q2_k",
+        QK_K,
+        QK_K / 16 + QK_K / 4 + 2 + 2,
+    ),
+    row(
+        QuantFormat::Q3_K,
+        11,
+        "q3_k",
+        QK_K,
+        QK_K / 8 + QK_K / 4 + 12 + 2,
+    ),
     row(QuantFormat::Q4_K, 12, "q4_k", QK_K, 2 + 2 + 12 + QK_K / 2),
-    row(QuantFormat::Q5_K, 13, "q5_k", QK_K, 2 + 2 + 12 + QK_K / 8 + QK_K / 2),
-    row(QuantFormat::Q6_K, 14, "q6_k", QK_K, QK_K / 2 + QK_K / 4 + QK_K / 16 + 2),
+    row(
+        QuantFormat::Q5_K,
+        13,
+        "q5_k",
+        QK_K,
+        2 + 2 + 12 + QK_K / 8 + QK_K / 2,
+    ),
+    row(
+        QuantFormat::Q6_K,
+        14,
+        "q6_k",
+        QK_K,
+        QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+    ),
     row(QuantFormat::Q8_K, 15, "q8_k", QK_K, 4 + QK_K + QK_K / 8),
     row(QuantFormat::BF16, 30, "bf16", 1, 2),
-    row(QuantFormat::TQ1_0, 34, "tq1_0", QK_K, (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2),
+    row(
+        QuantFormat::TQ1_0,
+        34,
+        "tq1_0",
+        QK_K,
+        (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2,
+    ),
     row(QuantFormat::TQ2_0, 35, "tq2_0", QK_K, QK_K / 4 + 2),
 ];
 
 impl QuantFormat {
     pub fn info(self) -> &'static FormatInfo {
-        FORMATS.iter().find(|f| f.format == self).expect("every format has a table row")
+        FORMATS
+            .iter()
+            .find(|f| f.format == self)
+            .expect("every format has a table row")
     }
 
     pub fn from_gguf_id(id: u32) -> Option<Self> {
@@ -98,12 +143,15 @@ impl QuantFormat {
     /// Bytes taken by a row of `elems` elements, or `None` when `elems` is not a whole number of blocks.
     pub fn row_bytes(self, elems: usize) -> Option<usize> {
         let info = self.info();
-        (elems % info.block_elems == 0).then(|| elems / info.block_elems * info.block_bytes)
+        elems.is_multiple_of(info.block_elems).then(|| elems / info.block_elems * info.block_bytes)
     }
 
     /// Whether this is a plain floating-point format (one element per block).
     pub fn is_float(self) -> bool {
-        matches!(self, QuantFormat::F32 | QuantFormat::F16 | QuantFormat::BF16)
+        matches!(
+            self,
+            QuantFormat::F32 | QuantFormat::F16 | QuantFormat::BF16
+        )
     }
 }
 

@@ -45,7 +45,10 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Self {
-        Graph { name: name.into(), ..Default::default() }
+        Graph {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     /// Declares a weight (or returns the existing declaration of that name).
@@ -53,13 +56,20 @@ impl Graph {
         if let Some(i) = self.weights.iter().position(|w| w.name == name) {
             return WeightId(i as u32);
         }
-        self.weights.push(WeightDecl { name: name.to_string(), ty });
+        self.weights.push(WeightDecl {
+            name: name.to_string(),
+            ty,
+        });
         WeightId(self.weights.len() as u32 - 1)
     }
 
     /// Adds a node. Operands must already exist; the type is taken as given (the verifier checks it).
     pub fn add(&mut self, op: Op, operands: Vec<Operand>, ty: TensorType) -> NodeId {
-        let id = self.dag.add_node(Node { op, operands: operands.clone(), ty });
+        let id = self.dag.add_node(Node {
+            op,
+            operands: operands.clone(),
+            ty,
+        });
         for (slot, operand) in operands.iter().enumerate() {
             if let Operand::Value(src) = operand {
                 self.dag.add_edge(*src, id, slot as u32);
@@ -102,7 +112,10 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     pub fn dag(&self) -> &DiGraph<Node, u32> {

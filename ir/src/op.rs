@@ -23,25 +23,33 @@ impl RopeStyle {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [RopeStyle::Interleaved, RopeStyle::Neox].into_iter().find(|r| r.name() == s)
+        [RopeStyle::Interleaved, RopeStyle::Neox]
+            .into_iter()
+            .find(|r| r.name() == s)
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// A graph input, bound by the executor: `tokens` (i32 ids) or `positions` (i32).
-    Input { name: String },
+    Input {
+        name: String,
+    },
     /// Rows of a table: `embed W[vocab, d], ids[tokens] -> f32[tokens, d]`.
     Embed,
     /// `x * w / rms(x)` over the last dim.
-    RmsNorm { eps: f32 },
+    RmsNorm {
+        eps: f32,
+    },
     /// `x[.., k] @ W[n, k]^T -> [.., n]`, with `x` first rounded to the weight format's activation format
     /// (`activation::ActivationFormat::for_weight`), as ggml's dot products do.
     MatMul,
     /// Elementwise; the second operand may be a suffix of the first's shape (a bias, broadcast).
     Add,
     Mul,
-    Scale { factor: f32 },
+    Scale {
+        factor: f32,
+    },
     Silu,
     /// GELU, tanh approximation.
     Gelu,
@@ -49,11 +57,20 @@ pub enum Op {
     Reshape,
     /// Rotary position embedding over the first `dims` dims of each head of `x[tokens, heads, head_dim]`.
     /// Position p rotates pair i by the angle `p * freq_scale * base^(-2i/dims)`.
-    Rope { base: f32, dims: usize, freq_scale: f32, style: RopeStyle },
+    Rope {
+        base: f32,
+        dims: usize,
+        freq_scale: f32,
+        style: RopeStyle,
+    },
     /// Causal attention of `q[tokens, heads, hd]` over this layer's KV cache after appending `k`, `v`
     /// (`[tokens, kv_heads, hd]`) at `positions`. `window`: a key at position j is seen from position i only
     /// when `i - j < window` (sliding-window layers).
-    Attention { layer: usize, scale: f32, window: Option<usize> },
+    Attention {
+        layer: usize,
+        scale: f32,
+        window: Option<usize>,
+    },
 }
 
 /// What an operand slot accepts.
@@ -100,14 +117,18 @@ impl Op {
 
     /// The result type, from the operand types; `Err` says which rule the operands break. `Input` and
     /// `Reshape` take their type from the node (`declared`), checked for consistency only.
-    pub fn infer(&self, operands: &[&TensorType], declared: &TensorType) -> Result<TensorType, String> {
+    pub fn infer(
+        &self,
+        operands: &[&TensorType],
+        declared: &TensorType,
+    ) -> Result<TensorType, String> {
         let f32_of = |shape: &[Dim]| TensorType::new(DType::F32, shape.iter().cloned());
         match self {
             Op::Input { name } => match name.as_str() {
-                "tokens" | "positions" => {
-                    Ok(TensorType::new(DType::I32, [Dim::tokens()]))
-                }
-                other => Err(format!("unknown input `{other}` (known: tokens, positions)")),
+                "tokens" | "positions" => Ok(TensorType::new(DType::I32, [Dim::tokens()])),
+                other => Err(format!(
+                    "unknown input `{other}` (known: tokens, positions)"
+                )),
             },
             Op::Embed => {
                 let (table, ids) = (operands[0], operands[1]);
@@ -119,7 +140,9 @@ impl Op {
                 let (x, w) = (operands[0], operands[1]);
                 expect_rank(w, 1, "norm weight")?;
                 if x.inner() != w.inner() {
-                    return Err(format!("norm weight {w} does not match the last dim of {x}"));
+                    return Err(format!(
+                        "norm weight {w} does not match the last dim of {x}"
+                    ));
                 }
                 Ok(x.clone())
             }
@@ -127,7 +150,9 @@ impl Op {
                 let (x, w) = (operands[0], operands[1]);
                 expect_rank(w, 2, "matmul weight")?;
                 if x.inner() != Some(&w.shape[1]) {
-                    return Err(format!("inner dims differ: {x} times {w} (weights are [out, in])"));
+                    return Err(format!(
+                        "inner dims differ: {x} times {w} (weights are [out, in])"
+                    ));
                 }
                 let mut shape = x.shape.clone();
                 *shape.last_mut().expect("rank >= 1") = w.shape[0].clone();
@@ -150,9 +175,14 @@ impl Op {
             Op::Rope { dims, .. } => {
                 let (x, pos) = (operands[0], operands[1]);
                 expect_rank(x, 3, "rope input")?;
-                let head_dim = x.shape[2].clone().fixed().ok_or("rope head dim must be fixed")?;
+                let head_dim = x.shape[2]
+                    .clone()
+                    .fixed()
+                    .ok_or("rope head dim must be fixed")?;
                 if *dims > head_dim || dims % 2 != 0 {
-                    return Err(format!("rope dims {dims} must be even and at most the head dim {head_dim}"));
+                    return Err(format!(
+                        "rope dims {dims} must be even and at most the head dim {head_dim}"
+                    ));
                 }
                 same_tokens(x, pos)?;
                 Ok(x.clone())
@@ -168,7 +198,11 @@ impl Op {
                 let (heads, kv_heads) = (q.shape[1].clone().fixed(), k.shape[1].clone().fixed());
                 match (heads, kv_heads) {
                     (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => {}
-                    _ => return Err(format!("query heads of {q} are not a multiple of kv heads of {k}")),
+                    _ => {
+                        return Err(format!(
+                            "query heads of {q} are not a multiple of kv heads of {k}"
+                        ))
+                    }
                 }
                 same_tokens(q, pos)?;
                 Ok(q.clone())
@@ -189,6 +223,8 @@ fn same_tokens(x: &TensorType, positions: &TensorType) -> Result<(), String> {
     if positions.shape.len() == 1 && positions.shape[0] == x.shape[0] {
         Ok(())
     } else {
-        Err(format!("positions {positions} do not match the rows of {x}"))
+        Err(format!(
+            "positions {positions} do not match the rows of {x}"
+        ))
     }
 }

@@ -42,13 +42,22 @@ fn attrs_of(op: &Op) -> Vec<(&'static str, Attr)> {
         Op::Input { name } => vec![("name", Attr::Ident(name.clone()))],
         Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
         Op::Scale { factor } => vec![("factor", Attr::Float(*factor))],
-        Op::Rope { base, dims, freq_scale, style } => vec![
+        Op::Rope {
+            base,
+            dims,
+            freq_scale,
+            style,
+        } => vec![
             ("base", Attr::Float(*base)),
             ("dims", Attr::Int(*dims)),
             ("freq_scale", Attr::Float(*freq_scale)),
             ("style", Attr::Ident(style.name().into())),
         ],
-        Op::Attention { layer, scale, window } => vec![
+        Op::Attention {
+            layer,
+            scale,
+            window,
+        } => vec![
             ("layer", Attr::Int(*layer)),
             ("scale", Attr::Float(*scale)),
             ("window", window.map_or(Attr::None, Attr::Int)),
@@ -104,15 +113,25 @@ pub struct ParseError {
 
 /// Parses the text form. The result is not verified: run `verify` for that.
 pub fn parse(text: &str) -> Result<Graph, ParseError> {
-    let mut parser = Parser { graph: None, values: HashMap::new(), weights: HashMap::new() };
+    let mut parser = Parser {
+        graph: None,
+        values: HashMap::new(),
+        weights: HashMap::new(),
+    };
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with(';') {
             continue;
         }
-        parser.line(line).map_err(|message| ParseError { line: i + 1, message })?;
+        parser.line(line).map_err(|message| ParseError {
+            line: i + 1,
+            message,
+        })?;
     }
-    parser.graph.ok_or(ParseError { line: 1, message: "empty input: expected `graph NAME`".into() })
+    parser.graph.ok_or(ParseError {
+        line: 1,
+        message: "empty input: expected `graph NAME`".into(),
+    })
 }
 
 struct Parser {
@@ -124,24 +143,38 @@ struct Parser {
 impl Parser {
     fn line(&mut self, line: &str) -> Result<(), String> {
         let Some(graph) = self.graph.as_mut() else {
-            let name = line.strip_prefix("graph ").ok_or("expected `graph NAME` first")?;
+            let name = line
+                .strip_prefix("graph ")
+                .ok_or("expected `graph NAME` first")?;
             self.graph = Some(Graph::new(ident(name.trim())?));
             return Ok(());
         };
         if let Some(rest) = line.strip_prefix("weight ") {
-            let (name, ty) = rest.split_once(" : ").ok_or("expected `weight @NAME : TYPE`")?;
-            let name = name.trim().strip_prefix('@').ok_or("weight names start with `@`")?;
+            let (name, ty) = rest
+                .split_once(" : ")
+                .ok_or("expected `weight @NAME : TYPE`")?;
+            let name = name
+                .trim()
+                .strip_prefix('@')
+                .ok_or("weight names start with `@`")?;
             if self.weights.contains_key(name) {
                 return Err(format!("weight @{name} declared twice"));
             }
             let id = graph.declare_weight(ident(name)?, parse_type(ty)?);
             self.weights.insert(name.to_string(), id);
         } else if let Some(rest) = line.strip_prefix("output ") {
-            let (name, value) = rest.split_once(" = ").ok_or("expected `output NAME = %N`")?;
-            let id = *self.values.get(value.trim()).ok_or_else(|| format!("undefined value {}", value.trim()))?;
+            let (name, value) = rest
+                .split_once(" = ")
+                .ok_or("expected `output NAME = %N`")?;
+            let id = *self
+                .values
+                .get(value.trim())
+                .ok_or_else(|| format!("undefined value {}", value.trim()))?;
             graph.set_output(ident(name.trim())?, id);
         } else {
-            let (lhs, rhs) = line.split_once(" = ").ok_or("expected `%N = OP ... : TYPE`")?;
+            let (lhs, rhs) = line
+                .split_once(" = ")
+                .ok_or("expected `%N = OP ... : TYPE`")?;
             let lhs = lhs.trim();
             if !lhs.starts_with('%') || self.values.contains_key(lhs) {
                 return Err(format!("`{lhs}` must be a new value name like %3"));
@@ -151,11 +184,25 @@ impl Parser {
             let (body, attrs) = split_attrs(body)?;
             let (op_name, operand_text) = body.split_once(' ').unwrap_or((body, ""));
             let mut operands = Vec::new();
-            for text in operand_text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            for text in operand_text
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
                 operands.push(if let Some(w) = text.strip_prefix('@') {
-                    Operand::Weight(*self.weights.get(w).ok_or_else(|| format!("undeclared weight @{w}"))?)
+                    Operand::Weight(
+                        *self
+                            .weights
+                            .get(w)
+                            .ok_or_else(|| format!("undeclared weight @{w}"))?,
+                    )
                 } else {
-                    Operand::Value(*self.values.get(text).ok_or_else(|| format!("undefined value {text}"))?)
+                    Operand::Value(
+                        *self
+                            .values
+                            .get(text)
+                            .ok_or_else(|| format!("undefined value {text}"))?,
+                    )
                 });
             }
             let op = build_op(op_name, attrs)?;
@@ -167,7 +214,9 @@ impl Parser {
 }
 
 fn ident(s: &str) -> Result<&str, String> {
-    let ok = !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    let ok = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if ok {
         Ok(s)
     } else {
@@ -194,11 +243,18 @@ fn parse_type(text: &str) -> Result<TensorType, String> {
 
 fn split_attrs(body: &str) -> Result<(&str, HashMap<String, Attr>), String> {
     let body = body.trim();
-    let Some(open) = body.find('{') else { return Ok((body, HashMap::new())) };
-    let inner = body[open..].strip_prefix('{').and_then(|s| s.strip_suffix('}')).ok_or("unclosed `{`")?;
+    let Some(open) = body.find('{') else {
+        return Ok((body, HashMap::new()));
+    };
+    let inner = body[open..]
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .ok_or("unclosed `{`")?;
     let mut attrs = HashMap::new();
     for pair in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| format!("attribute `{pair}` is not key=value"))?;
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("attribute `{pair}` is not key=value"))?;
         let value = if v == "none" {
             Attr::None
         } else if let Ok(n) = v.parse::<usize>() {
@@ -220,7 +276,9 @@ struct Attrs(HashMap<String, Attr>);
 
 impl Attrs {
     fn take(&mut self, key: &str) -> Result<Attr, String> {
-        self.0.remove(key).ok_or_else(|| format!("missing attribute `{key}`"))
+        self.0
+            .remove(key)
+            .ok_or_else(|| format!("missing attribute `{key}`"))
     }
 
     fn float(&mut self, key: &str) -> Result<f32, String> {
@@ -249,7 +307,9 @@ impl Attrs {
         match self.take(key)? {
             Attr::None => Ok(None),
             Attr::Int(n) => Ok(Some(n)),
-            other => Err(format!("attribute `{key}` must be an integer or none, got {other}")),
+            other => Err(format!(
+                "attribute `{key}` must be an integer or none, got {other}"
+            )),
         }
     }
 }
@@ -257,13 +317,19 @@ impl Attrs {
 fn build_op(name: &str, attrs: HashMap<String, Attr>) -> Result<Op, String> {
     let mut a = Attrs(attrs);
     let op = match name {
-        "input" => Op::Input { name: a.ident("name")? },
+        "input" => Op::Input {
+            name: a.ident("name")?,
+        },
         "embed" => Op::Embed,
-        "rms_norm" => Op::RmsNorm { eps: a.float("eps")? },
+        "rms_norm" => Op::RmsNorm {
+            eps: a.float("eps")?,
+        },
         "matmul" => Op::MatMul,
         "add" => Op::Add,
         "mul" => Op::Mul,
-        "scale" => Op::Scale { factor: a.float("factor")? },
+        "scale" => Op::Scale {
+            factor: a.float("factor")?,
+        },
         "silu" => Op::Silu,
         "gelu" => Op::Gelu,
         "reshape" => Op::Reshape,
@@ -273,10 +339,15 @@ fn build_op(name: &str, attrs: HashMap<String, Attr>) -> Result<Op, String> {
             freq_scale: a.float("freq_scale")?,
             style: {
                 let s = a.ident("style")?;
-                RopeStyle::parse(&s).ok_or_else(|| format!("unknown rope style `{s}` (interleaved, neox)"))?
+                RopeStyle::parse(&s)
+                    .ok_or_else(|| format!("unknown rope style `{s}` (interleaved, neox)"))?
             },
         },
-        "attention" => Op::Attention { layer: a.int("layer")?, scale: a.float("scale")?, window: a.optional_int("window")? },
+        "attention" => Op::Attention {
+            layer: a.int("layer")?,
+            scale: a.float("scale")?,
+            window: a.optional_int("window")?,
+        },
         other => return Err(format!("unknown op `{other}`")),
     };
     if let Some(extra) = a.0.keys().next() {

@@ -98,7 +98,10 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn new(dtype: DType, shape: impl IntoIterator<Item = Dim>) -> Self {
-        TensorType { dtype, shape: shape.into_iter().collect() }
+        TensorType {
+            dtype,
+            shape: shape.into_iter().collect(),
+        }
     }
 
     pub fn rank(&self) -> usize {

@@ -17,16 +17,27 @@ pub struct VerifyError {
 pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
     for id in graph.node_ids() {
         let node = graph.node(id);
-        let fail = |message: String| VerifyError { node: print_node(graph, id), message };
+        let fail = |message: String| VerifyError {
+            node: print_node(graph, id),
+            message,
+        };
         let expected = node.op.operand_dtypes();
         if node.operands.len() != expected.len() {
-            return Err(fail(format!("{} takes {} operands, has {}", node.op.name(), expected.len(), node.operands.len())));
+            return Err(fail(format!(
+                "{} takes {} operands, has {}",
+                node.op.name(),
+                expected.len(),
+                node.operands.len()
+            )));
         }
         for (slot, (operand, want)) in node.operands.iter().zip(expected).enumerate() {
             if let Operand::Value(src) = operand {
                 // Nodes are numbered in insertion order, so a later id would be a use before definition.
                 if src.index() >= id.index() {
-                    return Err(fail(format!("operand {slot} (%{}) is used before it is defined", src.index())));
+                    return Err(fail(format!(
+                        "operand {slot} (%{}) is used before it is defined",
+                        src.index()
+                    )));
                 }
             }
             let dtype = graph.operand_type(*operand).dtype;
@@ -39,14 +50,24 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 return Err(fail(format!("operand {slot} must be {want:?}, is {dtype}")));
             }
         }
-        let operand_types: Vec<_> = node.operands.iter().map(|o| graph.operand_type(*o)).collect();
+        let operand_types: Vec<_> = node
+            .operands
+            .iter()
+            .map(|o| graph.operand_type(*o))
+            .collect();
         let inferred = node.op.infer(&operand_types, &node.ty).map_err(fail)?;
         if inferred != node.ty {
-            return Err(fail(format!("declared type {} but the operands give {inferred}", node.ty)));
+            return Err(fail(format!(
+                "declared type {} but the operands give {inferred}",
+                node.ty
+            )));
         }
     }
     if graph.outputs().is_empty() {
-        return Err(VerifyError { node: "graph".into(), message: "the graph has no outputs".into() });
+        return Err(VerifyError {
+            node: "graph".into(),
+            message: "the graph has no outputs".into(),
+        });
     }
     Ok(())
 }

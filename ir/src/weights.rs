@@ -14,7 +14,9 @@ impl WeightView<'_> {
     /// Bytes of one row (the last dim).
     pub fn row_bytes(&self) -> usize {
         let inner = *self.shape.last().unwrap_or(&1);
-        self.format.row_bytes(inner).expect("weight rows are whole blocks (checked when the weight was read)")
+        self.format
+            .row_bytes(inner)
+            .expect("weight rows are whole blocks (checked when the weight was read)")
     }
 
     /// Elements in one row.

@@ -5,7 +5,10 @@ use kiln_ir::QuantFormat;
 use std::path::Path;
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 #[test]
@@ -14,9 +17,11 @@ fn dequantizers_match_gguf_package_bitwise() {
     let mut checked = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("fixture dir") {
         let path = entry.unwrap().path();
-        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let name = fixture["format"].as_str().unwrap();
-        let format = QuantFormat::from_name(name).unwrap_or_else(|| panic!("unknown format {name}"));
+        let format =
+            QuantFormat::from_name(name).unwrap_or_else(|| panic!("unknown format {name}"));
         let blocks = unhex(fixture["blocks_hex"].as_str().unwrap());
         let expected: Vec<u32> = unhex(fixture["expected_f32_le_hex"].as_str().unwrap())
             .chunks_exact(4)
@@ -25,7 +30,12 @@ fn dequantizers_match_gguf_package_bitwise() {
         let mut got = vec![0f32; expected.len()];
         dequantize(format, &blocks, &mut got);
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-            assert_eq!(g.to_bits(), *e, "{name}: element {i}: kiln {g} vs gguf {}", f32::from_bits(*e));
+            assert_eq!(
+                g.to_bits(),
+                *e,
+                "{name}: element {i}: kiln {g} vs gguf {}",
+                f32::from_bits(*e)
+            );
         }
         checked.push(format);
     }

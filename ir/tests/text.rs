@@ -32,11 +32,26 @@ fn round_trips_exactly() {
 #[test]
 fn parse_errors_name_the_line() {
     let cases = [
-        ("graph g\n%0 = frobnicate : f32[1]\n", "line 2: unknown op `frobnicate`"),
-        ("graph g\n%0 = embed @w : f32[1]\n", "line 2: undeclared weight @w"),
-        ("graph g\n%0 = input {name=tokens} : q9_9[1]\n", "line 2: unknown dtype `q9_9`"),
-        ("graph g\nweight @w : f32[1]\n%0 = rms_norm @w, @w : f32[1]\n", "line 3: missing attribute `eps`"),
-        ("%0 = input {name=tokens} : i32[tokens]\n", "line 1: expected `graph NAME` first"),
+        (
+            "graph g\n%0 = frobnicate : f32[1]\n",
+            "line 2: unknown op `frobnicate`",
+        ),
+        (
+            "graph g\n%0 = embed @w : f32[1]\n",
+            "line 2: undeclared weight @w",
+        ),
+        (
+            "graph g\n%0 = input {name=tokens} : q9_9[1]\n",
+            "line 2: unknown dtype `q9_9`",
+        ),
+        (
+            "graph g\nweight @w : f32[1]\n%0 = rms_norm @w, @w : f32[1]\n",
+            "line 3: missing attribute `eps`",
+        ),
+        (
+            "%0 = input {name=tokens} : i32[tokens]\n",
+            "line 1: expected `graph NAME` first",
+        ),
     ];
     for (text, want) in cases {
         assert_eq!(parse(text).unwrap_err().to_string(), want);
@@ -50,14 +65,24 @@ fn verifier_names_node_and_invariant() {
     assert_eq!(err.node, "%4 = matmul %3, @wq : f32[tokens, 32]");
     assert!(err.message.contains("inner dims differ"), "{err}");
 
-    let bad_type = SMALL.replace("%5 = add %4, @bias : f32[tokens, 32]", "%5 = add %4, @bias : f32[tokens, 33]");
+    let bad_type = SMALL.replace(
+        "%5 = add %4, @bias : f32[tokens, 32]",
+        "%5 = add %4, @bias : f32[tokens, 33]",
+    );
     let err = verify(&parse(&bad_type).unwrap()).unwrap_err();
-    assert!(err.to_string().contains("declared type f32[tokens, 33] but the operands give f32[tokens, 32]"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("declared type f32[tokens, 33] but the operands give f32[tokens, 32]"),
+        "{err}"
+    );
 
     let bad_kv = SMALL.replace("%8 = attention %7, %7, %7", "%8 = attention %7, %5, %7");
     let err = verify(&parse(&bad_kv).unwrap()).unwrap_err();
     assert_eq!(err.message, "k must have rank 3, got f32[tokens, 32]");
 
     let no_output = SMALL.replace("output logits = %10\n", "");
-    assert_eq!(verify(&parse(&no_output).unwrap()).unwrap_err().message, "the graph has no outputs");
+    assert_eq!(
+        verify(&parse(&no_output).unwrap()).unwrap_err().message,
+        "the graph has no outputs"
+    );
 }

@@ -7,7 +7,11 @@ pub enum ExecError {
     #[error("weight `{0}` is missing from the model")]
     MissingWeight(String),
     #[error("weight `{name}` is {found}, the graph expects {expected}")]
-    WeightMismatch { name: String, expected: String, found: String },
+    WeightMismatch {
+        name: String,
+        expected: String,
+        found: String,
+    },
     #[error("context full: position {need} is past the context size {max} (raise --ctx or shorten the input)")]
     ContextFull { need: usize, max: usize },
     #[error("sequence position {start} skips ahead of the {cached} cached tokens")]

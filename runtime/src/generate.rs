@@ -39,7 +39,11 @@ pub fn generate(
     while ids.len() < max_tokens {
         let id = sampler.sample(logits.last(), &history);
         if tokenizer.is_end_of_generation(id) {
-            return Ok(Generation { ids, finish: FinishReason::Stop, first_top_logits });
+            return Ok(Generation {
+                ids,
+                finish: FinishReason::Stop,
+                first_top_logits,
+            });
         }
         on_token(id);
         ids.push(id);
@@ -50,12 +54,20 @@ pub fn generate(
         logits = engine.forward(&[id], pos)?;
         pos += 1;
     }
-    Ok(Generation { ids, finish: FinishReason::Length, first_top_logits })
+    Ok(Generation {
+        ids,
+        finish: FinishReason::Length,
+        first_top_logits,
+    })
 }
 
 /// The `k` highest logits, highest first.
 pub fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let mut all: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
     all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     all.truncate(k);
     all
@@ -94,7 +106,12 @@ pub fn perplexity(
         for j in first..ctx - 1 {
             let row = logits.row(j);
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let log_sum = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+            let log_sum = row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
             let loss = log_sum - row[chunk[j + 1] as usize] as f64;
             nll += loss;
             nll2 += loss * loss;
@@ -103,11 +120,25 @@ pub fn perplexity(
         on_chunk(c, (nll / count as f64).exp());
     }
     if count == 0 {
-        return Ok(Perplexity { ppl: f64::NAN, pm: f64::NAN, chunks: 0, scored_tokens: 0 });
+        return Ok(Perplexity {
+            ppl: f64::NAN,
+            pm: f64::NAN,
+            chunks: 0,
+            scored_tokens: 0,
+        });
     }
     let mean = nll / count as f64;
     let variance = nll2 / count as f64 - mean * mean;
     let ppl = mean.exp();
-    let pm = if variance > 0.0 && count > 1 { (variance / (count - 1) as f64).sqrt() * ppl } else { 0.0 };
-    Ok(Perplexity { ppl, pm, chunks, scored_tokens: count })
+    let pm = if variance > 0.0 && count > 1 {
+        (variance / (count - 1) as f64).sqrt() * ppl
+    } else {
+        0.0
+    };
+    Ok(Perplexity {
+        ppl,
+        pm,
+        chunks,
+        scored_tokens: count,
+    })
 }

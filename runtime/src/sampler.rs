@@ -24,13 +24,24 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
 impl SamplerConfig {
     pub fn greedy() -> Self {
-        SamplerConfig { temperature: 0.0, ..Default::default() }
+        SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 }
 
@@ -54,7 +65,11 @@ impl Sampler {
             let mut seen = std::collections::HashSet::new();
             for &id in recent {
                 if let Some(l) = logits.get_mut(id as usize).filter(|_| seen.insert(id)) {
-                    *l = if *l > 0.0 { *l / c.repeat_penalty } else { *l * c.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / c.repeat_penalty
+                    } else {
+                        *l * c.repeat_penalty
+                    };
                 }
             }
         }
@@ -62,7 +77,11 @@ impl Sampler {
             return argmax(&logits);
         }
         // Candidates sorted by logit, highest first (ties by id for determinism).
-        let mut cands: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
         cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if c.top_k > 0 {
             cands.truncate(c.top_k.max(1));
@@ -106,7 +125,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 fn softmax(cands: &[(u32, f32)], temperature: f32) -> Vec<f32> {
     let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f64> = cands.iter().map(|c| (((c.1 - max) / temperature) as f64).exp()).collect();
+    let exps: Vec<f64> = cands
+        .iter()
+        .map(|c| (((c.1 - max) / temperature) as f64).exp())
+        .collect();
     let sum: f64 = exps.iter().sum();
     exps.iter().map(|e| (e / sum) as f32).collect()
 }
@@ -117,19 +139,32 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        assert_eq!(Sampler::new(SamplerConfig::greedy()).sample(&[1.0, 3.0, 3.0, -1.0], &[]), 1);
+        assert_eq!(
+            Sampler::new(SamplerConfig::greedy()).sample(&[1.0, 3.0, 3.0, -1.0], &[]),
+            1
+        );
     }
 
     #[test]
     fn penalty_moves_greedy_off_a_repeated_token() {
-        let config = SamplerConfig { repeat_penalty: 2.0, ..SamplerConfig::greedy() };
+        let config = SamplerConfig {
+            repeat_penalty: 2.0,
+            ..SamplerConfig::greedy()
+        };
         assert_eq!(Sampler::new(config).sample(&[1.0, 3.0, 2.0], &[1]), 2);
     }
 
     #[test]
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
-        let config = SamplerConfig { temperature: 1.0, top_k: 3, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
+        let config = SamplerConfig {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 7,
+            ..Default::default()
+        };
         let draw = |c: &SamplerConfig| {
             let mut s = Sampler::new(c.clone());
             (0..50).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
@@ -144,7 +179,14 @@ mod tests {
     #[test]
     fn min_p_keeps_only_near_top_tokens() {
         let logits = [10.0, 9.9, 0.0, -5.0];
-        let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.5, seed: 1, ..Default::default() };
+        let config = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.5,
+            seed: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(config);
         assert!((0..50).all(|_| s.sample(&logits, &[]) < 2));
     }

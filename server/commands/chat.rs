@@ -35,14 +35,32 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let model = Model::open(&args.model)?;
     let tokenizer = &model.tokenizer;
     let source = match &args.chat_template {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
-        None => model.lowered.info.chat_template.clone().ok_or(ChatError::NoTemplate)?,
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+        None => model
+            .lowered
+            .info
+            .chat_template
+            .clone()
+            .ok_or(ChatError::NoTemplate)?,
     };
-    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
-    let template = ChatTemplate::new(&source, &token_text(tokenizer.bos()), &token_text(tokenizer.spec().eos))?;
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_text(i))
+            .unwrap_or("")
+            .to_string()
+    };
+    let template = ChatTemplate::new(
+        &source,
+        &token_text(tokenizer.bos()),
+        &token_text(tokenizer.spec().eos),
+    )?;
     let mut engine = model.executor(args.ctx)?;
     let mut sampler = Sampler::new(sampler_config);
-    let mut messages: Vec<Message> = args.system.iter().map(|s| Message::new("system", s)).collect();
+    let mut messages: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s))
+        .collect();
     // Tokens already in the KV cache: a new turn only evaluates what differs from them.
     let mut cached: Vec<u32> = Vec::new();
     let stdin = std::io::stdin();
@@ -62,19 +80,42 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                 ids.remove(0); // the template wrote BOS itself
             }
         }
-        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+        let common = cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
         if ids.len() + args.max_tokens > engine.max_context() {
-            anyhow::bail!("the conversation needs {} tokens, more than the context of {} (raise --ctx)", ids.len() + args.max_tokens, engine.max_context());
+            anyhow::bail!(
+                "the conversation needs {} tokens, more than the context of {} (raise --ctx)",
+                ids.len() + args.max_tokens,
+                engine.max_context()
+            );
         }
         let mut stream = StreamDecoder::default();
-        let generation = generate(&mut engine, tokenizer, &mut sampler, &ids[common..], common, args.max_tokens, |id| {
-            let text = tokenizer.token_bytes(id).map(|b| stream.push(&b)).unwrap_or_default();
-            let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
-        })?;
+        let generation = generate(
+            &mut engine,
+            tokenizer,
+            &mut sampler,
+            &ids[common..],
+            common,
+            args.max_tokens,
+            |id| {
+                let text = tokenizer
+                    .token_bytes(id)
+                    .map(|b| stream.push(&b))
+                    .unwrap_or_default();
+                let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
+            },
+        )?;
         writeln!(stdout, "{}", stream.finish())?;
         cached = ids;
         cached.extend(&generation.ids);
-        messages.push(Message::new("assistant", &tokenizer.decode(&generation.ids)?));
+        messages.push(Message::new(
+            "assistant",
+            &tokenizer.decode(&generation.ids)?,
+        ));
     }
     Ok(())
 }

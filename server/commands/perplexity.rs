@@ -26,28 +26,55 @@ pub struct PerplexityArgs {
 
 pub fn run(args: &PerplexityArgs) -> Result<()> {
     anyhow::ensure!(args.ctx >= 4, "--ctx must be at least 4, is {}", args.ctx);
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
     let model = Model::open(&args.model)?;
     let tokenizer = &model.tokenizer;
     let tokens = tokenizer.encode(&text, false);
     let available = tokens.len() / args.ctx;
-    anyhow::ensure!(available > 0, "{} holds {} tokens, fewer than one chunk of --ctx {}", args.file.display(), tokens.len(), args.ctx);
+    anyhow::ensure!(
+        available > 0,
+        "{} holds {} tokens, fewer than one chunk of --ctx {}",
+        args.file.display(),
+        tokens.len(),
+        args.ctx
+    );
     let chunks = args.chunks.map_or(available, |c| c.min(available));
     let mut engine = model.executor(args.ctx)?;
     let bar = ProgressBar::new(chunks as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} chunks, {elapsed} elapsed, ~{eta} left").expect("valid template"),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} chunks, {elapsed} elapsed, ~{eta} left",
+        )
+        .expect("valid template"),
     );
     bar.set_message(format!("perplexity over {} tokens", tokens.len()));
-    let bos = tokenizer.spec().add_bos.then_some(tokenizer.bos()).flatten();
-    let result = perplexity(&mut engine, &tokens, args.ctx, Some(chunks), bos, |_, ppl| {
-        bar.set_message(format!("PPL {ppl:.4}"));
-        bar.inc(1);
-    })?;
+    let bos = tokenizer
+        .spec()
+        .add_bos
+        .then_some(tokenizer.bos())
+        .flatten();
+    let result = perplexity(
+        &mut engine,
+        &tokens,
+        args.ctx,
+        Some(chunks),
+        bos,
+        |_, ppl| {
+            bar.set_message(format!("PPL {ppl:.4}"));
+            bar.inc(1);
+        },
+    )?;
     bar.finish_and_clear();
     if args.json {
-        println!("{}", serde_json::json!({ "ppl": result.ppl, "pm": result.pm, "chunks": result.chunks }));
+        println!(
+            "{}",
+            serde_json::json!({ "ppl": result.ppl, "pm": result.pm, "chunks": result.chunks })
+        );
     } else {
-        println!("PPL = {:.4} ± {:.4} ({} chunks of {} tokens, {} scored)", result.ppl, result.pm, result.chunks, args.ctx, result.scored_tokens);
+        println!(
+            "PPL = {:.4} ± {:.4} ({} chunks of {} tokens, {} scored)",
+            result.ppl, result.pm, result.chunks, args.ctx, result.scored_tokens
+        );
     }
     Ok(())
 }

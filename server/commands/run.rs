@@ -40,19 +40,33 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut stream = StreamDecoder::default();
     let started = std::time::Instant::now();
-    let result = generate(&mut engine, tokenizer, &mut sampler, &prompt_ids, 0, args.max_tokens, |id| {
-        if !args.json {
-            let text = tokenizer.token_bytes(id).map(|b| stream.push(&b)).unwrap_or_default();
-            // A closed stdout (e.g. piped to `head`) ends output, not generation's correctness.
-            let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
-        }
-    })?;
+    let result = generate(
+        &mut engine,
+        tokenizer,
+        &mut sampler,
+        &prompt_ids,
+        0,
+        args.max_tokens,
+        |id| {
+            if !args.json {
+                let text = tokenizer
+                    .token_bytes(id)
+                    .map(|b| stream.push(&b))
+                    .unwrap_or_default();
+                // A closed stdout (e.g. piped to `head`) ends output, not generation's correctness.
+                let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
+            }
+        },
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(tokens = result.ids.len(), seconds, finish = ?result.finish, "generated");
     if args.json {
         let text = tokenizer.decode(&result.ids)?;
         let top: Vec<(u32, f32)> = result.first_top_logits;
-        println!("{}", serde_json::json!({ "prompt_ids": prompt_ids, "ids": result.ids, "text": text, "top_logits": top }));
+        println!(
+            "{}",
+            serde_json::json!({ "prompt_ids": prompt_ids, "ids": result.ids, "text": text, "top_logits": top })
+        );
     } else {
         writeln!(stdout, "{}", stream.finish())?;
     }

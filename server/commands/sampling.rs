@@ -30,9 +30,21 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     pub fn config(&self) -> anyhow::Result<SamplerConfig> {
         anyhow::ensure!(self.temperature.is_finite(), "--temp must be a number");
-        anyhow::ensure!((0.0..=1.0).contains(&self.top_p), "--top-p must be in [0, 1], is {}", self.top_p);
-        anyhow::ensure!((0.0..=1.0).contains(&self.min_p), "--min-p must be in [0, 1], is {}", self.min_p);
-        anyhow::ensure!(self.repeat_penalty > 0.0, "--repeat-penalty must be positive, is {}", self.repeat_penalty);
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.top_p),
+            "--top-p must be in [0, 1], is {}",
+            self.top_p
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.min_p),
+            "--min-p must be in [0, 1], is {}",
+            self.min_p
+        );
+        anyhow::ensure!(
+            self.repeat_penalty > 0.0,
+            "--repeat-penalty must be positive, is {}",
+            self.repeat_penalty
+        );
         Ok(SamplerConfig {
             temperature: self.temperature,
             top_k: self.top_k,

@@ -20,7 +20,10 @@ pub struct TokenizeArgs {
 pub fn run(args: &TokenizeArgs) -> Result<()> {
     let model = Model::open(&args.model)?;
     let ids = model.tokenizer.encode(&args.text, !args.no_special);
-    let pieces = ids.iter().map(|&id| model.tokenizer.piece(id)).collect::<Result<Vec<_>, _>>()?;
+    let pieces = ids
+        .iter()
+        .map(|&id| model.tokenizer.piece(id))
+        .collect::<Result<Vec<_>, _>>()?;
     if args.json {
         println!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }));
     } else {

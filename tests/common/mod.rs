@@ -17,7 +17,9 @@ const MODELS: [(&str, &str); 3] = [
 fn cache_dir() -> PathBuf {
     match std::env::var_os("KILN_MODELS") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/kiln/models"),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/kiln/models")
+        }
     }
 }
 
@@ -26,14 +28,25 @@ static FETCH: Mutex<()> = Mutex::new(());
 /// The path of a real model, fetched on first use. When the fetch is impossible (no network), the test is
 /// skipped with a loud message, unless `KILN_REQUIRE_MODELS=1` (CI) makes that a failure.
 pub fn model(name: &str) -> Option<PathBuf> {
-    let file = MODELS.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("unknown model {name}")).1;
+    let file = MODELS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("unknown model {name}"))
+        .1;
     let path = cache_dir().join(file);
     let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-models.sh");
-        let status = Command::new("bash").arg(script).arg(name).env("KILN_MODELS", cache_dir()).status();
+        let status = Command::new("bash")
+            .arg(script)
+            .arg(name)
+            .env("KILN_MODELS", cache_dir())
+            .status();
         if !matches!(status, Ok(s) if s.success()) || !path.exists() {
-            let message = format!("model `{name}` is not in {} and fetching it failed", cache_dir().display());
+            let message = format!(
+                "model `{name}` is not in {} and fetching it failed",
+                cache_dir().display()
+            );
             if std::env::var("KILN_REQUIRE_MODELS").as_deref() == Ok("1") {
                 panic!("{message} (KILN_REQUIRE_MODELS=1)");
             }
@@ -45,13 +58,20 @@ pub fn model(name: &str) -> Option<PathBuf> {
 }
 
 pub fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("the kiln binary runs")
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("the kiln binary runs")
 }
 
 /// Runs kiln, expecting success; returns stdout.
 pub fn kiln_ok(args: &[&str]) -> String {
     let out = kiln(args);
-    assert!(out.status.success(), "kiln {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
@@ -62,5 +82,10 @@ pub fn reference() -> serde_json::Value {
 }
 
 pub fn ids(value: &serde_json::Value) -> Vec<u64> {
-    value.as_array().expect("array").iter().map(|v| v.as_u64().expect("id")).collect()
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_u64().expect("id"))
+        .collect()
 }

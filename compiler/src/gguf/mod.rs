@@ -20,13 +20,20 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("not a GGUF file: magic is {found:?} at byte 0, expected \"GGUF\"")]
     BadMagic { found: [u8; 4] },
     #[error("unsupported GGUF version {version} at byte 4 (kiln reads versions 2 and 3)")]
     UnsupportedVersion { version: u32 },
     #[error("malformed GGUF at byte {offset}: {field}: {reason}")]
-    Malformed { offset: u64, field: String, reason: String },
+    Malformed {
+        offset: u64,
+        field: String,
+        reason: String,
+    },
 }
 
 /// One tensor's header entry.
@@ -78,7 +85,10 @@ impl GgufFile {
     /// Memory-maps and parses a file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io { path: path.display().to_string(), source };
+        let io = |source| GgufError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; kiln never writes model files, and a file truncated by another process
         // while mapped is outside what any mmap-based reader can defend against.
@@ -93,7 +103,12 @@ impl GgufFile {
 
     fn parse(bytes: Bytes) -> Result<Self, GgufError> {
         let header = reader::parse(bytes.as_slice())?;
-        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let by_name = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(GgufFile {
             version: header.version,
             alignment: header.alignment,
@@ -136,6 +151,10 @@ impl GgufFile {
 impl WeightSource for GgufFile {
     fn weight(&self, name: &str) -> Option<WeightView<'_>> {
         let info = self.tensor(name)?;
-        Some(WeightView { format: info.format, shape: &info.shape, data: self.tensor_data(info) })
+        Some(WeightView {
+            format: info.format,
+            shape: &info.shape,
+            data: self.tensor_data(info),
+        })
     }
 }

@@ -25,7 +25,11 @@ struct Cursor<'a> {
 }
 
 fn malformed(offset: usize, field: impl Into<String>, reason: impl Into<String>) -> GgufError {
-    GgufError::Malformed { offset: offset as u64, field: field.into(), reason: reason.into() }
+    GgufError::Malformed {
+        offset: offset as u64,
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 impl<'a> Cursor<'a> {
@@ -35,7 +39,14 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], GgufError> {
         if n > self.remaining() {
-            return Err(malformed(self.pos, field, format!("needs {n} bytes, only {} left (truncated file?)", self.remaining())));
+            return Err(malformed(
+                self.pos,
+                field,
+                format!(
+                    "needs {n} bytes, only {} left (truncated file?)",
+                    self.remaining()
+                ),
+            ));
         }
         let bytes = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -43,7 +54,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], GgufError> {
-        Ok(self.take(N, field)?.try_into().expect("take returns N bytes"))
+        Ok(self
+            .take(N, field)?
+            .try_into()
+            .expect("take returns N bytes"))
     }
 
     fn u32(&mut self, field: &str) -> Result<u32, GgufError> {
@@ -59,7 +73,14 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let n = self.u64(field)?;
         if n.saturating_mul(min_size) > self.remaining() as u64 {
-            return Err(malformed(at, field, format!("count {n} cannot fit in the {} bytes that remain", self.remaining())));
+            return Err(malformed(
+                at,
+                field,
+                format!(
+                    "count {n} cannot fit in the {} bytes that remain",
+                    self.remaining()
+                ),
+            ));
         }
         Ok(n as usize)
     }
@@ -68,7 +89,8 @@ impl<'a> Cursor<'a> {
         let len = self.count(field, 1)?;
         let at = self.pos;
         let bytes = self.take(len, field)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| malformed(at, field, "string is not valid UTF-8"))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| malformed(at, field, "string is not valid UTF-8"))
     }
 
     fn value(&mut self, ty: ValueType, field: &str, depth: u32) -> Result<MetaValue, GgufError> {
@@ -94,7 +116,11 @@ impl<'a> Cursor<'a> {
             ValueType::String => MetaValue::String(self.string(field)?),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(malformed(self.pos, field, format!("arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                    return Err(malformed(
+                        self.pos,
+                        field,
+                        format!("arrays nested deeper than {MAX_ARRAY_DEPTH}"),
+                    ));
                 }
                 let elem = self.value_type(field)?;
                 let n = self.count(field, elem.min_size())?;
@@ -110,7 +136,8 @@ impl<'a> Cursor<'a> {
     fn value_type(&mut self, field: &str) -> Result<ValueType, GgufError> {
         let at = self.pos;
         let id = self.u32(field)?;
-        ValueType::from_id(id).ok_or_else(|| malformed(at, field, format!("unknown value type {id}")))
+        ValueType::from_id(id)
+            .ok_or_else(|| malformed(at, field, format!("unknown value type {id}")))
     }
 }
 
@@ -136,7 +163,11 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
         let key_at = c.pos;
         let key = c.string(&format!("metadata key #{i}"))?;
         if !keys.insert(key.clone()) {
-            return Err(malformed(key_at, format!("metadata key `{key}`"), "duplicate key"));
+            return Err(malformed(
+                key_at,
+                format!("metadata key `{key}`"),
+                "duplicate key",
+            ));
         }
         let ty = c.value_type(&key)?;
         let value_at = c.pos;
@@ -144,7 +175,13 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
         if key == "general.alignment" {
             alignment = match value.as_u64() {
                 Some(a) if a.is_power_of_two() && a <= 1 << 16 => a,
-                _ => return Err(malformed(value_at, key, format!("alignment must be a power of two up to 65536, is {value}"))),
+                _ => {
+                    return Err(malformed(
+                        value_at,
+                        key,
+                        format!("alignment must be a power of two up to 65536, is {value}"),
+                    ))
+                }
             };
         }
         metadata.push((key, value));
@@ -159,14 +196,22 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
         let dims_at = c.pos;
         let n_dims = c.u32(&field("n_dims"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(malformed(dims_at, field("n_dims"), format!("must be 1..={MAX_DIMS}, is {n_dims}")));
+            return Err(malformed(
+                dims_at,
+                field("n_dims"),
+                format!("must be 1..={MAX_DIMS}, is {n_dims}"),
+            ));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
             let at = c.pos;
             let n = c.u64(&field(&format!("dim {d}")))?;
             if n == 0 || n > i64::MAX as u64 {
-                return Err(malformed(at, field(&format!("dim {d}")), format!("must be positive, is {n}")));
+                return Err(malformed(
+                    at,
+                    field(&format!("dim {d}")),
+                    format!("must be positive, is {n}"),
+                ));
             }
             dims.push(n as usize);
         }
@@ -182,22 +227,38 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
         let offset_at = c.pos;
         let offset = c.u64(&field("offset"))?;
         if offset % alignment != 0 {
-            return Err(malformed(offset_at, field("offset"), format!("{offset} is not a multiple of the alignment {alignment}")));
+            return Err(malformed(
+                offset_at,
+                field("offset"),
+                format!("{offset} is not a multiple of the alignment {alignment}"),
+            ));
         }
         let elements = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let size = elements.and_then(|_| format.row_bytes(dims[0])).and_then(|row| {
-            dims[1..].iter().try_fold(row, |acc, &d| acc.checked_mul(d))
-        });
+        let size = elements
+            .and_then(|_| format.row_bytes(dims[0]))
+            .and_then(|row| dims[1..].iter().try_fold(row, |acc, &d| acc.checked_mul(d)));
         let Some(size) = size else {
-            return Err(malformed(dims_at, field("dims"), format!(
-                "{dims:?} is not a whole number of {format} blocks of {} or overflows", format.block_elems()
-            )));
+            return Err(malformed(
+                dims_at,
+                field("dims"),
+                format!(
+                    "{dims:?} is not a whole number of {format} blocks of {} or overflows",
+                    format.block_elems()
+                ),
+            ));
         };
         if !names.insert(name.clone()) {
             return Err(malformed(info_at, field("name"), "duplicate tensor name"));
         }
         let shape = dims.iter().rev().copied().collect();
-        tensors.push(TensorInfo { name, format, dims, shape, offset: offset as usize, size });
+        tensors.push(TensorInfo {
+            name,
+            format,
+            dims,
+            shape,
+            offset: offset as usize,
+            size,
+        });
     }
 
     let data_offset = c.pos.div_ceil(alignment as usize) * alignment as usize;
@@ -205,18 +266,32 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
     let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
     by_offset.sort_by_key(|t| t.offset);
     for (i, t) in by_offset.iter().enumerate() {
-        if t.offset.checked_add(t.size).is_none_or(|end| end > data_len) {
+        if t.offset
+            .checked_add(t.size)
+            .is_none_or(|end| end > data_len)
+        {
             return Err(malformed(data_offset + t.offset, format!("tensor `{}` data", t.name), format!(
                 "{} bytes at data offset {} run past the end of the file ({data_len} data bytes)", t.size, t.offset
             )));
         }
         if let Some(next) = by_offset.get(i + 1) {
             if t.offset + t.size > next.offset {
-                return Err(malformed(data_offset + t.offset, format!("tensor `{}` data", t.name), format!(
-                    "overlaps tensor `{}` at data offset {}", next.name, next.offset
-                )));
+                return Err(malformed(
+                    data_offset + t.offset,
+                    format!("tensor `{}` data", t.name),
+                    format!(
+                        "overlaps tensor `{}` at data offset {}",
+                        next.name, next.offset
+                    ),
+                ));
             }
         }
     }
-    Ok(Header { version, alignment: alignment as usize, metadata, tensors, data_offset })
+    Ok(Header {
+        version,
+        alignment: alignment as usize,
+        metadata,
+        tensors,
+        data_offset,
+    })
 }

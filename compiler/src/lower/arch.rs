@@ -73,5 +73,9 @@ pub fn find(name: &str) -> Option<&'static Arch> {
 }
 
 pub fn known_names() -> String {
-    ARCHITECTURES.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+    ARCHITECTURES
+        .iter()
+        .map(|a| a.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

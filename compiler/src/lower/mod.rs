@@ -39,19 +39,38 @@ pub struct Lowered {
 
 /// Lowers a GGUF model to the unfused graph, verified.
 pub fn lower(gguf: &GgufFile) -> Result<Lowered, LowerError> {
-    let arch_name = gguf.get("general.architecture").and_then(|v| v.as_str()).ok_or(LowerError::NoArchitecture)?;
+    let arch_name = gguf
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or(LowerError::NoArchitecture)?;
     let arch = arch::find(arch_name).ok_or_else(|| LowerError::UnknownArchitecture {
         found: arch_name.to_string(),
         known: arch::known_names(),
     })?;
-    let hp = Hyperparameters::read(&Meta { gguf, arch: arch.name })?;
+    let hp = Hyperparameters::read(&Meta {
+        gguf,
+        arch: arch.name,
+    })?;
     if arch.sliding_window_every.is_some() && hp.sliding_window.is_none() {
-        return Err(LowerError::Metadata { key: format!("{}.attention.sliding_window", arch.name), reason: "missing".into() });
+        return Err(LowerError::Metadata {
+            key: format!("{}.attention.sliding_window", arch.name),
+            reason: "missing".into(),
+        });
     }
-    let graph = Decoder { gguf, arch, hp: &hp, graph: Graph::new(arch.name) }.build()?;
+    let graph = Decoder {
+        gguf,
+        arch,
+        hp: &hp,
+        graph: Graph::new(arch.name),
+    }
+    .build()?;
     verify(&graph)?;
     let info = model_info::read(gguf, arch.name, &hp)?;
-    Ok(Lowered { graph, info, hparams: hp })
+    Ok(Lowered {
+        graph,
+        info,
+        hparams: hp,
+    })
 }
 
 struct Decoder<'a> {
@@ -64,42 +83,75 @@ struct Decoder<'a> {
 impl Decoder<'_> {
     /// Declares a GGUF tensor as a weight, with its expected row-major shape.
     fn weight(&mut self, name: &str, expected: &[usize]) -> Result<Operand, LowerError> {
-        let info = self.gguf.tensor(name).ok_or_else(|| LowerError::MissingTensor(name.to_string()))?;
+        let info = self
+            .gguf
+            .tensor(name)
+            .ok_or_else(|| LowerError::MissingTensor(name.to_string()))?;
         if info.shape != expected {
             return Err(LowerError::TensorShape {
                 name: name.to_string(),
-                reason: format!("shape {:?}, but the metadata implies {expected:?}", info.shape),
+                reason: format!(
+                    "shape {:?}, but the metadata implies {expected:?}",
+                    info.shape
+                ),
             });
         }
-        let ty = TensorType::new(DType::of_format(info.format), info.shape.iter().map(|&d| Dim::Fixed(d)));
+        let ty = TensorType::new(
+            DType::of_format(info.format),
+            info.shape.iter().map(|&d| Dim::Fixed(d)),
+        );
         Ok(Operand::Weight(self.graph.declare_weight(name, ty)))
     }
 
     /// Adds a node whose type follows from its operands.
     fn op(&mut self, op: Op, operands: Vec<Operand>) -> Result<NodeId, LowerError> {
-        let types: Vec<_> = operands.iter().map(|o| self.graph.operand_type(*o)).collect();
+        let types: Vec<_> = operands
+            .iter()
+            .map(|o| self.graph.operand_type(*o))
+            .collect();
         let placeholder = TensorType::new(DType::F32, []);
-        let ty = op.infer(&types, &placeholder).map_err(|reason| LowerError::TensorShape {
-            name: format!("{} operand", op.name()),
-            reason,
-        })?;
+        let ty = op
+            .infer(&types, &placeholder)
+            .map_err(|reason| LowerError::TensorShape {
+                name: format!("{} operand", op.name()),
+                reason,
+            })?;
         Ok(self.graph.add(op, operands, ty))
     }
 
     fn reshape(&mut self, x: NodeId, dims: &[usize]) -> NodeId {
         let shape = std::iter::once(Dim::tokens()).chain(dims.iter().map(|&d| Dim::Fixed(d)));
-        self.graph.add(Op::Reshape, vec![Operand::Value(x)], TensorType::new(DType::F32, shape))
+        self.graph.add(
+            Op::Reshape,
+            vec![Operand::Value(x)],
+            TensorType::new(DType::F32, shape),
+        )
     }
 
     fn norm(&mut self, x: NodeId, weight: &str, width: usize) -> Result<NodeId, LowerError> {
         let w = self.weight(weight, &[width])?;
-        self.op(Op::RmsNorm { eps: self.hp.rms_eps }, vec![Operand::Value(x), w])
+        self.op(
+            Op::RmsNorm {
+                eps: self.hp.rms_eps,
+            },
+            vec![Operand::Value(x), w],
+        )
     }
 
-    fn linear(&mut self, x: NodeId, name: &str, out: usize, inp: usize) -> Result<NodeId, LowerError> {
+    fn linear(
+        &mut self,
+        x: NodeId,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<NodeId, LowerError> {
         let w = self.weight(&format!("{name}.weight"), &[out, inp])?;
         let y = self.op(Op::MatMul, vec![Operand::Value(x), w])?;
-        if self.arch.qkv_bias && [".attn_q", ".attn_k", ".attn_v"].iter().any(|s| name.ends_with(s)) {
+        if self.arch.qkv_bias
+            && [".attn_q", ".attn_k", ".attn_v"]
+                .iter()
+                .any(|s| name.ends_with(s))
+        {
             let b = self.weight(&format!("{name}.bias"), &[out])?;
             return self.op(Op::Add, vec![Operand::Value(y), b]);
         }
@@ -108,13 +160,34 @@ impl Decoder<'_> {
 
     fn build(mut self) -> Result<Graph, LowerError> {
         let hp = self.hp;
-        let tokens = self.graph.add(Op::Input { name: "tokens".into() }, vec![], TensorType::new(DType::I32, [Dim::tokens()]));
-        let positions = self.graph.add(Op::Input { name: "positions".into() }, vec![], TensorType::new(DType::I32, [Dim::tokens()]));
-        let vocab = self.gguf.tensor("token_embd.weight").ok_or_else(|| LowerError::MissingTensor("token_embd.weight".into()))?.shape[0];
+        let tokens = self.graph.add(
+            Op::Input {
+                name: "tokens".into(),
+            },
+            vec![],
+            TensorType::new(DType::I32, [Dim::tokens()]),
+        );
+        let positions = self.graph.add(
+            Op::Input {
+                name: "positions".into(),
+            },
+            vec![],
+            TensorType::new(DType::I32, [Dim::tokens()]),
+        );
+        let vocab = self
+            .gguf
+            .tensor("token_embd.weight")
+            .ok_or_else(|| LowerError::MissingTensor("token_embd.weight".into()))?
+            .shape[0];
         let embd = self.weight("token_embd.weight", &[vocab, hp.d_model])?;
         let mut x = self.op(Op::Embed, vec![embd, Operand::Value(tokens)])?;
         if self.arch.scale_embeddings {
-            x = self.op(Op::Scale { factor: (hp.d_model as f32).sqrt() }, vec![Operand::Value(x)])?;
+            x = self.op(
+                Op::Scale {
+                    factor: (hp.d_model as f32).sqrt(),
+                },
+                vec![Operand::Value(x)],
+            )?;
         }
         for layer in 0..hp.n_layers {
             x = self.block(layer, x, positions)?;
@@ -147,15 +220,30 @@ impl Decoder<'_> {
             q = self.norm(q, &format!("{p}.attn_q_norm.weight"), hd)?;
             k = self.norm(k, &format!("{p}.attn_k_norm.weight"), hd)?;
         }
-        let local = self.arch.sliding_window_every.is_some_and(|n| (layer + 1) % n != 0);
+        let local = self
+            .arch
+            .sliding_window_every
+            .is_some_and(|n| !(layer + 1).is_multiple_of(n));
         let (base, freq_scale, window) = match (local, self.arch.local_rope_base) {
             (true, Some(local_base)) => (local_base, 1.0, hp.sliding_window),
             _ => (hp.rope_base, hp.rope_freq_scale, None),
         };
-        let rope = Op::Rope { base, dims: hp.rope_dims, freq_scale, style: self.arch.rope_style };
-        let q = self.op(rope.clone(), vec![Operand::Value(q), Operand::Value(positions)])?;
+        let rope = Op::Rope {
+            base,
+            dims: hp.rope_dims,
+            freq_scale,
+            style: self.arch.rope_style,
+        };
+        let q = self.op(
+            rope.clone(),
+            vec![Operand::Value(q), Operand::Value(positions)],
+        )?;
         let k = self.op(rope, vec![Operand::Value(k), Operand::Value(positions)])?;
-        let attention = Op::Attention { layer, scale: 1.0 / (hd as f32).sqrt(), window };
+        let attention = Op::Attention {
+            layer,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window,
+        };
         let a = self.op(attention, [q, k, v, positions].map(Operand::Value).to_vec())?;
         let a = self.reshape(a, &[q_width]);
         let mut o = self.linear(a, &format!("{p}.attn_output"), d, q_width)?;

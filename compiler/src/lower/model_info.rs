@@ -6,22 +6,44 @@ use kiln_ir::model::{ModelInfo, TokenType, TokenizerKind, TokenizerSpec};
 
 /// Texts of tokens that end a turn in chat models, recognised as end-of-generation when they are control tokens
 /// (as llama.cpp does).
-const END_OF_TURN_TEXTS: [&str; 6] = ["<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<eos>"];
+const END_OF_TURN_TEXTS: [&str; 6] = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<eos>",
+];
 
 fn meta_error(key: &str, reason: impl Into<String>) -> LowerError {
-    LowerError::Metadata { key: key.to_string(), reason: reason.into() }
+    LowerError::Metadata {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn array<'a>(gguf: &'a GgufFile, key: &str) -> Result<Option<&'a [MetaValue]>, LowerError> {
     match gguf.get(key) {
         None => Ok(None),
-        Some(v) => v.as_array().map(Some).ok_or_else(|| meta_error(key, format!("must be an array, is {}", v.type_name()))),
+        Some(v) => v
+            .as_array()
+            .map(Some)
+            .ok_or_else(|| meta_error(key, format!("must be an array, is {}", v.type_name()))),
     }
 }
 
 fn strings(gguf: &GgufFile, key: &str) -> Result<Vec<String>, LowerError> {
-    let Some(items) = array(gguf, key)? else { return Ok(Vec::new()) };
-    items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| meta_error(key, "must hold strings"))).collect()
+    let Some(items) = array(gguf, key)? else {
+        return Ok(Vec::new());
+    };
+    items
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| meta_error(key, "must hold strings"))
+        })
+        .collect()
 }
 
 fn token_id(gguf: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<u32>, LowerError> {
@@ -29,7 +51,10 @@ fn token_id(gguf: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<u32>, 
         None => Ok(None),
         Some(v) => match v.as_u64() {
             Some(id) if (id as usize) < n_tokens => Ok(Some(id as u32)),
-            _ => Err(meta_error(key, format!("{v} is not a token id below {n_tokens}"))),
+            _ => Err(meta_error(
+                key,
+                format!("{v} is not a token id below {n_tokens}"),
+            )),
         },
     }
 }
@@ -37,16 +62,26 @@ fn token_id(gguf: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<u32>, 
 fn flag(gguf: &GgufFile, key: &str, default: bool) -> Result<bool, LowerError> {
     match gguf.get(key) {
         None => Ok(default),
-        Some(v) => v.as_bool().ok_or_else(|| meta_error(key, format!("must be a bool, is {}", v.type_name()))),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| meta_error(key, format!("must be a bool, is {}", v.type_name()))),
     }
 }
 
 pub fn read(gguf: &GgufFile, arch: &str, hp: &Hyperparameters) -> Result<ModelInfo, LowerError> {
-    let model = gguf.get("tokenizer.ggml.model").and_then(|v| v.as_str()).ok_or_else(|| meta_error("tokenizer.ggml.model", "missing"))?;
+    let model = gguf
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| meta_error("tokenizer.ggml.model", "missing"))?;
     let kind = match model {
         "gpt2" => TokenizerKind::BytePairGpt2,
         "llama" => TokenizerKind::SentencePiece,
-        other => return Err(meta_error("tokenizer.ggml.model", format!("`{other}` is not supported (gpt2, llama)"))),
+        other => {
+            return Err(meta_error(
+                "tokenizer.ggml.model",
+                format!("`{other}` is not supported (gpt2, llama)"),
+            ))
+        }
     };
     let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
     if tokens.is_empty() {
@@ -57,40 +92,80 @@ pub fn read(gguf: &GgufFile, arch: &str, hp: &Hyperparameters) -> Result<ModelIn
         None => vec![TokenType::Normal; n],
         Some(items) if items.len() == n => items
             .iter()
-            .map(|v| v.as_i64().map(|t| TokenType::from_gguf(t as i32)).ok_or_else(|| meta_error("tokenizer.ggml.token_type", "must hold integers")))
+            .map(|v| {
+                v.as_i64()
+                    .map(|t| TokenType::from_gguf(t as i32))
+                    .ok_or_else(|| meta_error("tokenizer.ggml.token_type", "must hold integers"))
+            })
             .collect::<Result<_, _>>()?,
-        Some(items) => return Err(meta_error("tokenizer.ggml.token_type", format!("{} entries for {n} tokens", items.len()))),
+        Some(items) => {
+            return Err(meta_error(
+                "tokenizer.ggml.token_type",
+                format!("{} entries for {n} tokens", items.len()),
+            ))
+        }
     };
     let scores = match array(gguf, "tokenizer.ggml.scores")? {
         None => Vec::new(),
         Some(items) if items.len() == n => items
             .iter()
-            .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| meta_error("tokenizer.ggml.scores", "must hold numbers")))
+            .map(|v| {
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| meta_error("tokenizer.ggml.scores", "must hold numbers"))
+            })
             .collect::<Result<_, _>>()?,
-        Some(items) => return Err(meta_error("tokenizer.ggml.scores", format!("{} entries for {n} tokens", items.len()))),
+        Some(items) => {
+            return Err(meta_error(
+                "tokenizer.ggml.scores",
+                format!("{} entries for {n} tokens", items.len()),
+            ))
+        }
     };
     let merges = strings(gguf, "tokenizer.ggml.merges")?;
     if kind == TokenizerKind::BytePairGpt2 && merges.is_empty() {
-        return Err(meta_error("tokenizer.ggml.merges", "a gpt2 tokenizer needs merges"));
+        return Err(meta_error(
+            "tokenizer.ggml.merges",
+            "a gpt2 tokenizer needs merges",
+        ));
     }
     if kind == TokenizerKind::SentencePiece && scores.is_empty() {
-        return Err(meta_error("tokenizer.ggml.scores", "a llama (SentencePiece) tokenizer needs scores"));
+        return Err(meta_error(
+            "tokenizer.ggml.scores",
+            "a llama (SentencePiece) tokenizer needs scores",
+        ));
     }
     let eos = token_id(gguf, "tokenizer.ggml.eos_token_id", n)?;
-    let mut eot: Vec<u32> = token_id(gguf, "tokenizer.ggml.eot_token_id", n)?.into_iter().collect();
+    let mut eot: Vec<u32> = token_id(gguf, "tokenizer.ggml.eot_token_id", n)?
+        .into_iter()
+        .collect();
     for (id, (text, ty)) in tokens.iter().zip(&token_types).enumerate() {
         let id = id as u32;
-        if *ty == TokenType::Control && END_OF_TURN_TEXTS.contains(&text.as_str()) && Some(id) != eos && !eot.contains(&id) {
+        if *ty == TokenType::Control
+            && END_OF_TURN_TEXTS.contains(&text.as_str())
+            && Some(id) != eos
+            && !eot.contains(&id)
+        {
             eot.push(id);
         }
     }
-    let vocab_size = gguf.tensor("token_embd.weight").map(|t| t.shape[0]).unwrap_or(n);
+    let vocab_size = gguf
+        .tensor("token_embd.weight")
+        .map(|t| t.shape[0])
+        .unwrap_or(n);
     if vocab_size < n {
-        return Err(meta_error("tokenizer.ggml.tokens", format!("{n} tokens but the embedding has {vocab_size} rows")));
+        return Err(meta_error(
+            "tokenizer.ggml.tokens",
+            format!("{n} tokens but the embedding has {vocab_size} rows"),
+        ));
     }
     let spec = TokenizerSpec {
         kind,
-        pre: gguf.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default").to_string(),
+        pre: gguf
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_string(),
         tokens,
         token_types,
         scores,
@@ -99,16 +174,30 @@ pub fn read(gguf: &GgufFile, arch: &str, hp: &Hyperparameters) -> Result<ModelIn
         eos,
         eot,
         unknown: token_id(gguf, "tokenizer.ggml.unknown_token_id", n)?,
-        add_bos: flag(gguf, "tokenizer.ggml.add_bos_token", kind == TokenizerKind::SentencePiece)?,
+        add_bos: flag(
+            gguf,
+            "tokenizer.ggml.add_bos_token",
+            kind == TokenizerKind::SentencePiece,
+        )?,
         add_eos: flag(gguf, "tokenizer.ggml.add_eos_token", false)?,
-        add_space_prefix: flag(gguf, "tokenizer.ggml.add_space_prefix", kind == TokenizerKind::SentencePiece)?,
+        add_space_prefix: flag(
+            gguf,
+            "tokenizer.ggml.add_space_prefix",
+            kind == TokenizerKind::SentencePiece,
+        )?,
     };
     Ok(ModelInfo {
         architecture: arch.to_string(),
-        name: gguf.get("general.name").and_then(|v| v.as_str()).map(str::to_string),
+        name: gguf
+            .get("general.name")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
         context_length: hp.context_length,
         vocab_size,
         tokenizer: spec,
-        chat_template: gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
+        chat_template: gguf
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
     })
 }

@@ -13,7 +13,9 @@ pub fn matmul(x: &[f32], k: usize, w: &WeightView) -> Vec<f32> {
     let t = x.len() / k;
     let mut rounded = x.to_vec();
     let activation = ActivationFormat::for_weight(w.format);
-    rounded.chunks_exact_mut(k).for_each(|row| activation.round_trip(row));
+    rounded
+        .chunks_exact_mut(k)
+        .for_each(|row| activation.round_trip(row));
     let x = &rounded;
     let mut out_t = vec![0f32; n * t]; // [n, t]: one contiguous chunk per weight row, filled in parallel
     out_t.par_chunks_mut(t).enumerate().for_each_init(
@@ -48,7 +50,9 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 
 /// Elementwise `a op b`, with `b` repeated over `a` when it is shorter (a bias or per-channel weight).
 pub fn broadcast(a: &[f32], b: &[f32], op: impl Fn(f32, f32) -> f32) -> Vec<f32> {
-    a.chunks_exact(b.len()).flat_map(|row| row.iter().zip(b).map(|(&x, &y)| op(x, y))).collect()
+    a.chunks_exact(b.len())
+        .flat_map(|row| row.iter().zip(b).map(|(&x, &y)| op(x, y)))
+        .collect()
 }
 
 pub fn silu(x: f32) -> f32 {
@@ -62,12 +66,22 @@ pub fn gelu(x: f32) -> f32 {
 }
 
 /// Rotates `x[t, heads, head_dim]` in place by each token's position.
-pub fn rope(x: &mut [f32], head_dim: usize, positions: &[i32], dims: usize, base: f32, freq_scale: f32, style: RopeStyle) {
+pub fn rope(
+    x: &mut [f32],
+    head_dim: usize,
+    positions: &[i32],
+    dims: usize,
+    base: f32,
+    freq_scale: f32,
+    style: RopeStyle,
+) {
     let per_token = x.len() / positions.len();
     for (token, &pos) in x.chunks_exact_mut(per_token).zip(positions) {
         for head in token.chunks_exact_mut(head_dim) {
             for i in 0..dims / 2 {
-                let theta = pos as f64 * freq_scale as f64 * (base as f64).powf(-2.0 * i as f64 / dims as f64);
+                let theta = pos as f64
+                    * freq_scale as f64
+                    * (base as f64).powf(-2.0 * i as f64 / dims as f64);
                 let (sin, cos) = theta.sin_cos();
                 let (a, b) = match style {
                     RopeStyle::Interleaved => (2 * i, 2 * i + 1),
@@ -98,9 +112,20 @@ pub struct AttentionShape {
 
 /// Writes `k`, `v` at `positions` into the cache, then attends each query to the cached keys at or before its
 /// position (and within the window). Returns `[t, heads, head_dim]`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], positions: &[i32], cache: &mut LayerCache, s: &AttentionShape) -> Vec<f32> {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    positions: &[i32],
+    cache: &mut LayerCache,
+    s: &AttentionShape,
+) -> Vec<f32> {
     let kv_width = s.kv_heads * s.head_dim;
-    for ((kr, vr), &pos) in k.chunks_exact(kv_width).zip(v.chunks_exact(kv_width)).zip(positions) {
+    for ((kr, vr), &pos) in k
+        .chunks_exact(kv_width)
+        .zip(v.chunks_exact(kv_width))
+        .zip(positions)
+    {
         let at = pos as usize * kv_width;
         if cache.k.len() < at + kv_width {
             cache.k.resize(at + kv_width, 0.0);
@@ -120,7 +145,10 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], positions: &[i32], cache: &mut
             let kvh = h / group;
             let qh = &q[(t * s.heads + h) * hd..][..hd];
             scores.clear();
-            scores.extend((first..=pos).map(|j| dot_f32(qh, &cache.k[j * kv_width + kvh * hd..][..hd]) * s.scale));
+            scores.extend(
+                (first..=pos)
+                    .map(|j| dot_f32(qh, &cache.k[j * kv_width + kvh * hd..][..hd]) * s.scale),
+            );
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f64;
             for sc in scores.iter_mut() {

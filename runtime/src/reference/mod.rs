@@ -31,10 +31,16 @@ pub struct ReferenceExecutor<'w> {
 
 impl<'w> ReferenceExecutor<'w> {
     /// Binds the graph's weights from `source`, checking each one's format and shape against its declaration.
-    pub fn new(graph: Graph, source: &'w dyn WeightSource, max_context: usize) -> Result<Self, ExecError> {
+    pub fn new(
+        graph: Graph,
+        source: &'w dyn WeightSource,
+        max_context: usize,
+    ) -> Result<Self, ExecError> {
         let mut weights = Vec::with_capacity(graph.weights().len());
         for decl in graph.weights() {
-            let view = source.weight(&decl.name).ok_or_else(|| ExecError::MissingWeight(decl.name.clone()))?;
+            let view = source
+                .weight(&decl.name)
+                .ok_or_else(|| ExecError::MissingWeight(decl.name.clone()))?;
             let shape: Vec<Dim> = view.shape.iter().map(|&d| Dim::Fixed(d)).collect();
             if DType::of_format(view.format) != decl.ty.dtype || shape != decl.ty.shape {
                 return Err(ExecError::WeightMismatch {
@@ -45,7 +51,9 @@ impl<'w> ReferenceExecutor<'w> {
             }
             weights.push(view);
         }
-        let logits = graph.output("logits").ok_or(ExecError::NoOutput("logits"))?;
+        let logits = graph
+            .output("logits")
+            .ok_or(ExecError::NoOutput("logits"))?;
         let vocab = match graph.node(logits).ty.inner() {
             Some(Dim::Fixed(v)) => *v,
             _ => return Err(ExecError::NoOutput("logits")),
@@ -59,20 +67,43 @@ impl<'w> ReferenceExecutor<'w> {
             }
         }
         last_use[logits.index()] = usize::MAX;
-        Ok(ReferenceExecutor { graph, weights, logits, vocab, last_use, caches: HashMap::new(), max_context, cached: 0 })
+        Ok(ReferenceExecutor {
+            graph,
+            weights,
+            logits,
+            vocab,
+            last_use,
+            caches: HashMap::new(),
+            max_context,
+            cached: 0,
+        })
     }
 
-    fn f32_operand<'v>(&self, values: &'v [Option<Value>], operand: Operand) -> std::borrow::Cow<'v, [f32]> {
+    fn f32_operand<'v>(
+        &self,
+        values: &'v [Option<Value>],
+        operand: Operand,
+    ) -> std::borrow::Cow<'v, [f32]> {
         match operand {
             Operand::Value(id) => match &values[id.index()] {
                 Some(Value::F32 { data, .. }) => std::borrow::Cow::Borrowed(data),
-                _ => unreachable!("the verifier checked operand dtypes and values live until their last use"),
+                _ => unreachable!(
+                    "the verifier checked operand dtypes and values live until their last use"
+                ),
             },
-            Operand::Weight(w) => std::borrow::Cow::Owned(kernels::weight_f32(&self.weights[w.0 as usize])),
+            Operand::Weight(w) => {
+                std::borrow::Cow::Owned(kernels::weight_f32(&self.weights[w.0 as usize]))
+            }
         }
     }
 
-    fn eval(&mut self, id: NodeId, values: &[Option<Value>], tokens: &[u32], positions: &[i32]) -> Result<Value, ExecError> {
+    fn eval(
+        &mut self,
+        id: NodeId,
+        values: &[Option<Value>],
+        tokens: &[u32],
+        positions: &[i32],
+    ) -> Result<Value, ExecError> {
         let node = self.graph.node(id).clone();
         let ops = &node.operands;
         let value_shape = |o: Operand| match o {
@@ -105,7 +136,10 @@ impl<'w> ReferenceExecutor<'w> {
                 let mut data = vec![0f32; tokens.len() * d];
                 for (row, &id) in data.chunks_exact_mut(d).zip(&i32_operand(ops[1])) {
                     if id < 0 || id as usize >= table.shape[0] {
-                        return Err(ExecError::BadToken { id: id as u32, vocab: table.shape[0] });
+                        return Err(ExecError::BadToken {
+                            id: id as u32,
+                            vocab: table.shape[0],
+                        });
                     }
                     kiln_ir::dequant::dequantize(table.format, table.row(id as usize), row);
                 }
@@ -133,25 +167,73 @@ impl<'w> ReferenceExecutor<'w> {
                 };
                 f32_value(value_shape(ops[0]), data)
             }
-            Op::Scale { factor } => {
-                f32_value(value_shape(ops[0]), self.f32_operand(values, ops[0]).iter().map(|x| x * factor).collect())
-            }
-            Op::Silu => f32_value(value_shape(ops[0]), self.f32_operand(values, ops[0]).iter().map(|&x| kernels::silu(x)).collect()),
-            Op::Gelu => f32_value(value_shape(ops[0]), self.f32_operand(values, ops[0]).iter().map(|&x| kernels::gelu(x)).collect()),
+            Op::Scale { factor } => f32_value(
+                value_shape(ops[0]),
+                self.f32_operand(values, ops[0])
+                    .iter()
+                    .map(|x| x * factor)
+                    .collect(),
+            ),
+            Op::Silu => f32_value(
+                value_shape(ops[0]),
+                self.f32_operand(values, ops[0])
+                    .iter()
+                    .map(|&x| kernels::silu(x))
+                    .collect(),
+            ),
+            Op::Gelu => f32_value(
+                value_shape(ops[0]),
+                self.f32_operand(values, ops[0])
+                    .iter()
+                    .map(|&x| kernels::gelu(x))
+                    .collect(),
+            ),
             Op::Reshape => {
-                let shape = node.ty.shape.iter().map(|d| d.clone().fixed().unwrap_or(tokens.len())).collect();
+                let shape = node
+                    .ty
+                    .shape
+                    .iter()
+                    .map(|d| d.clone().fixed().unwrap_or(tokens.len()))
+                    .collect();
                 f32_value(shape, self.f32_operand(values, ops[0]).into_owned())
             }
-            Op::Rope { base, dims, freq_scale, style } => {
+            Op::Rope {
+                base,
+                dims,
+                freq_scale,
+                style,
+            } => {
                 let shape = value_shape(ops[0]);
                 let mut data = self.f32_operand(values, ops[0]).into_owned();
-                kernels::rope(&mut data, shape[2], &i32_operand(ops[1]), *dims, *base, *freq_scale, *style);
+                kernels::rope(
+                    &mut data,
+                    shape[2],
+                    &i32_operand(ops[1]),
+                    *dims,
+                    *base,
+                    *freq_scale,
+                    *style,
+                );
                 f32_value(shape, data)
             }
-            Op::Attention { layer, scale, window } => {
+            Op::Attention {
+                layer,
+                scale,
+                window,
+            } => {
                 let (q_shape, k_shape) = (value_shape(ops[0]), value_shape(ops[1]));
-                let shape = AttentionShape { heads: q_shape[1], kv_heads: k_shape[1], head_dim: q_shape[2], scale: *scale, window: *window };
-                let (q, k, v) = (self.f32_operand(values, ops[0]), self.f32_operand(values, ops[1]), self.f32_operand(values, ops[2]));
+                let shape = AttentionShape {
+                    heads: q_shape[1],
+                    kv_heads: k_shape[1],
+                    head_dim: q_shape[2],
+                    scale: *scale,
+                    window: *window,
+                };
+                let (q, k, v) = (
+                    self.f32_operand(values, ops[0]),
+                    self.f32_operand(values, ops[1]),
+                    self.f32_operand(values, ops[2]),
+                );
                 let cache = self.caches.entry(*layer).or_default();
                 let data = kernels::attention(&q, &k, &v, &i32_operand(ops[3]), cache, &shape);
                 f32_value(q_shape, data)
@@ -168,10 +250,16 @@ impl<'w> ReferenceExecutor<'w> {
 impl Engine for ReferenceExecutor<'_> {
     fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError> {
         if start > self.cached {
-            return Err(ExecError::PositionGap { start, cached: self.cached });
+            return Err(ExecError::PositionGap {
+                start,
+                cached: self.cached,
+            });
         }
         if start + tokens.len() > self.max_context {
-            return Err(ExecError::ContextFull { need: start + tokens.len(), max: self.max_context });
+            return Err(ExecError::ContextFull {
+                need: start + tokens.len(),
+                max: self.max_context,
+            });
         }
         let positions: Vec<i32> = (start..start + tokens.len()).map(|p| p as i32).collect();
         let mut values: Vec<Option<Value>> = (0..self.graph.len()).map(|_| None).collect();
@@ -189,7 +277,10 @@ impl Engine for ReferenceExecutor<'_> {
         }
         self.cached = start + tokens.len();
         match values[self.logits.index()].take() {
-            Some(Value::F32 { data, .. }) => Ok(Logits { vocab: self.vocab, data }),
+            Some(Value::F32 { data, .. }) => Ok(Logits {
+                vocab: self.vocab,
+                data,
+            }),
             _ => Err(ExecError::NoOutput("logits")),
         }
     }

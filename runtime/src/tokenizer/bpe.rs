@@ -30,24 +30,40 @@ impl Bpe {
     pub fn new(merges: &[String], token_id: &HashMap<String, u32>) -> Self {
         let mut table = HashMap::with_capacity(merges.len());
         for (rank, merge) in merges.iter().enumerate() {
-            let Some((left, right)) = merge.split_once(' ') else { continue };
-            let (Some(&l), Some(&r)) = (token_id.get(left), token_id.get(right)) else { continue };
-            let Some(&merged) = token_id.get(&format!("{left}{right}")) else { continue };
+            let Some((left, right)) = merge.split_once(' ') else {
+                continue;
+            };
+            let (Some(&l), Some(&r)) = (token_id.get(left), token_id.get(right)) else {
+                continue;
+            };
+            let Some(&merged) = token_id.get(&format!("{left}{right}")) else {
+                continue;
+            };
             table.entry((l, r)).or_insert((rank as u32, merged));
         }
         let chars = byte_chars();
         let byte_ids = std::array::from_fn(|b| token_id.get(&chars[b].to_string()).copied());
-        Bpe { merges: table, byte_ids }
+        Bpe {
+            merges: table,
+            byte_ids,
+        }
     }
 
     /// Tokenizes one pre-tokenized piece: start from its bytes, apply the best-ranked merge until none applies.
     pub fn encode_piece(&self, piece: &str, out: &mut Vec<u32>) {
-        let mut symbols: Vec<u32> = piece.bytes().filter_map(|b| self.byte_ids[b as usize]).collect();
+        let mut symbols: Vec<u32> = piece
+            .bytes()
+            .filter_map(|b| self.byte_ids[b as usize])
+            .collect();
         loop {
             let best = symbols
                 .windows(2)
                 .enumerate()
-                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|&(rank, merged)| (rank, i, merged)))
+                .filter_map(|(i, w)| {
+                    self.merges
+                        .get(&(w[0], w[1]))
+                        .map(|&(rank, merged)| (rank, i, merged))
+                })
                 .min();
             let Some((_, i, merged)) = best else { break };
             symbols[i] = merged;

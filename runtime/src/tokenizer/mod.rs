@@ -22,7 +22,11 @@ pub enum TokenizerError {
 }
 
 enum Model {
-    Bpe { pre: PreTokenizer, bpe: Bpe, byte_of_char: HashMap<char, u8> },
+    Bpe {
+        pre: PreTokenizer,
+        bpe: Box<Bpe>,
+        byte_of_char: HashMap<char, u8>,
+    },
     SentencePiece,
 }
 
@@ -49,8 +53,15 @@ impl Tokenizer {
         }
         let mut specials: HashMap<u8, Vec<(String, u32)>> = HashMap::new();
         for (id, (text, ty)) in spec.tokens.iter().zip(&spec.token_types).enumerate() {
-            if matches!(ty, TokenType::Control | TokenType::UserDefined | TokenType::Unknown) && !text.is_empty() {
-                specials.entry(text.as_bytes()[0]).or_default().push((text.clone(), id as u32));
+            if matches!(
+                ty,
+                TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+            ) && !text.is_empty()
+            {
+                specials
+                    .entry(text.as_bytes()[0])
+                    .or_default()
+                    .push((text.clone(), id as u32));
             }
         }
         for group in specials.values_mut() {
@@ -59,13 +70,28 @@ impl Tokenizer {
         let byte_tokens = std::array::from_fn(|b| token_id.get(&format!("<0x{b:02X}>")).copied());
         let model = match spec.kind {
             TokenizerKind::BytePairGpt2 => {
-                let pre = PreTokenizer::new(&spec.pre).ok_or_else(|| TokenizerError::UnknownPreTokenizer(spec.pre.clone()))?;
-                let byte_of_char = bpe::byte_chars().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
-                Model::Bpe { pre, bpe: Bpe::new(&spec.merges, &token_id), byte_of_char }
+                let pre = PreTokenizer::new(&spec.pre)
+                    .ok_or_else(|| TokenizerError::UnknownPreTokenizer(spec.pre.clone()))?;
+                let byte_of_char = bpe::byte_chars()
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &c)| (c, b as u8))
+                    .collect();
+                Model::Bpe {
+                    pre,
+                    bpe: Box::new(Bpe::new(&spec.merges, &token_id)),
+                    byte_of_char,
+                }
             }
             TokenizerKind::SentencePiece => Model::SentencePiece,
         };
-        Ok(Tokenizer { spec: spec.clone(), token_id, specials, byte_tokens, model })
+        Ok(Tokenizer {
+            spec: spec.clone(),
+            token_id,
+            specials,
+            byte_tokens,
+            model,
+        })
     }
 
     pub fn spec(&self) -> &TokenizerSpec {
@@ -128,7 +154,12 @@ impl Tokenizer {
                     escaped.push('\u{2581}');
                 }
                 escaped.extend(text.chars().map(|c| if c == ' ' { '\u{2581}' } else { c }));
-                let spm = Spm { token_id: &self.token_id, scores: &self.spec.scores, byte_tokens: &self.byte_tokens, unknown: self.spec.unknown };
+                let spm = Spm {
+                    token_id: &self.token_id,
+                    scores: &self.spec.scores,
+                    byte_tokens: &self.byte_tokens,
+                    unknown: self.spec.unknown,
+                };
                 spm.encode(&escaped, out);
             }
         }
@@ -140,7 +171,11 @@ impl Tokenizer {
         let (mut start, mut i) = (0, 0);
         let bytes = text.as_bytes();
         while i < bytes.len() {
-            let found = self.specials.get(&bytes[i]).and_then(|group| group.iter().find(|(s, _)| text[i..].starts_with(s.as_str())));
+            let found = self.specials.get(&bytes[i]).and_then(|group| {
+                group
+                    .iter()
+                    .find(|(s, _)| text[i..].starts_with(s.as_str()))
+            });
             match found {
                 Some((s, id)) => {
                     if start < i {
@@ -162,12 +197,20 @@ impl Tokenizer {
     /// The bytes a token stands for. Control tokens render as nothing (they are markup, not text).
     pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>, TokenizerError> {
         let text = self.token_text(id).ok_or(TokenizerError::BadId(id))?;
-        let ty = self.spec.token_types.get(id as usize).copied().unwrap_or(TokenType::Normal);
+        let ty = self
+            .spec
+            .token_types
+            .get(id as usize)
+            .copied()
+            .unwrap_or(TokenType::Normal);
         Ok(match (ty, &self.model) {
             (TokenType::Control, _) => Vec::new(),
             (TokenType::UserDefined, _) => text.as_bytes().to_vec(),
             (TokenType::Byte, _) => parse_byte_token(text).map(|b| vec![b]).unwrap_or_default(),
-            (_, Model::Bpe { byte_of_char, .. }) => text.chars().filter_map(|c| byte_of_char.get(&c).copied()).collect(),
+            (_, Model::Bpe { byte_of_char, .. }) => text
+                .chars()
+                .filter_map(|c| byte_of_char.get(&c).copied())
+                .collect(),
             (_, Model::SentencePiece) => text.replace('\u{2581}', " ").into_bytes(),
         })
     }
@@ -183,9 +226,17 @@ impl Tokenizer {
 
     /// The token's text for display: byte-level characters decoded, `▁` as a space, control tokens verbatim.
     pub fn piece(&self, id: u32) -> Result<String, TokenizerError> {
-        let ty = self.spec.token_types.get(id as usize).copied().unwrap_or(TokenType::Normal);
+        let ty = self
+            .spec
+            .token_types
+            .get(id as usize)
+            .copied()
+            .unwrap_or(TokenType::Normal);
         if ty == TokenType::Control {
-            return Ok(self.token_text(id).ok_or(TokenizerError::BadId(id))?.to_string());
+            return Ok(self
+                .token_text(id)
+                .ok_or(TokenizerError::BadId(id))?
+                .to_string());
         }
         Ok(String::from_utf8_lossy(&self.token_bytes(id)?).into_owned())
     }

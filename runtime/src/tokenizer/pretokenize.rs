@@ -14,7 +14,9 @@ fn patterns(pre: &str) -> Option<&'static [&'static str]> {
     Some(match pre {
         "default" | "gpt-2" | "gpt2" | "phi-2" | "olmo" | "jais" => &[GPT2],
         // Digits stand alone, then the GPT-2 rules.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => &[r"\p{N}", GPT2],
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            &[r"\p{N}", GPT2]
+        }
         "qwen2" | "deepseek-r1-qwen" => &[QWEN2],
         "llama3" | "llama-bpe" | "smaug-bpe" | "falcon3" | "pixtral" => &[LLAMA3],
         _ => return None,
@@ -30,7 +32,10 @@ pub struct PreTokenizer {
 
 impl PreTokenizer {
     pub fn new(pre: &str) -> Option<Self> {
-        let regexes = patterns(pre)?.iter().map(|p| Regex::new(p).expect("built-in pre-tokenizer regex")).collect();
+        let regexes = patterns(pre)?
+            .iter()
+            .map(|p| Regex::new(p).expect("built-in pre-tokenizer regex"))
+            .collect();
         Some(PreTokenizer { regexes })
     }
 
@@ -69,12 +74,18 @@ mod tests {
     #[test]
     fn smollm_isolates_digits() {
         let p = PreTokenizer::new("smollm").unwrap();
-        assert_eq!(p.split("about 311 million  people"), ["about", " ", "3", "1", "1", " million", " ", " people"]);
+        assert_eq!(
+            p.split("about 311 million  people"),
+            ["about", " ", "3", "1", "1", " million", " ", " people"]
+        );
     }
 
     #[test]
     fn qwen2_keeps_newlines_apart() {
         let p = PreTokenizer::new("qwen2").unwrap();
-        assert_eq!(p.split("def f():\n    return 42"), ["def", " f", "():\n", "   ", " return", " ", "4", "2"]);
+        assert_eq!(
+            p.split("def f():\n    return 42"),
+            ["def", " f", "():\n", "   ", " return", " ", "4", "2"]
+        );
     }
 }

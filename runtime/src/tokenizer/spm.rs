@@ -25,7 +25,9 @@ impl Eq for Candidate {}
 impl Ord for Candidate {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         // Highest score first; ties go to the leftmost pair.
-        self.score.total_cmp(&other.score).then(other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then(other.left.cmp(&self.left))
     }
 }
 
@@ -40,14 +42,25 @@ impl Spm<'_> {
         // Symbols as byte ranges of `text`, linked left/right; a merged-away symbol has len 0.
         let mut start: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
         let n = start.len();
-        let mut len: Vec<usize> = (0..n).map(|i| start.get(i + 1).copied().unwrap_or(text.len()) - start[i]).collect();
+        let mut len: Vec<usize> = (0..n)
+            .map(|i| start.get(i + 1).copied().unwrap_or(text.len()) - start[i])
+            .collect();
         let mut prev: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
         let mut next: Vec<Option<usize>> = (0..n).map(|i| (i + 1 < n).then_some(i + 1)).collect();
         let mut queue = BinaryHeap::new();
-        let push = |queue: &mut BinaryHeap<Candidate>, start: &[usize], len: &[usize], left: usize, right: usize| {
+        let push = |queue: &mut BinaryHeap<Candidate>,
+                    start: &[usize],
+                    len: &[usize],
+                    left: usize,
+                    right: usize| {
             let s = &text[start[left]..start[right] + len[right]];
             if let Some(&id) = self.token_id.get(s) {
-                queue.push(Candidate { score: self.scores[id as usize], left, right, len: s.len() });
+                queue.push(Candidate {
+                    score: self.scores[id as usize],
+                    left,
+                    right,
+                    len: s.len(),
+                });
             }
         };
         for i in 1..n {
@@ -56,7 +69,8 @@ impl Spm<'_> {
         while let Some(c) = queue.pop() {
             let right = c.right;
             // Live symbols have a length; a merged-away left side can still link to a grown right side.
-            if len[c.left] == 0 || next[c.left] != Some(right) || len[c.left] + len[right] != c.len {
+            if len[c.left] == 0 || next[c.left] != Some(right) || len[c.left] + len[right] != c.len
+            {
                 continue;
             }
             len[c.left] += len[right];
