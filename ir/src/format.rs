@@ -143,7 +143,9 @@ impl QuantFormat {
     /// Bytes taken by a row of `elems` elements, or `None` when `elems` is not a whole number of blocks.
     pub fn row_bytes(self, elems: usize) -> Option<usize> {
         let info = self.info();
-        elems.is_multiple_of(info.block_elems).then(|| elems / info.block_elems * info.block_bytes)
+        elems
+            .is_multiple_of(info.block_elems)
+            .then(|| elems / info.block_elems * info.block_bytes)
     }
 
     /// Whether this is a plain floating-point format (one element per block).

@@ -76,8 +76,8 @@ pub enum Op {
 /// What an operand slot accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expect {
-    /// Any tensor.
-    Any,
+    /// A declared weight (`@name`), of any format.
+    Weight,
     F32,
     I32,
 }
@@ -105,9 +105,9 @@ impl Op {
         use Expect::*;
         match self {
             Op::Input { .. } => &[],
-            Op::Embed => &[Any, I32],
+            Op::Embed => &[Weight, I32],
             Op::RmsNorm { .. } => &[F32, F32],
-            Op::MatMul => &[F32, Any],
+            Op::MatMul => &[F32, Weight],
             Op::Add | Op::Mul => &[F32, F32],
             Op::Scale { .. } | Op::Silu | Op::Gelu | Op::Reshape => &[F32],
             Op::Rope { .. } => &[F32, I32],

@@ -89,10 +89,7 @@ pub fn print_node(graph: &Graph, id: NodeId) -> String {
     let mut line = format!("%{} = {}", id.index(), node.op.name());
     for (i, operand) in node.operands.iter().enumerate() {
         line.push_str(if i == 0 { " " } else { ", " });
-        match operand {
-            Operand::Value(v) => write!(line, "%{}", v.index()).unwrap(),
-            Operand::Weight(w) => write!(line, "@{}", graph.weight(*w).name).unwrap(),
-        }
+        line.push_str(&print_operand(graph, *operand));
     }
     let attrs = attrs_of(&node.op);
     if !attrs.is_empty() {
@@ -101,6 +98,14 @@ pub fn print_node(graph: &Graph, id: NodeId) -> String {
     }
     write!(line, " : {}", node.ty).unwrap();
     line
+}
+
+/// An operand as written in the text form: `%3` or `@name`.
+pub fn print_operand(graph: &Graph, operand: Operand) -> String {
+    match operand {
+        Operand::Value(v) => format!("%{}", v.index()),
+        Operand::Weight(w) => format!("@{}", graph.weight(w).name),
+    }
 }
 
 /// A parse failure: the 1-based line and what is wrong there.

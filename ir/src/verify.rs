@@ -2,7 +2,7 @@
 
 use crate::graph::{Graph, Operand};
 use crate::op::Expect;
-use crate::text::print_node;
+use crate::text::{print_node, print_operand};
 use crate::types::DType;
 
 /// A broken invariant, with the offending node printed in the text form.
@@ -42,12 +42,19 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             }
             let dtype = graph.operand_type(*operand).dtype;
             let ok = match want {
-                Expect::Any => true,
+                Expect::Weight => matches!(operand, Operand::Weight(_)),
                 Expect::F32 => dtype == DType::F32,
                 Expect::I32 => dtype == DType::I32,
             };
             if !ok {
-                return Err(fail(format!("operand {slot} must be {want:?}, is {dtype}")));
+                let what = match want {
+                    Expect::Weight => "a weight".to_string(),
+                    other => format!("{other:?}").to_lowercase(),
+                };
+                return Err(fail(format!(
+                    "operand {slot} must be {what}, is {}",
+                    print_operand(graph, *operand)
+                )));
             }
         }
         let operand_types: Vec<_> = node

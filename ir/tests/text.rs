@@ -80,6 +80,10 @@ fn verifier_names_node_and_invariant() {
     let err = verify(&parse(&bad_kv).unwrap()).unwrap_err();
     assert_eq!(err.message, "k must have rank 3, got f32[tokens, 32]");
 
+    let value_as_weight = SMALL.replace("%10 = matmul %9, @emb", "%10 = matmul %9, %9");
+    let err = verify(&parse(&value_as_weight).unwrap()).unwrap_err();
+    assert_eq!(err.message, "operand 1 must be a weight, is %9");
+
     let no_output = SMALL.replace("output logits = %10\n", "");
     assert_eq!(
         verify(&parse(&no_output).unwrap()).unwrap_err().message,

@@ -1,7 +1,5 @@
 //! The interface every executor offers: run a step of tokens of one sequence, get logits.
 
-use kiln_ir::DType;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("weight `{0}` is missing from the model")]
@@ -20,8 +18,8 @@ pub enum ExecError {
     BadToken { id: u32, vocab: usize },
     #[error("the graph has no `{0}` output")]
     NoOutput(&'static str),
-    #[error("the reference executor cannot run {0} operands")]
-    Unsupported(DType),
+    #[error("nothing to run: the input has no tokens")]
+    EmptyInput,
 }
 
 /// Logits for each token of a step, row-major `[rows, vocab]`.

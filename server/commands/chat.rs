@@ -80,6 +80,10 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                 ids.remove(0); // the template wrote BOS itself
             }
         }
+        anyhow::ensure!(
+            !ids.is_empty(),
+            "the chat template rendered an empty prompt"
+        );
         let common = cached
             .iter()
             .zip(&ids)

@@ -121,8 +121,8 @@ impl<'w> ReferenceExecutor<'w> {
             Operand::Weight(_) => unreachable!("no i32 weights"),
         };
         let weight = |o: Operand| match o {
-            Operand::Weight(w) => Ok(self.weights[w.0 as usize]),
-            Operand::Value(_) => Err(ExecError::Unsupported(DType::F32)),
+            Operand::Weight(w) => self.weights[w.0 as usize],
+            Operand::Value(_) => unreachable!("the verifier checked that this operand is a weight"),
         };
         let f32_value = |shape: Vec<usize>, data: Vec<f32>| Ok(Value::F32 { shape, data });
         match &node.op {
@@ -131,7 +131,7 @@ impl<'w> ReferenceExecutor<'w> {
                 _ => positions.to_vec(),
             })),
             Op::Embed => {
-                let table = weight(ops[0])?;
+                let table = weight(ops[0]);
                 let d = table.row_elems();
                 let mut data = vec![0f32; tokens.len() * d];
                 for (row, &id) in data.chunks_exact_mut(d).zip(&i32_operand(ops[1])) {
@@ -151,7 +151,7 @@ impl<'w> ReferenceExecutor<'w> {
                 f32_value(value_shape(ops[0]), kernels::rms_norm(&x, &w, *eps))
             }
             Op::MatMul => {
-                let w = weight(ops[1])?;
+                let w = weight(ops[1]);
                 let mut shape = value_shape(ops[0]);
                 let k = *shape.last().expect("rank >= 1");
                 let data = kernels::matmul(&self.f32_operand(values, ops[0]), k, &w);
@@ -249,6 +249,9 @@ impl<'w> ReferenceExecutor<'w> {
 
 impl Engine for ReferenceExecutor<'_> {
     fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError> {
+        if tokens.is_empty() {
+            return Err(ExecError::EmptyInput);
+        }
         if start > self.cached {
             return Err(ExecError::PositionGap {
                 start,
@@ -267,7 +270,7 @@ impl Engine for ReferenceExecutor<'_> {
         for id in ids {
             let value = self.eval(id, &values, tokens, &positions)?;
             values[id.index()] = Some(value);
-            for operand in self.graph.node(id).operands.clone() {
+            for &operand in &self.graph.node(id).operands {
                 if let Operand::Value(src) = operand {
                     if self.last_use[src.index()] == id.index() {
                         values[src.index()] = None;
