@@ -4,6 +4,7 @@ use super::sampling::SamplingArgs;
 use crate::model::Model;
 use anyhow::Result;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use kiln_runtime::generate::generate;
 use kiln_runtime::tokenizer::StreamDecoder;
 use kiln_runtime::Sampler;
@@ -39,6 +40,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut sampler = Sampler::new(sampler_config);
     let mut stdout = std::io::stdout().lock();
     let mut stream = StreamDecoder::default();
+    // In JSON mode nothing streams to stdout, so progress goes to stderr (drawn only on a terminal).
+    let bar = match args.json {
+        true => ProgressBar::new(args.max_tokens as u64).with_style(
+            ProgressStyle::with_template("generating [{bar:30}] {pos}/{len} tokens, {per_sec}")
+                .expect("valid template"),
+        ),
+        false => ProgressBar::hidden(),
+    };
     let started = std::time::Instant::now();
     let result = generate(
         &mut engine,
@@ -48,6 +57,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         0,
         args.max_tokens,
         |id| {
+            bar.inc(1);
             if !args.json {
                 let text = tokenizer
                     .token_bytes(id)
@@ -58,6 +68,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
         },
     )?;
+    bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(tokens = result.ids.len(), seconds, finish = ?result.finish, "generated");
     if args.json {
