@@ -173,6 +173,8 @@ fn malformed_files_give_precise_errors() {
         ("unsupported type", valid().tensor("t", &[32], 16, 64, &[0; 16]).bytes(), "tensor `t` type: type 16 (IQ2_XXS) is not supported"),
         ("partial block", valid().tensor("t", &[33], 2, 64, &[0; 18]).bytes(), "tensor `t` dims: [33] is not a whole number of q4_0 blocks of 32"),
         ("size overflow", valid().tensor("t", &[1 << 40, 1 << 40], 0, 64, &[]).bytes(), "or overflows"),
+        // Found by the fuzzer: the byte count of one row overflowing (elements alone fit in usize).
+        ("row bytes overflow", valid().tensor("t", &[1 << 62], 0, 64, &[]).bytes(), "[4611686018427387904] is not a whole number of f32 blocks of 1 or overflows"),
         ("misaligned offset", valid().tensor("t", &[4], 0, 65, &[0; 16]).bytes(), "tensor `t` offset: 65 is not a multiple of the alignment 32"),
         ("out of range", valid().tensor("t", &[1 << 20], 0, 64, &[]).bytes(), "tensor `t` data: 4194304 bytes at data offset 64 run past the end of the file"),
         ("overlap", valid().tensor("t", &[4], 0, 32, &[]).bytes(), "overlaps tensor"),
@@ -217,4 +219,20 @@ fn missing_file_names_the_path() {
         err.starts_with("cannot read /nonexistent/model.gguf: "),
         "{err}"
     );
+}
+
+/// Inputs the fuzzer once crashed on (kept in `tests/fixtures/fuzz-*.gguf`): each must now be a clean error.
+#[test]
+fn past_fuzz_findings_are_errors() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("fuzz-") {
+            let err = GgufFile::open(&path).err().unwrap_or_else(|| panic!("{} was accepted", path.display()));
+            assert!(matches!(err, GgufError::Malformed { .. }), "{}: {err}", path.display());
+            seen += 1;
+        }
+    }
+    assert!(seen > 0);
 }

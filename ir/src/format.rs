@@ -140,12 +140,14 @@ impl QuantFormat {
         self.info().block_bytes
     }
 
-    /// Bytes taken by a row of `elems` elements, or `None` when `elems` is not a whole number of blocks.
+    /// Bytes taken by a row of `elems` elements, or `None` when `elems` is not a whole number of blocks or the
+    /// byte count overflows.
     pub fn row_bytes(self, elems: usize) -> Option<usize> {
         let info = self.info();
-        elems
-            .is_multiple_of(info.block_elems)
-            .then(|| elems / info.block_elems * info.block_bytes)
+        if !elems.is_multiple_of(info.block_elems) {
+            return None;
+        }
+        (elems / info.block_elems).checked_mul(info.block_bytes)
     }
 
     /// Whether this is a plain floating-point format (one element per block).
