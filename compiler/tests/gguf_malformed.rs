@@ -228,9 +228,20 @@ fn past_fuzz_findings_are_errors() {
     let mut seen = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_string_lossy().starts_with("fuzz-") {
-            let err = GgufFile::open(&path).err().unwrap_or_else(|| panic!("{} was accepted", path.display()));
-            assert!(matches!(err, GgufError::Malformed { .. }), "{}: {err}", path.display());
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("fuzz-")
+        {
+            let err = GgufFile::open(&path)
+                .err()
+                .unwrap_or_else(|| panic!("{} was accepted", path.display()));
+            assert!(
+                matches!(err, GgufError::Malformed { .. }),
+                "{}: {err}",
+                path.display()
+            );
             seen += 1;
         }
     }

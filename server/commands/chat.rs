@@ -1,14 +1,14 @@
 //! `kiln chat MODEL`: an interactive conversation using the model's chat template.
 
 use super::sampling::SamplingArgs;
+use super::TokenPrinter;
 use crate::model::Model;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_runtime::chat::{ChatError, ChatTemplate, Message};
 use kiln_runtime::generate::generate;
-use kiln_runtime::tokenizer::StreamDecoder;
 use kiln_runtime::{Engine, Sampler};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -64,7 +64,6 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     // Tokens already in the KV cache: a new turn only evaluates what differs from them.
     let mut cached: Vec<u32> = Vec::new();
     let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
     eprintln!("kiln chat: type a message and press Enter; an empty line or end of input quits.");
     loop {
         eprint!("> ");
@@ -97,7 +96,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                 engine.max_context()
             );
         }
-        let mut stream = StreamDecoder::default();
+        let mut printer = TokenPrinter::new(tokenizer);
         let generation = generate(
             &mut engine,
             tokenizer,
@@ -105,15 +104,9 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             &ids[common..],
             common,
             args.max_tokens,
-            |id| {
-                let text = tokenizer
-                    .token_bytes(id)
-                    .map(|b| stream.push(&b))
-                    .unwrap_or_default();
-                let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
-            },
+            |id| printer.token(id),
         )?;
-        writeln!(stdout, "{}", stream.finish())?;
+        printer.finish()?;
         cached = ids;
         cached.extend(&generation.ids);
         messages.push(Message::new(

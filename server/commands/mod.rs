@@ -6,3 +6,39 @@ pub mod perplexity;
 pub mod run;
 pub mod sampling;
 pub mod tokenize;
+
+use kiln_runtime::tokenizer::StreamDecoder;
+use kiln_runtime::Tokenizer;
+use std::io::Write;
+
+/// Writes generated tokens to stdout as text as they come, holding back incomplete UTF-8 sequences.
+pub struct TokenPrinter<'t> {
+    tokenizer: &'t Tokenizer,
+    stream: StreamDecoder,
+    stdout: std::io::Stdout,
+}
+
+impl<'t> TokenPrinter<'t> {
+    pub fn new(tokenizer: &'t Tokenizer) -> Self {
+        TokenPrinter {
+            tokenizer,
+            stream: StreamDecoder::default(),
+            stdout: std::io::stdout(),
+        }
+    }
+
+    pub fn token(&mut self, id: u32) {
+        let text = self
+            .tokenizer
+            .token_bytes(id)
+            .map(|b| self.stream.push(&b))
+            .unwrap_or_default();
+        // A closed stdout (e.g. piped to `head`) ends the output, not the generation.
+        let _ = write!(self.stdout, "{text}").and_then(|_| self.stdout.flush());
+    }
+
+    /// Prints what is held back, and a newline.
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        writeln!(self.stdout, "{}", self.stream.finish())
+    }
+}

@@ -1,14 +1,13 @@
 //! `kiln run MODEL -p PROMPT`: generate a continuation.
 
 use super::sampling::SamplingArgs;
+use super::TokenPrinter;
 use crate::model::Model;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_runtime::generate::generate;
-use kiln_runtime::tokenizer::StreamDecoder;
 use kiln_runtime::Sampler;
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -38,8 +37,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let prompt_ids = tokenizer.encode(&args.prompt, true);
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
     let mut sampler = Sampler::new(sampler_config);
-    let mut stdout = std::io::stdout().lock();
-    let mut stream = StreamDecoder::default();
+    let mut printer = TokenPrinter::new(tokenizer);
     // In JSON mode nothing streams to stdout, so progress goes to stderr (drawn only on a terminal).
     let bar = match args.json {
         true => ProgressBar::new(args.max_tokens as u64).with_style(
@@ -59,12 +57,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         |id| {
             bar.inc(1);
             if !args.json {
-                let text = tokenizer
-                    .token_bytes(id)
-                    .map(|b| stream.push(&b))
-                    .unwrap_or_default();
-                // A closed stdout (e.g. piped to `head`) ends output, not generation's correctness.
-                let _ = write!(stdout, "{text}").and_then(|_| stdout.flush());
+                printer.token(id);
             }
         },
     )?;
@@ -79,7 +72,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             serde_json::json!({ "prompt_ids": prompt_ids, "ids": result.ids, "text": text, "top_logits": top })
         );
     } else {
-        writeln!(stdout, "{}", stream.finish())?;
+        printer.finish()?;
     }
     Ok(())
 }

@@ -46,6 +46,29 @@ fn strings(gguf: &GgufFile, key: &str) -> Result<Vec<String>, LowerError> {
         .collect()
 }
 
+/// An optional array with one entry per token, each converted by `parse` (`None`: not `what`).
+fn per_token<T>(
+    gguf: &GgufFile,
+    key: &str,
+    n_tokens: usize,
+    what: &str,
+    parse: impl Fn(&MetaValue) -> Option<T>,
+) -> Result<Option<Vec<T>>, LowerError> {
+    let Some(items) = array(gguf, key)? else {
+        return Ok(None);
+    };
+    if items.len() != n_tokens {
+        return Err(meta_error(
+            key,
+            format!("{} entries for {n_tokens} tokens", items.len()),
+        ));
+    }
+    let values = items
+        .iter()
+        .map(|v| parse(v).ok_or_else(|| meta_error(key, format!("must hold {what}"))));
+    values.collect::<Result<_, _>>().map(Some)
+}
+
 fn token_id(gguf: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<u32>, LowerError> {
     match gguf.get(key) {
         None => Ok(None),
@@ -88,40 +111,14 @@ pub fn read(gguf: &GgufFile, arch: &str, hp: &Hyperparameters) -> Result<ModelIn
         return Err(meta_error("tokenizer.ggml.tokens", "missing or empty"));
     }
     let n = tokens.len();
-    let token_types = match array(gguf, "tokenizer.ggml.token_type")? {
-        None => vec![TokenType::Normal; n],
-        Some(items) if items.len() == n => items
-            .iter()
-            .map(|v| {
-                v.as_i64()
-                    .map(|t| TokenType::from_gguf(t as i32))
-                    .ok_or_else(|| meta_error("tokenizer.ggml.token_type", "must hold integers"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(items) => {
-            return Err(meta_error(
-                "tokenizer.ggml.token_type",
-                format!("{} entries for {n} tokens", items.len()),
-            ))
-        }
-    };
-    let scores = match array(gguf, "tokenizer.ggml.scores")? {
-        None => Vec::new(),
-        Some(items) if items.len() == n => items
-            .iter()
-            .map(|v| {
-                v.as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| meta_error("tokenizer.ggml.scores", "must hold numbers"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(items) => {
-            return Err(meta_error(
-                "tokenizer.ggml.scores",
-                format!("{} entries for {n} tokens", items.len()),
-            ))
-        }
-    };
+    let token_types = per_token(gguf, "tokenizer.ggml.token_type", n, "integers", |v| {
+        v.as_i64().map(|t| TokenType::from_gguf(t as i32))
+    })?
+    .unwrap_or_else(|| vec![TokenType::Normal; n]);
+    let scores = per_token(gguf, "tokenizer.ggml.scores", n, "numbers", |v| {
+        v.as_f64().map(|x| x as f32)
+    })?
+    .unwrap_or_default();
     let merges = strings(gguf, "tokenizer.ggml.merges")?;
     if kind == TokenizerKind::BytePairGpt2 && merges.is_empty() {
         return Err(meta_error(

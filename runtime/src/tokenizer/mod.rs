@@ -106,6 +106,14 @@ impl Tokenizer {
         self.spec.tokens.get(id as usize).map(String::as_str)
     }
 
+    fn token_type(&self, id: u32) -> TokenType {
+        self.spec
+            .token_types
+            .get(id as usize)
+            .copied()
+            .unwrap_or(TokenType::Normal)
+    }
+
     pub fn bos(&self) -> Option<u32> {
         self.spec.bos
     }
@@ -197,13 +205,7 @@ impl Tokenizer {
     /// The bytes a token stands for. Control tokens render as nothing (they are markup, not text).
     pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>, TokenizerError> {
         let text = self.token_text(id).ok_or(TokenizerError::BadId(id))?;
-        let ty = self
-            .spec
-            .token_types
-            .get(id as usize)
-            .copied()
-            .unwrap_or(TokenType::Normal);
-        Ok(match (ty, &self.model) {
+        Ok(match (self.token_type(id), &self.model) {
             (TokenType::Control, _) => Vec::new(),
             (TokenType::UserDefined, _) => text.as_bytes().to_vec(),
             (TokenType::Byte, _) => parse_byte_token(text).map(|b| vec![b]).unwrap_or_default(),
@@ -226,13 +228,7 @@ impl Tokenizer {
 
     /// The token's text for display: byte-level characters decoded, `▁` as a space, control tokens verbatim.
     pub fn piece(&self, id: u32) -> Result<String, TokenizerError> {
-        let ty = self
-            .spec
-            .token_types
-            .get(id as usize)
-            .copied()
-            .unwrap_or(TokenType::Normal);
-        if ty == TokenType::Control {
+        if self.token_type(id) == TokenType::Control {
             return Ok(self
                 .token_text(id)
                 .ok_or(TokenizerError::BadId(id))?
