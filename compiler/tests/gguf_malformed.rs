@@ -57,11 +57,13 @@ impl Builder {
         }
         self.infos.extend(type_id.to_le_bytes());
         self.infos.extend(offset.to_le_bytes());
-        let end = offset as usize + data.len();
-        if self.data.len() < end {
-            self.data.resize(end, 0);
+        if !data.is_empty() {
+            let end = offset as usize + data.len();
+            if self.data.len() < end {
+                self.data.resize(end, 0);
+            }
+            self.data[offset as usize..end].copy_from_slice(data);
         }
-        self.data[offset as usize..end].copy_from_slice(data);
         self.n_tensors += 1;
         self
     }
@@ -177,6 +179,8 @@ fn malformed_files_give_precise_errors() {
         ("row bytes overflow", valid().tensor("t", &[1 << 62], 0, 64, &[]).bytes(), "[4611686018427387904] is not a whole number of f32 blocks of 1 or overflows"),
         ("misaligned offset", valid().tensor("t", &[4], 0, 65, &[0; 16]).bytes(), "tensor `t` offset: 65 is not a multiple of the alignment 32"),
         ("out of range", valid().tensor("t", &[1 << 20], 0, 64, &[]).bytes(), "tensor `t` data: 4194304 bytes at data offset 64 run past the end of the file"),
+        // Found by the fuzzer: an offset near u64::MAX overflowed while reporting the error.
+        ("huge offset", valid().tensor("t", &[4], 0, u64::MAX - 31, &[]).bytes(), "malformed GGUF at byte 18446744073709551615: tensor `t` data: 16 bytes at data offset 18446744073709551584 run past the end"),
         ("overlap", valid().tensor("t", &[4], 0, 32, &[]).bytes(), "overlaps tensor"),
         ("duplicate tensor", valid().tensor("a", &[4], 0, 64, &[0; 16]).bytes(), "tensor `a` name: duplicate tensor name"),
         ("truncated data", { let b = valid().bytes(); b[..b.len() - 1].to_vec() }, "tensor `b` data: 16 bytes at data offset 32 run past the end of the file (47 data bytes)"),

@@ -266,18 +266,20 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
     let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
     by_offset.sort_by_key(|t| t.offset);
     for (i, t) in by_offset.iter().enumerate() {
+        // Where the tensor's data would start in the file, for messages (it may lie far past the end).
+        let at = data_offset.saturating_add(t.offset);
         if t.offset
             .checked_add(t.size)
             .is_none_or(|end| end > data_len)
         {
-            return Err(malformed(data_offset + t.offset, format!("tensor `{}` data", t.name), format!(
+            return Err(malformed(at, format!("tensor `{}` data", t.name), format!(
                 "{} bytes at data offset {} run past the end of the file ({data_len} data bytes)", t.size, t.offset
             )));
         }
         if let Some(next) = by_offset.get(i + 1) {
             if t.offset + t.size > next.offset {
                 return Err(malformed(
-                    data_offset + t.offset,
+                    at,
                     format!("tensor `{}` data", t.name),
                     format!(
                         "overlaps tensor `{}` at data offset {}",
