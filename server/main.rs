@@ -19,7 +19,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show a model's metadata and tensors, or its lowered IR (--ir).
+    /// Compile a GGUF model into a plan file.
+    Compile(commands::compile::CompileArgs),
+    /// Show what a model or plan holds (metadata, tensors, sections), or its IR (--ir).
     Inspect(commands::inspect::InspectArgs),
     /// Show the token ids (and pieces) of a text.
     Tokenize(commands::tokenize::TokenizeArgs),
@@ -32,6 +34,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other command-line tools, end quietly when the reader of stdout goes away (`kiln inspect M | head`)
+    // instead of failing a write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -41,6 +50,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match &cli.command {
+        Command::Compile(args) => commands::compile::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),
         Command::Run(args) => commands::run::run(args),

@@ -1,49 +1,106 @@
-//! Opening a model for the commands: read, lower, build the tokenizer.
+//! Opening a model for the commands: a GGUF (read and lowered now) or a compiled plan.
 
 use anyhow::{Context, Result};
-use kiln_compiler::{lower, GgufFile, Lowered};
+use kiln_compiler::{lower, GgufFile};
+use kiln_ir::model::ModelInfo;
+use kiln_ir::weights::WeightSource;
+use kiln_ir::Graph;
+use kiln_runtime::plan::PlanFile;
 use kiln_runtime::{ReferenceExecutor, Tokenizer};
 use std::path::Path;
 use std::time::Instant;
 
+/// What a model file is, told by its first bytes (not its name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    Gguf,
+    Plan,
+}
+
+impl FileKind {
+    pub fn detect(path: &Path) -> Result<Self> {
+        let mut magic = [0u8; 8];
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = std::io::Read::read(&mut file, &mut magic)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if magic[..n].starts_with(b"GGUF") && n >= 4 {
+            Ok(FileKind::Gguf)
+        } else if n == 8 && magic == kiln_ir::plan::MAGIC {
+            Ok(FileKind::Plan)
+        } else {
+            anyhow::bail!(
+                "{} is neither a GGUF model nor a kiln plan (it starts with {:?})",
+                path.display(),
+                &magic[..n]
+            )
+        }
+    }
+}
+
+/// Where the weights live.
+pub enum Source {
+    Gguf(GgufFile),
+    Plan(PlanFile),
+}
+
 pub struct Model {
-    pub gguf: GgufFile,
-    pub lowered: Lowered,
+    pub source: Source,
+    pub graph: Graph,
+    pub info: ModelInfo,
     pub tokenizer: Tokenizer,
 }
 
 impl Model {
+    /// Opens a `.gguf` model or a `.plan` (told apart by their first bytes, not the file name).
     pub fn open(path: &Path) -> Result<Self> {
         let started = Instant::now();
-        let gguf = GgufFile::open(path)?;
-        let lowered = lower(&gguf).with_context(|| format!("cannot lower {}", path.display()))?;
-        let tokenizer = Tokenizer::new(&lowered.info.tokenizer)
+        let (source, graph, info) = if FileKind::detect(path)? == FileKind::Plan {
+            let plan =
+                PlanFile::open(path).with_context(|| format!("cannot load {}", path.display()))?;
+            let (graph, info) = (plan.graph.clone(), plan.meta.model.clone());
+            (Source::Plan(plan), graph, info)
+        } else {
+            let gguf = GgufFile::open(path)?;
+            let lowered =
+                lower(&gguf).with_context(|| format!("cannot lower {}", path.display()))?;
+            (Source::Gguf(gguf), lowered.graph, lowered.info)
+        };
+        let tokenizer = Tokenizer::new(&info.tokenizer)
             .with_context(|| format!("cannot build the tokenizer of {}", path.display()))?;
         tracing::info!(
             model = %path.display(),
-            architecture = %lowered.info.architecture,
-            nodes = lowered.graph.len(),
+            architecture = %info.architecture,
+            nodes = graph.len(),
             ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
         Ok(Model {
-            gguf,
-            lowered,
+            source,
+            graph,
+            info,
             tokenizer,
         })
+    }
+
+    pub fn weights(&self) -> &dyn WeightSource {
+        match &self.source {
+            Source::Gguf(gguf) => gguf,
+            Source::Plan(plan) => plan,
+        }
     }
 
     /// A reference executor over this model's weights, for sequences of up to `ctx` positions
     /// (0: the model's trained context length, capped at 4096 to keep the KV cache small).
     pub fn executor(&self, ctx: usize) -> Result<ReferenceExecutor<'_>> {
         let ctx = if ctx == 0 {
-            self.lowered.info.context_length.min(4096)
+            self.info.context_length.min(4096)
         } else {
             ctx
         };
         Ok(ReferenceExecutor::new(
-            self.lowered.graph.clone(),
-            &self.gguf,
+            self.graph.clone(),
+            self.weights(),
             ctx,
         )?)
     }

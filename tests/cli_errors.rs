@@ -61,7 +61,7 @@ fn not_a_gguf() {
     let path = temp_file("text.gguf", b"hello, this is not a model");
     assert_one_line_error(
         &["tokenize", path.to_str().unwrap(), "hi"],
-        "not a GGUF file: magic is [104, 101, 108, 108] at byte 0",
+        "text.gguf is neither a GGUF model nor a kiln plan (it starts with [104, 101, 108, 108, 111, 44, 32, 116])",
     );
 }
 

@@ -2,6 +2,7 @@
 
 pub mod gguf;
 pub mod lower;
+pub mod plan_writer;
 
 pub use gguf::{GgufError, GgufFile};
 pub use lower::{lower, LowerError, Lowered};

@@ -5,10 +5,12 @@
 
 pub mod activation;
 pub mod dequant;
+pub mod dot;
 pub mod format;
 pub mod graph;
 pub mod model;
 pub mod op;
+pub mod plan;
 pub mod text;
 pub mod types;
 pub mod verify;

@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod engine;
 pub mod generate;
+pub mod plan;
 pub mod reference;
 pub mod sampler;
 pub mod tokenizer;

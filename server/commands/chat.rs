@@ -38,7 +38,6 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?,
         None => model
-            .lowered
             .info
             .chat_template
             .clone()

@@ -1,16 +1,17 @@
-//! `kiln inspect MODEL`: metadata, tensor table, and the lowered IR with `--ir`.
+//! `kiln inspect MODEL|PLAN`: what a model or plan holds, or its IR with `--ir`.
 
-use crate::model::Model;
+use crate::model::{FileKind, Model};
 use anyhow::Result;
 use clap::Args;
 use kiln_compiler::GgufFile;
-use std::path::PathBuf;
+use kiln_runtime::plan::PlanFile;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A GGUF model.
+    /// A GGUF model or a compiled plan.
     pub model: PathBuf,
-    /// Print the lowered IR graph (text form) instead of the tables.
+    /// Print the IR graph (text form) instead of the tables: the lowered graph of a GGUF, the compiled graph of a plan.
     #[arg(long)]
     pub ir: bool,
 }
@@ -18,13 +19,68 @@ pub struct InspectArgs {
 pub fn run(args: &InspectArgs) -> Result<()> {
     if args.ir {
         let model = Model::open(&args.model)?;
-        print!("{}", kiln_ir::text::print(&model.lowered.graph));
+        print!("{}", kiln_ir::text::print(&model.graph));
         return Ok(());
     }
-    let gguf = GgufFile::open(&args.model)?;
+    match FileKind::detect(&args.model)? {
+        FileKind::Plan => inspect_plan(&args.model),
+        FileKind::Gguf => inspect_gguf(&args.model),
+    }
+}
+
+fn inspect_plan(path: &Path) -> Result<()> {
+    let plan = PlanFile::open(path)?;
+    let meta = &plan.meta;
+    println!(
+        "{}: kiln plan, format version {}, {} bytes",
+        path.display(),
+        kiln_ir::plan::FORMAT_VERSION,
+        plan.file_size()
+    );
+    println!("  compiled by  kiln {}", meta.compiler);
+    println!("  target       {}", meta.target);
+    println!(
+        "  model        {} ({})",
+        meta.model.name.as_deref().unwrap_or("unnamed"),
+        meta.model.architecture
+    );
+    println!(
+        "  graph        {} nodes, {} weights",
+        plan.graph.len(),
+        plan.graph.weights().len()
+    );
+    println!("\nsections:");
+    println!(
+        "  {:12}  {:>12}  {:>12}  checksum (xxh3)",
+        "name", "offset", "bytes"
+    );
+    for (name, offset, len, checksum) in plan.sections() {
+        println!("  {name:12}  {offset:>12}  {len:>12}  {checksum:016x}");
+    }
+    println!("\nweights ({}):", plan.weight_entries().len());
+    let width = plan
+        .weight_entries()
+        .iter()
+        .map(|w| w.name.len())
+        .max()
+        .unwrap_or(0);
+    for w in plan.weight_entries() {
+        println!(
+            "  {:width$}  {:6}  {:16}  {:>12}",
+            w.name,
+            w.format.name(),
+            format!("{:?}", w.shape),
+            w.len
+        );
+    }
+    Ok(())
+}
+
+fn inspect_gguf(path: &Path) -> Result<()> {
+    let gguf = GgufFile::open(path)?;
     println!(
         "{}: GGUF v{}, {} bytes, alignment {}",
-        args.model.display(),
+        path.display(),
         gguf.version,
         gguf.file_size(),
         gguf.alignment
@@ -52,15 +108,15 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     );
     let mut total = 0;
     for t in gguf.tensors() {
-        let shape = format!("{:?}", t.shape);
         println!(
-            "  {:width$}  {:6}  {shape:16}  {:>12}",
+            "  {:width$}  {:6}  {:16}  {:>12}",
             t.name,
             t.format.name(),
+            format!("{:?}", t.shape),
             t.size
         );
         total += t.size;
     }
-    println!("\n{} tensor bytes", total);
+    println!("\n{total} tensor bytes");
     Ok(())
 }

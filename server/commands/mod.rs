@@ -1,6 +1,7 @@
 //! One module per `kiln` subcommand.
 
 pub mod chat;
+pub mod compile;
 pub mod inspect;
 pub mod perplexity;
 pub mod run;

@@ -1,0 +1,167 @@
+//! Writes plan files (format: `kiln_ir::plan`).
+
+use kiln_ir::plan::{
+    self, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES, HEADER_BYTES,
+};
+use kiln_ir::weights::WeightSource;
+use kiln_ir::Graph;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanWriteError {
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("weight `{0}` is declared by the graph but missing from the model")]
+    MissingWeight(String),
+}
+
+/// What was written.
+pub struct PlanSummary {
+    pub bytes: u64,
+    pub weights: usize,
+    pub weight_bytes: u64,
+}
+
+/// Writes `graph`, its metadata and every weight it declares to `path`. The file appears only when complete:
+/// it is written beside the destination and renamed. `on_weight_bytes(done, total)` reports progress.
+pub fn write_plan(
+    path: &Path,
+    meta: &PlanMeta,
+    graph: &Graph,
+    weights: &dyn WeightSource,
+    mut on_weight_bytes: impl FnMut(u64, u64),
+) -> Result<PlanSummary, PlanWriteError> {
+    let mut index = Vec::with_capacity(graph.weights().len());
+    let mut cursor = 0;
+    for decl in graph.weights() {
+        let view = weights
+            .weight(&decl.name)
+            .ok_or_else(|| PlanWriteError::MissingWeight(decl.name.clone()))?;
+        let offset = plan::align_up(cursor);
+        index.push(WeightEntry {
+            name: decl.name.clone(),
+            format: view.format,
+            shape: view.shape.to_vec(),
+            offset,
+            len: view.data.len(),
+        });
+        cursor = offset + view.data.len();
+    }
+    let weights_len = cursor;
+    let meta_json = serde_json::to_vec(meta).expect("plan metadata serializes");
+    let graph_text = kiln_ir::text::print(graph).into_bytes();
+    let index_json = serde_json::to_vec(&index).expect("weight index serializes");
+
+    let tmp = temp_path(path);
+    let written = write_sections(
+        &tmp,
+        &index,
+        weights_len,
+        [&meta_json, &graph_text, &index_json],
+        weights,
+        &mut on_weight_bytes,
+    );
+    let bytes = match written {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, path).map_err(|source| PlanWriteError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(PlanSummary {
+        bytes,
+        weights: index.len(),
+        weight_bytes: weights_len as u64,
+    })
+}
+
+/// Writes the whole file at `tmp`; returns its length.
+fn write_sections(
+    tmp: &Path,
+    index: &[WeightEntry],
+    weights_len: usize,
+    [meta_json, graph_text, index_json]: [&Vec<u8>; 3],
+    weights: &dyn WeightSource,
+    on_weight_bytes: &mut impl FnMut(u64, u64),
+) -> Result<u64, PlanWriteError> {
+    let io = |source| PlanWriteError::Io {
+        path: tmp.display().to_string(),
+        source,
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+    let table_len = HEADER_BYTES + SectionKind::ALL.len() * ENTRY_BYTES;
+    out.write_all(&vec![0u8; plan::align_up(table_len)])
+        .map_err(io)?;
+    let mut pos = plan::align_up(table_len);
+    let mut entries = Vec::new();
+    for (kind, bytes) in [
+        (SectionKind::Meta, meta_json),
+        (SectionKind::Graph, graph_text),
+        (SectionKind::WeightIndex, index_json),
+    ] {
+        out.write_all(bytes).map_err(io)?;
+        entries.push(SectionEntry {
+            kind: kind as u32,
+            offset: pos as u64,
+            len: bytes.len() as u64,
+            checksum: plan::checksum(bytes),
+        });
+        pos += bytes.len();
+        pos = pad_to_alignment(&mut out, pos).map_err(io)?;
+    }
+    // Weights: streamed from the source (an mmap) and hashed on the way.
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let start = pos;
+    for entry in index {
+        let padding = vec![0u8; start + entry.offset - pos];
+        hasher.update(&padding);
+        out.write_all(&padding).map_err(io)?;
+        let data = weights.weight(&entry.name).expect("looked up above").data;
+        hasher.update(data);
+        out.write_all(data).map_err(io)?;
+        pos = start + entry.offset + data.len();
+        on_weight_bytes((pos - start) as u64, weights_len as u64);
+    }
+    entries.push(SectionEntry {
+        kind: SectionKind::Weights as u32,
+        offset: start as u64,
+        len: weights_len as u64,
+        checksum: hasher.digest(),
+    });
+
+    let table: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
+    let prefix = plan::header_prefix(entries.len() as u32);
+    let mut header = prefix.to_vec();
+    header.extend(plan::table_checksum(&prefix, &table).to_le_bytes());
+    header.extend(0u64.to_le_bytes());
+    header.extend(&table);
+    out.seek(SeekFrom::Start(0)).map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(pos as u64)
+}
+
+fn pad_to_alignment(out: &mut impl Write, pos: usize) -> std::io::Result<usize> {
+    let aligned = plan::align_up(pos);
+    out.write_all(&[0u8; ALIGN][..aligned - pos])?;
+    Ok(aligned)
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}

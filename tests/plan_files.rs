@@ -1,0 +1,260 @@
+//! Plan files: compiled once, they give exactly what the GGUF gives, and every corruption is a clear error.
+
+mod common;
+
+use common::{kiln, kiln_ok, model};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// SmolLM2 compiled once for the whole test binary.
+fn smollm2_plan() -> Option<PathBuf> {
+    static PLAN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PLAN.get_or_init(|| {
+        let gguf = model("smollm2")?;
+        let plan =
+            std::env::temp_dir().join(format!("kiln-test-{}-smollm2.plan", std::process::id()));
+        kiln_ok(&[
+            "compile",
+            gguf.to_str().unwrap(),
+            "-o",
+            plan.to_str().unwrap(),
+        ]);
+        Some(plan)
+    })
+    .clone()
+}
+
+#[test]
+fn plan_runs_exactly_like_the_gguf() {
+    let (Some(gguf), Some(plan)) = (model("smollm2"), smollm2_plan()) else {
+        return;
+    };
+    let run = |path: &Path| {
+        kiln_ok(&[
+            "run",
+            path.to_str().unwrap(),
+            "-p",
+            "The capital of France is",
+            "-n",
+            "16",
+            "--temp",
+            "0",
+            "--json",
+        ])
+    };
+    // Same ids and the same logits, bit for bit (the JSON prints every f32 exactly).
+    assert_eq!(run(&plan), run(&gguf));
+    let ppl = |path: &Path| {
+        kiln_ok(&[
+            "perplexity",
+            path.to_str().unwrap(),
+            "--file",
+            "/usr/share/common-licenses/GPL-3",
+            "--ctx",
+            "128",
+            "--chunks",
+            "2",
+            "--json",
+        ])
+    };
+    assert_eq!(ppl(&plan), ppl(&gguf));
+    let tokens = |path: &Path| {
+        kiln_ok(&[
+            "tokenize",
+            path.to_str().unwrap(),
+            "<|im_start|>user\nHello, world!<|im_end|>",
+            "--json",
+        ])
+    };
+    assert_eq!(tokens(&plan), tokens(&gguf));
+}
+
+#[test]
+fn inspect_shows_sections_and_ir() {
+    let Some(plan) = smollm2_plan() else { return };
+    let out = kiln_ok(&["inspect", plan.to_str().unwrap()]);
+    for want in [
+        "kiln plan, format version 1",
+        "target       cpu (",
+        "meta",
+        "graph",
+        "weight index",
+        "weights",
+        "token_embd.weight",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let ir = kiln_ok(&["inspect", "--ir", plan.to_str().unwrap()]);
+    assert!(
+        ir.starts_with("graph llama\n") && ir.contains("output logits = %"),
+        "{}",
+        &ir[..200]
+    );
+}
+
+fn copy_of_plan(name: &str) -> Option<PathBuf> {
+    let plan = smollm2_plan()?;
+    let copy = plan.with_file_name(format!("kiln-test-{}-{name}.plan", std::process::id()));
+    std::fs::copy(&plan, &copy).unwrap();
+    Some(copy)
+}
+
+fn load_error(path: &Path) -> String {
+    let out = kiln(&["inspect", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a damaged plan was accepted");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[b[0] ^ 0x5a]).unwrap();
+}
+
+#[test]
+fn every_flipped_byte_is_a_clear_error() {
+    let Some(path) = copy_of_plan("flips") else {
+        return;
+    };
+    let len = std::fs::metadata(&path).unwrap().len();
+    let sections: Vec<(String, u64, u64)> = kiln_ok(&["inspect", path.to_str().unwrap()])
+        .lines()
+        .skip_while(|l| !l.starts_with("sections:"))
+        .skip(2)
+        .take(4)
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let n = cols.len();
+            (
+                cols[..n - 3].join(" "),
+                cols[n - 3].parse().unwrap(),
+                cols[n - 2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(sections.len(), 4);
+    // The header and table, then the first, middle and last byte of each section, and padding.
+    let mut positions: Vec<u64> = vec![0, 7, 8, 12, 16, 24, 32, 40, 63, 100, 150, 160];
+    for (_, offset, size) in &sections {
+        positions.extend([*offset, offset + size / 2, offset + size - 1]);
+    }
+    positions.push(sections[0].1 + sections[0].2); // padding after the meta section
+    positions.push(len - 1);
+    for at in positions {
+        flip_byte(&path, at);
+        let err = load_error(&path);
+        let clear = [
+            "neither a GGUF model nor a kiln plan",
+            "plan format version",
+            "the plan is corrupted",
+            "the plan is truncated",
+        ];
+        assert!(clear.iter().any(|c| err.contains(c)), "byte {at}: {err}");
+        flip_byte(&path, at); // restore
+    }
+    kiln_ok(&["inspect", path.to_str().unwrap()]); // restored intact
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn truncated_plan_is_refused() {
+    let Some(path) = copy_of_plan("truncated") else {
+        return;
+    };
+    let len = std::fs::metadata(&path).unwrap().len();
+    for keep in [len - 1, len / 2, 100, 20] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(keep)
+            .unwrap();
+        let err = load_error(&path);
+        assert!(
+            err.contains("truncated") || err.contains("corrupted"),
+            "{keep}: {err}"
+        );
+    }
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn other_format_version_is_refused_with_advice() {
+    let Some(path) = copy_of_plan("version") else {
+        return;
+    };
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(8)).unwrap();
+    f.write_all(&2u32.to_le_bytes()).unwrap();
+    drop(f);
+    let err = load_error(&path);
+    assert!(err.contains("plan format version 2, but this kiln reads version 1: recompile the model with this kiln"), "{err}");
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn plan_for_another_target_is_refused() {
+    let Some(gguf_path) = model("smollm2") else {
+        return;
+    };
+    let gguf = kiln_compiler::GgufFile::open(&gguf_path).unwrap();
+    let lowered = kiln_compiler::lower(&gguf).unwrap();
+    let path = std::env::temp_dir().join(format!("kiln-test-{}-riscv.plan", std::process::id()));
+    let target = kiln_ir::plan::Target::Cpu {
+        arch: "riscv64".into(),
+        features: vec![],
+    };
+    let meta = kiln_ir::plan::PlanMeta {
+        compiler: "test".into(),
+        target,
+        model: lowered.info,
+    };
+    kiln_compiler::plan_writer::write_plan(&path, &meta, &lowered.graph, &gguf, |_, _| {}).unwrap();
+    let err = load_error(&path);
+    assert!(
+        err.contains("the plan was compiled for cpu (riscv64), which this host cannot run: this host is x86_64; compile it here with `kiln compile MODEL.gguf --target native`")
+            || !cfg!(target_arch = "x86_64"),
+        "{err}"
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn runtime_does_not_depend_on_the_compiler() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "kiln-runtime",
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tree.contains("kiln-ir"), "{tree}");
+    assert!(
+        !tree.contains("kiln-compiler"),
+        "kiln-runtime depends on kiln-compiler:\n{tree}"
+    );
+}
