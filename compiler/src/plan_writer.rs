@@ -97,7 +97,7 @@ fn write_sections(
         path: tmp.display().to_string(),
         source,
     };
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp).map_err(io)?);
     let table_len = HEADER_BYTES + SectionKind::ALL.len() * ENTRY_BYTES;
     out.write_all(&vec![0u8; plan::align_up(table_len)])
         .map_err(io)?;
