@@ -41,7 +41,7 @@ impl FileKind {
 /// Where the weights live.
 pub enum Source {
     Gguf(GgufFile),
-    Plan(PlanFile),
+    Plan(Box<PlanFile>),
 }
 
 pub struct Model {
@@ -59,7 +59,7 @@ impl Model {
             let plan =
                 PlanFile::open(path).with_context(|| format!("cannot load {}", path.display()))?;
             let (graph, info) = (plan.graph.clone(), plan.meta.model.clone());
-            (Source::Plan(plan), graph, info)
+            (Source::Plan(Box::new(plan)), graph, info)
         } else {
             let gguf = GgufFile::open(path)?;
             let lowered =
@@ -86,7 +86,7 @@ impl Model {
     pub fn weights(&self) -> &dyn WeightSource {
         match &self.source {
             Source::Gguf(gguf) => gguf,
-            Source::Plan(plan) => plan,
+            Source::Plan(plan) => plan.as_ref(),
         }
     }
 
