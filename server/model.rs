@@ -1,6 +1,7 @@
-//! Opening a model for the commands: a GGUF (read and lowered now) or a compiled plan.
+//! Opening a model for the commands: a GGUF (read, lowered and compiled in memory) or a compiled plan.
 
 use anyhow::{Context, Result};
+use kiln_compiler::passes::run_pipeline;
 use kiln_compiler::{lower, GgufFile};
 use kiln_ir::model::ModelInfo;
 use kiln_ir::weights::WeightSource;
@@ -64,7 +65,9 @@ impl Model {
             let gguf = GgufFile::open(path)?;
             let lowered =
                 lower(&gguf).with_context(|| format!("cannot lower {}", path.display()))?;
-            (Source::Gguf(gguf), lowered.graph, lowered.info)
+            // The same passes `kiln compile` runs, so a GGUF and its plan execute the same graph.
+            let graph = run_pipeline(lowered.graph, |_, _, _| {})?;
+            (Source::Gguf(gguf), graph, lowered.info)
         };
         let tokenizer = Tokenizer::new(&info.tokenizer)
             .with_context(|| format!("cannot build the tokenizer of {}", path.display()))?;

@@ -2,6 +2,7 @@
 
 pub mod gguf;
 pub mod lower;
+pub mod passes;
 pub mod plan_writer;
 
 pub use gguf::{GgufError, GgufFile};

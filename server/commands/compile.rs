@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln_compiler::passes::{pipeline, run_pipeline};
 use kiln_compiler::plan_writer::write_plan;
 use kiln_compiler::{lower, GgufFile};
 use kiln_ir::plan::{PlanMeta, Target};
@@ -36,16 +37,26 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let started = Instant::now();
     let gguf = GgufFile::open(&args.model)?;
     let lowered = lower(&gguf).with_context(|| format!("cannot lower {}", args.model.display()))?;
-    let graph = lowered.graph;
     eprintln!(
-        "lowered {} ({}): {} nodes, {} weights",
+        "lowered {} ({}): {} nodes",
         args.model.display(),
         lowered.info.architecture,
-        graph.len(),
-        graph.weights().len()
+        lowered.graph.len()
     );
+    let mut stages = vec![("00-lowered".to_string(), lowered.graph.clone())];
+    let graph = run_pipeline(lowered.graph, |i, name, graph| {
+        eprintln!("  pass {i:>2} {name:<14} {} nodes", graph.len());
+        if args.dump_ir.is_some() {
+            stages.push((format!("{i:02}-{name}"), graph.clone()));
+        }
+    })?;
     if let Some(dir) = &args.dump_ir {
-        dump_ir(dir, &[("00-lowered", &graph)])?;
+        dump_ir(dir, &stages)?;
+        eprintln!(
+            "wrote the IR after each of {} passes to {}",
+            pipeline().len(),
+            dir.display()
+        );
     }
     let target = match args.target {
         TargetArg::Cpu => Target::Cpu {
@@ -81,7 +92,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
 }
 
 /// Writes each stage's IR text, then the last stage as Graphviz dot and JSON.
-fn dump_ir(dir: &std::path::Path, stages: &[(&str, &kiln_ir::Graph)]) -> Result<()> {
+fn dump_ir(dir: &std::path::Path, stages: &[(String, kiln_ir::Graph)]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let write = |name: String, text: String| {
         let path = dir.join(name);

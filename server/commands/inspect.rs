@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 pub struct InspectArgs {
     /// A GGUF model or a compiled plan.
     pub model: PathBuf,
-    /// Print the IR graph (text form) instead of the tables: the lowered graph of a GGUF, the compiled graph of a plan.
+    /// Print the IR graph that runs (text form) instead of the tables: a plan's graph, or a GGUF's after the
+    /// compiler's passes (`kiln compile --dump-ir` shows every stage).
     #[arg(long)]
     pub ir: bool,
 }
