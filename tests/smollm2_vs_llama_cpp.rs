@@ -96,3 +96,29 @@ fn perplexity_within_1_5_percent_of_llama_cpp() {
         "kiln {ppl} vs llama.cpp {want}"
     );
 }
+
+/// All three tokenizers (byte-level BPE with the smollm and qwen2 pre-tokenizers, SentencePiece for Gemma)
+/// against llama.cpp on text with digits, code, whitespace runs, accents, CJK, emoji and special tokens.
+#[test]
+fn tokenizers_match_llama_cpp_on_hard_text() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/llama_cpp_tokens.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (name, cases) in fixture["models"].as_object().unwrap() {
+        let Some(model_path) = model(name) else {
+            continue;
+        };
+        for case in cases.as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let out: serde_json::Value = serde_json::from_str(&kiln_ok(&[
+                "tokenize",
+                model_path.to_str().unwrap(),
+                text,
+                "--json",
+            ]))
+            .unwrap();
+            assert_eq!(ids(&out["ids"]), ids(&case["ids"]), "{name}: {text:?}");
+        }
+    }
+}
