@@ -18,6 +18,6 @@ pub mod weights;
 
 pub use format::QuantFormat;
 pub use graph::{Graph, Node, NodeId, Operand, WeightDecl, WeightId};
-pub use op::{Op, RopeStyle};
+pub use op::{Activation, Op, RopeParams, RopeStyle};
 pub use types::{DType, Dim, TensorType};
 pub use verify::{verify, VerifyError};

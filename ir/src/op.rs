@@ -1,6 +1,8 @@
 //! The op set: one definition of each op, its operands, attributes and type rule.
 //!
-//! Ops are unfused here; fused ops join this enum (and so print, parse and verify like any other).
+//! The first group is what lowering produces. The second group is the fused ops the `fuse` pass makes: each is
+//! defined as exactly the composition of first-group ops written in its doc comment, so an executor may run it
+//! either way, and a fused kernel is checked against that composition.
 
 use crate::types::{DType, Dim, TensorType};
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,39 @@ impl RopeStyle {
         [RopeStyle::Interleaved, RopeStyle::Neox]
             .into_iter()
             .find(|r| r.name() == s)
+    }
+}
+
+/// Rotary position embedding over the first `dims` dims of each head: position p rotates pair i by the angle
+/// `p * freq_scale * base^(-2i/dims)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeParams {
+    pub base: f32,
+    pub dims: usize,
+    pub freq_scale: f32,
+    pub style: RopeStyle,
+}
+
+/// The gate activation of a gated FFN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation.
+    Gelu,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::Gelu => "gelu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Activation::Silu, Activation::Gelu]
+            .into_iter()
+            .find(|a| a.name() == s)
     }
 }
 
@@ -55,14 +90,8 @@ pub enum Op {
     Gelu,
     /// Same elements, new shape (given by the result type).
     Reshape,
-    /// Rotary position embedding over the first `dims` dims of each head of `x[tokens, heads, head_dim]`.
-    /// Position p rotates pair i by the angle `p * freq_scale * base^(-2i/dims)`.
-    Rope {
-        base: f32,
-        dims: usize,
-        freq_scale: f32,
-        style: RopeStyle,
-    },
+    /// RoPE of `x[tokens, heads, head_dim]` at `positions`.
+    Rope(RopeParams),
     /// Causal attention of `q[tokens, heads, hd]` over this layer's KV cache after appending `k`, `v`
     /// (`[tokens, kv_heads, hd]`) at `positions`. `window`: a key at position j is seen from position i only
     /// when `i - j < window` (sliding-window layers).
@@ -70,6 +99,44 @@ pub enum Op {
         layer: usize,
         scale: f32,
         window: Option<usize>,
+    },
+
+    /// `matmul(rms_norm(x, g), W)`. Operands: x, g, W.
+    NormMatMul {
+        eps: f32,
+    },
+    /// The attention input of a layer: `h = rms_norm(x, g)`; `q, k, v = matmul(h, Wq|Wk|Wv) (+ bq|bk|bv)`,
+    /// reshaped to heads; with `qk_norm`, `q, k = rms_norm(q, qn), rms_norm(k, kn)` per head; `q, k = rope(q), rope(k)`;
+    /// the result packs the heads of q, then k, then v: `f32[tokens, heads + 2 kv_heads, head_dim]`.
+    /// Operands: x, g, Wq, Wk, Wv, positions, then bq, bk, bv when `bias`, then qn, kn when `qk_norm` is set.
+    QkvRope {
+        eps: f32,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        rope: RopeParams,
+        bias: bool,
+        qk_norm: Option<f32>,
+    },
+    /// `attention` reading a packed `qkv_rope` result, its output flattened to `f32[tokens, heads * head_dim]`.
+    /// Operands: qkv, positions.
+    AttentionQkv {
+        layer: usize,
+        scale: f32,
+        window: Option<usize>,
+        heads: usize,
+        kv_heads: usize,
+    },
+    /// The gated feed-forward input: `h = rms_norm(x, g)`; `act(matmul(h, Wgate)) * matmul(h, Wup)`.
+    /// Operands: x, g, Wgate, Wup.
+    GatedFfn {
+        eps: f32,
+        act: Activation,
+    },
+    /// `residual + matmul(x, W)`, or with `post_norm`, `residual + rms_norm(matmul(x, W), g)`.
+    /// Operands: x, W, residual; or x, W, g, residual with `post_norm`.
+    MatMulResidual {
+        post_norm: Option<f32>,
     },
 }
 
@@ -95,23 +162,43 @@ impl Op {
             Op::Silu => "silu",
             Op::Gelu => "gelu",
             Op::Reshape => "reshape",
-            Op::Rope { .. } => "rope",
+            Op::Rope(_) => "rope",
             Op::Attention { .. } => "attention",
+            Op::NormMatMul { .. } => "norm_matmul",
+            Op::QkvRope { .. } => "qkv_rope",
+            Op::AttentionQkv { .. } => "attention_qkv",
+            Op::GatedFfn { .. } => "gated_ffn",
+            Op::MatMulResidual { .. } => "matmul_residual",
         }
     }
 
-    /// The dtype each operand must have, in order; its length is the op's arity.
-    pub fn operand_dtypes(&self) -> &'static [Expect] {
+    /// What each operand must be, in order; its length is the op's arity.
+    pub fn operand_kinds(&self) -> Vec<Expect> {
         use Expect::*;
         match self {
-            Op::Input { .. } => &[],
-            Op::Embed => &[Weight, I32],
-            Op::RmsNorm { .. } => &[F32, F32],
-            Op::MatMul => &[F32, Weight],
-            Op::Add | Op::Mul => &[F32, F32],
-            Op::Scale { .. } | Op::Silu | Op::Gelu | Op::Reshape => &[F32],
-            Op::Rope { .. } => &[F32, I32],
-            Op::Attention { .. } => &[F32, F32, F32, I32],
+            Op::Input { .. } => vec![],
+            Op::Embed => vec![Weight, I32],
+            Op::RmsNorm { .. } => vec![F32, F32],
+            Op::MatMul => vec![F32, Weight],
+            Op::Add | Op::Mul => vec![F32, F32],
+            Op::Scale { .. } | Op::Silu | Op::Gelu | Op::Reshape => vec![F32],
+            Op::Rope(_) => vec![F32, I32],
+            Op::Attention { .. } => vec![F32, F32, F32, I32],
+            Op::NormMatMul { .. } => vec![F32, F32, Weight],
+            Op::QkvRope { bias, qk_norm, .. } => {
+                let mut kinds = vec![F32, F32, Weight, Weight, Weight, I32];
+                if *bias {
+                    kinds.extend([F32; 3]);
+                }
+                if qk_norm.is_some() {
+                    kinds.extend([F32; 2]);
+                }
+                kinds
+            }
+            Op::AttentionQkv { .. } => vec![F32, I32],
+            Op::GatedFfn { .. } => vec![F32, F32, Weight, Weight],
+            Op::MatMulResidual { post_norm: None } => vec![F32, Weight, F32],
+            Op::MatMulResidual { post_norm: Some(_) } => vec![F32, Weight, F32, F32],
         }
     }
 
@@ -136,28 +223,8 @@ impl Op {
                 expect_rank(ids, 1, "ids")?;
                 Ok(f32_of(&[ids.shape[0].clone(), table.shape[1].clone()]))
             }
-            Op::RmsNorm { .. } => {
-                let (x, w) = (operands[0], operands[1]);
-                expect_rank(w, 1, "norm weight")?;
-                if x.inner() != w.inner() {
-                    return Err(format!(
-                        "norm weight {w} does not match the last dim of {x}"
-                    ));
-                }
-                Ok(x.clone())
-            }
-            Op::MatMul => {
-                let (x, w) = (operands[0], operands[1]);
-                expect_rank(w, 2, "matmul weight")?;
-                if x.inner() != Some(&w.shape[1]) {
-                    return Err(format!(
-                        "inner dims differ: {x} times {w} (weights are [out, in])"
-                    ));
-                }
-                let mut shape = x.shape.clone();
-                *shape.last_mut().expect("rank >= 1") = w.shape[0].clone();
-                Ok(f32_of(&shape))
-            }
+            Op::RmsNorm { .. } => norm(operands[0], operands[1]),
+            Op::MatMul => matmul(operands[0], operands[1]),
             Op::Add | Op::Mul => {
                 let (a, b) = (operands[0], operands[1]);
                 if b.rank() > a.rank() || a.shape[a.rank() - b.rank()..] != b.shape[..] {
@@ -172,18 +239,10 @@ impl Op {
                 }
                 Ok(declared.clone())
             }
-            Op::Rope { dims, .. } => {
+            Op::Rope(rope) => {
                 let (x, pos) = (operands[0], operands[1]);
                 expect_rank(x, 3, "rope input")?;
-                let head_dim = x.shape[2]
-                    .clone()
-                    .fixed()
-                    .ok_or("rope head dim must be fixed")?;
-                if *dims > head_dim || dims % 2 != 0 {
-                    return Err(format!(
-                        "rope dims {dims} must be even and at most the head dim {head_dim}"
-                    ));
-                }
+                check_rope(rope, &x.shape[2])?;
                 same_tokens(x, pos)?;
                 Ok(x.clone())
             }
@@ -195,19 +254,152 @@ impl Op {
                 if k.shape != v.shape || q.shape[2] != k.shape[2] || q.shape[0] != k.shape[0] {
                     return Err(format!("q {q}, k {k}, v {v} disagree"));
                 }
-                let (heads, kv_heads) = (q.shape[1].clone().fixed(), k.shape[1].clone().fixed());
-                match (heads, kv_heads) {
-                    (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => {}
-                    _ => {
-                        return Err(format!(
-                            "query heads of {q} are not a multiple of kv heads of {k}"
-                        ))
-                    }
-                }
+                check_heads(q.shape[1].clone().fixed(), k.shape[1].clone().fixed())?;
                 same_tokens(q, pos)?;
                 Ok(q.clone())
             }
+            Op::NormMatMul { .. } => {
+                norm(operands[0], operands[1])?;
+                matmul(operands[0], operands[2])
+            }
+            Op::QkvRope {
+                heads,
+                kv_heads,
+                head_dim,
+                rope,
+                bias,
+                qk_norm,
+                ..
+            } => {
+                let (x, g) = (operands[0], operands[1]);
+                norm(x, g)?;
+                expect_rank(x, 2, "qkv_rope input")?;
+                check_heads(Some(*heads), Some(*kv_heads))?;
+                let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
+                for (w, width) in operands[2..5].iter().zip(widths) {
+                    let y = matmul(x, w)?;
+                    if y.inner() != Some(&Dim::Fixed(width)) {
+                        return Err(format!("projection {w} does not give {width} outputs"));
+                    }
+                }
+                same_tokens(x, operands[5])?;
+                let mut rest = &operands[6..];
+                if *bias {
+                    for (b, width) in rest[..3].iter().zip(widths) {
+                        if b.shape != [Dim::Fixed(width)] {
+                            return Err(format!("bias {b} does not have {width} elements"));
+                        }
+                    }
+                    rest = &rest[3..];
+                }
+                if qk_norm.is_some() {
+                    for n in &rest[..2] {
+                        if n.shape != [Dim::Fixed(*head_dim)] {
+                            return Err(format!(
+                                "qk norm weight {n} does not match head dim {head_dim}"
+                            ));
+                        }
+                    }
+                }
+                check_rope(rope, &Dim::Fixed(*head_dim))?;
+                Ok(f32_of(&[
+                    x.shape[0].clone(),
+                    Dim::Fixed(heads + 2 * kv_heads),
+                    Dim::Fixed(*head_dim),
+                ]))
+            }
+            Op::AttentionQkv {
+                heads, kv_heads, ..
+            } => {
+                let (qkv, pos) = (operands[0], operands[1]);
+                expect_rank(qkv, 3, "packed qkv")?;
+                check_heads(Some(*heads), Some(*kv_heads))?;
+                if qkv.shape[1] != Dim::Fixed(heads + 2 * kv_heads) {
+                    return Err(format!(
+                        "{qkv} does not pack {heads} + 2 x {kv_heads} heads"
+                    ));
+                }
+                same_tokens(qkv, pos)?;
+                let head_dim = qkv.shape[2]
+                    .clone()
+                    .fixed()
+                    .ok_or("head dim must be fixed")?;
+                Ok(f32_of(&[
+                    qkv.shape[0].clone(),
+                    Dim::Fixed(heads * head_dim),
+                ]))
+            }
+            Op::GatedFfn { .. } => {
+                let (x, g) = (operands[0], operands[1]);
+                norm(x, g)?;
+                let (gate, up) = (matmul(x, operands[2])?, matmul(x, operands[3])?);
+                if gate != up {
+                    return Err(format!(
+                        "gate {} and up {} projections differ",
+                        operands[2], operands[3]
+                    ));
+                }
+                Ok(gate)
+            }
+            Op::MatMulResidual { post_norm } => {
+                let y = matmul(operands[0], operands[1])?;
+                if post_norm.is_some() {
+                    norm(&y, operands[2])?;
+                }
+                let residual = operands[operands.len() - 1];
+                if *residual != y {
+                    return Err(format!(
+                        "residual {residual} does not match the product {y}"
+                    ));
+                }
+                Ok(y)
+            }
         }
+    }
+}
+
+fn norm(x: &TensorType, w: &TensorType) -> Result<TensorType, String> {
+    expect_rank(w, 1, "norm weight")?;
+    if x.inner() != w.inner() {
+        return Err(format!(
+            "norm weight {w} does not match the last dim of {x}"
+        ));
+    }
+    Ok(x.clone())
+}
+
+fn matmul(x: &TensorType, w: &TensorType) -> Result<TensorType, String> {
+    expect_rank(w, 2, "matmul weight")?;
+    if x.inner() != Some(&w.shape[1]) {
+        return Err(format!(
+            "inner dims differ: {x} times {w} (weights are [out, in])"
+        ));
+    }
+    let mut shape = x.shape.clone();
+    *shape.last_mut().expect("rank >= 1") = w.shape[0].clone();
+    Ok(TensorType::new(DType::F32, shape))
+}
+
+fn check_rope(rope: &RopeParams, head_dim: &Dim) -> Result<(), String> {
+    let head_dim = head_dim
+        .clone()
+        .fixed()
+        .ok_or("rope head dim must be fixed")?;
+    if rope.dims > head_dim || rope.dims % 2 != 0 {
+        return Err(format!(
+            "rope dims {} must be even and at most the head dim {head_dim}",
+            rope.dims
+        ));
+    }
+    Ok(())
+}
+
+fn check_heads(heads: Option<usize>, kv_heads: Option<usize>) -> Result<(), String> {
+    match (heads, kv_heads) {
+        (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => Ok(()),
+        _ => Err(format!(
+            "query heads {heads:?} are not a multiple of kv heads {kv_heads:?}"
+        )),
     }
 }
 

@@ -11,7 +11,7 @@
 //! Blank lines and lines starting with `;` are ignored by the parser.
 
 use crate::graph::{Graph, NodeId, Operand, WeightId};
-use crate::op::{Op, RopeStyle};
+use crate::op::{Activation, Op, RopeParams, RopeStyle};
 use crate::types::{DType, Dim, TensorType};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -38,32 +38,73 @@ impl std::fmt::Display for Attr {
 }
 
 fn attrs_of(op: &Op) -> Vec<(&'static str, Attr)> {
+    let float_or_none = |x: Option<f32>| x.map_or(Attr::None, Attr::Float);
+    let window = |w: Option<usize>| w.map_or(Attr::None, Attr::Int);
     match op {
         Op::Input { name } => vec![("name", Attr::Ident(name.clone()))],
-        Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
+        Op::RmsNorm { eps } | Op::NormMatMul { eps } => vec![("eps", Attr::Float(*eps))],
         Op::Scale { factor } => vec![("factor", Attr::Float(*factor))],
-        Op::Rope {
-            base,
-            dims,
-            freq_scale,
-            style,
-        } => vec![
-            ("base", Attr::Float(*base)),
-            ("dims", Attr::Int(*dims)),
-            ("freq_scale", Attr::Float(*freq_scale)),
-            ("style", Attr::Ident(style.name().into())),
-        ],
+        Op::Rope(rope) => rope_attrs(rope),
         Op::Attention {
             layer,
             scale,
-            window,
+            window: w,
+        } => {
+            vec![
+                ("layer", Attr::Int(*layer)),
+                ("scale", Attr::Float(*scale)),
+                ("window", window(*w)),
+            ]
+        }
+        Op::QkvRope {
+            eps,
+            heads,
+            kv_heads,
+            head_dim,
+            rope,
+            bias,
+            qk_norm,
+        } => {
+            let mut attrs = vec![
+                ("eps", Attr::Float(*eps)),
+                ("heads", Attr::Int(*heads)),
+                ("kv_heads", Attr::Int(*kv_heads)),
+                ("head_dim", Attr::Int(*head_dim)),
+            ];
+            attrs.extend(rope_attrs(rope));
+            attrs.push(("bias", Attr::Ident(bias.to_string())));
+            attrs.push(("qk_norm", float_or_none(*qk_norm)));
+            attrs
+        }
+        Op::AttentionQkv {
+            layer,
+            scale,
+            window: w,
+            heads,
+            kv_heads,
         } => vec![
             ("layer", Attr::Int(*layer)),
             ("scale", Attr::Float(*scale)),
-            ("window", window.map_or(Attr::None, Attr::Int)),
+            ("window", window(*w)),
+            ("heads", Attr::Int(*heads)),
+            ("kv_heads", Attr::Int(*kv_heads)),
         ],
+        Op::GatedFfn { eps, act } => vec![
+            ("eps", Attr::Float(*eps)),
+            ("act", Attr::Ident(act.name().into())),
+        ],
+        Op::MatMulResidual { post_norm } => vec![("post_norm", float_or_none(*post_norm))],
         Op::Embed | Op::MatMul | Op::Add | Op::Mul | Op::Silu | Op::Gelu | Op::Reshape => vec![],
     }
+}
+
+fn rope_attrs(rope: &RopeParams) -> Vec<(&'static str, Attr)> {
+    vec![
+        ("base", Attr::Float(rope.base)),
+        ("dims", Attr::Int(rope.dims)),
+        ("freq_scale", Attr::Float(rope.freq_scale)),
+        ("style", Attr::Ident(rope.style.name().into())),
+    ]
 }
 
 /// Prints a graph in the text form.
@@ -308,6 +349,28 @@ impl Attrs {
         }
     }
 
+    fn optional_float(&mut self, key: &str) -> Result<Option<f32>, String> {
+        match self.take(key)? {
+            Attr::None => Ok(None),
+            Attr::Float(x) => Ok(Some(x)),
+            Attr::Int(n) => Ok(Some(n as f32)),
+            other => Err(format!(
+                "attribute `{key}` must be a number or none, got {other}"
+            )),
+        }
+    }
+
+    fn rope(&mut self) -> Result<RopeParams, String> {
+        let style = self.ident("style")?;
+        Ok(RopeParams {
+            base: self.float("base")?,
+            dims: self.int("dims")?,
+            freq_scale: self.float("freq_scale")?,
+            style: RopeStyle::parse(&style)
+                .ok_or_else(|| format!("unknown rope style `{style}` (interleaved, neox)"))?,
+        })
+    }
+
     fn optional_int(&mut self, key: &str) -> Result<Option<usize>, String> {
         match self.take(key)? {
             Attr::None => Ok(None),
@@ -338,20 +401,49 @@ fn build_op(name: &str, attrs: HashMap<String, Attr>) -> Result<Op, String> {
         "silu" => Op::Silu,
         "gelu" => Op::Gelu,
         "reshape" => Op::Reshape,
-        "rope" => Op::Rope {
-            base: a.float("base")?,
-            dims: a.int("dims")?,
-            freq_scale: a.float("freq_scale")?,
-            style: {
-                let s = a.ident("style")?;
-                RopeStyle::parse(&s)
-                    .ok_or_else(|| format!("unknown rope style `{s}` (interleaved, neox)"))?
-            },
-        },
+        "rope" => Op::Rope(a.rope()?),
         "attention" => Op::Attention {
             layer: a.int("layer")?,
             scale: a.float("scale")?,
             window: a.optional_int("window")?,
+        },
+        "norm_matmul" => Op::NormMatMul {
+            eps: a.float("eps")?,
+        },
+        "qkv_rope" => Op::QkvRope {
+            eps: a.float("eps")?,
+            heads: a.int("heads")?,
+            kv_heads: a.int("kv_heads")?,
+            head_dim: a.int("head_dim")?,
+            rope: a.rope()?,
+            bias: match a.ident("bias")?.as_str() {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(format!(
+                        "attribute `bias` must be true or false, got {other}"
+                    ))
+                }
+            },
+            qk_norm: a.optional_float("qk_norm")?,
+        },
+        "attention_qkv" => Op::AttentionQkv {
+            layer: a.int("layer")?,
+            scale: a.float("scale")?,
+            window: a.optional_int("window")?,
+            heads: a.int("heads")?,
+            kv_heads: a.int("kv_heads")?,
+        },
+        "gated_ffn" => Op::GatedFfn {
+            eps: a.float("eps")?,
+            act: {
+                let s = a.ident("act")?;
+                Activation::parse(&s)
+                    .ok_or_else(|| format!("unknown activation `{s}` (silu, gelu)"))?
+            },
+        },
+        "matmul_residual" => Op::MatMulResidual {
+            post_norm: a.optional_float("post_norm")?,
         },
         other => return Err(format!("unknown op `{other}`")),
     };

@@ -21,7 +21,7 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             node: print_node(graph, id),
             message,
         };
-        let expected = node.op.operand_dtypes();
+        let expected = node.op.operand_kinds();
         if node.operands.len() != expected.len() {
             return Err(fail(format!(
                 "{} takes {} operands, has {}",
@@ -30,7 +30,7 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 node.operands.len()
             )));
         }
-        for (slot, (operand, want)) in node.operands.iter().zip(expected).enumerate() {
+        for (slot, (operand, want)) in node.operands.iter().zip(&expected).enumerate() {
             if let Operand::Value(src) = operand {
                 // Nodes are numbered in insertion order, so a later id would be a use before definition.
                 if src.index() >= id.index() {

@@ -2,13 +2,7 @@
 //!
 //! Everything not in a row (layer count, widths, head counts, epsilons, RoPE bases) comes from metadata.
 
-use kiln_ir::RopeStyle;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    Gelu,
-}
+use kiln_ir::{Activation, RopeStyle};
 
 /// The traits of one architecture's decoder block.
 #[derive(Clone, Copy, Debug)]

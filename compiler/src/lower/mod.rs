@@ -6,13 +6,15 @@ mod arch;
 mod hparams;
 mod model_info;
 
-pub use arch::{known_names as known_architectures, Activation, Arch};
+pub use arch::{known_names as known_architectures, Arch};
 pub use hparams::Hyperparameters;
 
 use crate::gguf::GgufFile;
 use hparams::Meta;
 use kiln_ir::model::ModelInfo;
-use kiln_ir::{verify, DType, Dim, Graph, NodeId, Op, Operand, TensorType, VerifyError};
+use kiln_ir::{
+    verify, Activation, DType, Dim, Graph, NodeId, Op, Operand, RopeParams, TensorType, VerifyError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LowerError {
@@ -228,12 +230,12 @@ impl Decoder<'_> {
             (true, Some(local_base)) => (local_base, 1.0, hp.sliding_window),
             _ => (hp.rope_base, hp.rope_freq_scale, None),
         };
-        let rope = Op::Rope {
+        let rope = Op::Rope(RopeParams {
             base,
             dims: hp.rope_dims,
             freq_scale,
             style: self.arch.rope_style,
-        };
+        });
         let q = self.op(
             rope.clone(),
             vec![Operand::Value(q), Operand::Value(positions)],

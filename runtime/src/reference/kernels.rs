@@ -3,7 +3,7 @@
 use kiln_ir::activation::ActivationFormat;
 use kiln_ir::dequant::{dequantize, dot_f32};
 use kiln_ir::weights::WeightView;
-use kiln_ir::RopeStyle;
+use kiln_ir::{RopeParams, RopeStyle};
 use rayon::prelude::*;
 
 /// `x[t, k] @ W[n, k]^T -> [t, n]`: the activations are rounded to the weight's activation format, then each
@@ -66,15 +66,13 @@ pub fn gelu(x: f32) -> f32 {
 }
 
 /// Rotates `x[t, heads, head_dim]` in place by each token's position.
-pub fn rope(
-    x: &mut [f32],
-    head_dim: usize,
-    positions: &[i32],
-    dims: usize,
-    base: f32,
-    freq_scale: f32,
-    style: RopeStyle,
-) {
+pub fn rope(x: &mut [f32], head_dim: usize, positions: &[i32], rope: &RopeParams) {
+    let RopeParams {
+        base,
+        dims,
+        freq_scale,
+        style,
+    } = *rope;
     let per_token = x.len() / positions.len();
     for (token, &pos) in x.chunks_exact_mut(per_token).zip(positions) {
         for head in token.chunks_exact_mut(head_dim) {

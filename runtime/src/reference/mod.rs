@@ -1,19 +1,75 @@
-//! The reference executor: a plain interpreter of the unfused graph in f32, with a KV cache.
+//! The reference executor: a plain interpreter of the graph in f32, with a KV cache.
 //!
-//! It is the oracle every fused kernel and every target is tested against, so each op is the textbook
-//! formula (see `kernels`), values are freed after their last use, and nothing is clever.
+//! It is the oracle every fused kernel and every target is tested against, so each op is the textbook formula
+//! (see `kernels`), each fused op is exactly the composition its definition in `kiln_ir::op` states (see
+//! `fused`), values are freed after their last use, and nothing is clever.
 
+mod fused;
 mod kernels;
 
 use crate::engine::{Engine, ExecError, Logits};
 use kernels::{AttentionShape, LayerCache};
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, Operand};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 enum Value {
     F32 { shape: Vec<usize>, data: Vec<f32> },
     I32(Vec<i32>),
+}
+
+/// A node's operands, as the values and weights they name.
+struct Args<'a, 'w> {
+    operands: &'a [Operand],
+    values: &'a [Option<Value>],
+    weights: &'a [WeightView<'w>],
+}
+
+impl<'a> Args<'a, '_> {
+    fn value(&self, i: usize) -> &'a Value {
+        match self.operands[i] {
+            Operand::Value(id) => self.values[id.index()]
+                .as_ref()
+                .expect("values live until their last use"),
+            Operand::Weight(_) => unreachable!("the verifier checked that operand {i} is a value"),
+        }
+    }
+
+    /// An f32 operand: a value, or a float weight (norm gains, biases) converted.
+    fn f32(&self, i: usize) -> Cow<'a, [f32]> {
+        match self.operands[i] {
+            Operand::Weight(w) => Cow::Owned(kernels::weight_f32(&self.weights[w.0 as usize])),
+            Operand::Value(_) => match self.value(i) {
+                Value::F32 { data, .. } => Cow::Borrowed(data),
+                Value::I32(_) => unreachable!("the verifier checked that operand {i} is f32"),
+            },
+        }
+    }
+
+    fn shape(&self, i: usize) -> Vec<usize> {
+        match self.operands[i] {
+            Operand::Weight(w) => self.weights[w.0 as usize].shape.to_vec(),
+            Operand::Value(_) => match self.value(i) {
+                Value::F32 { shape, .. } => shape.clone(),
+                Value::I32(data) => vec![data.len()],
+            },
+        }
+    }
+
+    fn i32(&self, i: usize) -> &'a [i32] {
+        match self.value(i) {
+            Value::I32(data) => data,
+            Value::F32 { .. } => unreachable!("the verifier checked that operand {i} is i32"),
+        }
+    }
+
+    fn weight(&self, i: usize) -> &WeightView<'_> {
+        match self.operands[i] {
+            Operand::Weight(w) => &self.weights[w.0 as usize],
+            Operand::Value(_) => unreachable!("the verifier checked that operand {i} is a weight"),
+        }
+    }
 }
 
 pub struct ReferenceExecutor<'w> {
@@ -79,171 +135,141 @@ impl<'w> ReferenceExecutor<'w> {
         })
     }
 
-    fn f32_operand<'v>(
-        &self,
-        values: &'v [Option<Value>],
-        operand: Operand,
-    ) -> std::borrow::Cow<'v, [f32]> {
-        match operand {
-            Operand::Value(id) => match &values[id.index()] {
-                Some(Value::F32 { data, .. }) => std::borrow::Cow::Borrowed(data),
-                _ => unreachable!(
-                    "the verifier checked operand dtypes and values live until their last use"
-                ),
-            },
-            Operand::Weight(w) => {
-                std::borrow::Cow::Owned(kernels::weight_f32(&self.weights[w.0 as usize]))
-            }
-        }
-    }
-
-    fn eval(
-        &mut self,
-        id: NodeId,
-        values: &[Option<Value>],
-        tokens: &[u32],
-        positions: &[i32],
-    ) -> Result<Value, ExecError> {
-        let node = self.graph.node(id).clone();
-        let ops = &node.operands;
-        let value_shape = |o: Operand| match o {
-            Operand::Value(v) => match &values[v.index()] {
-                Some(Value::F32 { shape, .. }) => shape.clone(),
-                _ => unreachable!("f32 operand"),
-            },
-            Operand::Weight(w) => self.weights[w.0 as usize].shape.to_vec(),
-        };
-        let i32_operand = |o: Operand| match o {
-            Operand::Value(v) => match &values[v.index()] {
-                Some(Value::I32(data)) => data.clone(),
-                _ => unreachable!("i32 operand"),
-            },
-            Operand::Weight(_) => unreachable!("no i32 weights"),
-        };
-        let weight = |o: Operand| match o {
-            Operand::Weight(w) => self.weights[w.0 as usize],
-            Operand::Value(_) => unreachable!("the verifier checked that this operand is a weight"),
-        };
-        let f32_value = |shape: Vec<usize>, data: Vec<f32>| Ok(Value::F32 { shape, data });
-        match &node.op {
-            Op::Input { name } => Ok(Value::I32(match name.as_str() {
-                "tokens" => tokens.iter().map(|&t| t as i32).collect(),
-                _ => positions.to_vec(),
-            })),
-            Op::Embed => {
-                let table = weight(ops[0]);
-                let d = table.row_elems();
-                let mut data = vec![0f32; tokens.len() * d];
-                for (row, &id) in data.chunks_exact_mut(d).zip(&i32_operand(ops[1])) {
-                    if id < 0 || id as usize >= table.shape[0] {
-                        return Err(ExecError::BadToken {
-                            id: id as u32,
-                            vocab: table.shape[0],
-                        });
-                    }
-                    kiln_ir::dequant::dequantize(table.format, table.row(id as usize), row);
-                }
-                f32_value(vec![tokens.len(), d], data)
-            }
-            Op::RmsNorm { eps } => {
-                let x = self.f32_operand(values, ops[0]);
-                let w = self.f32_operand(values, ops[1]);
-                f32_value(value_shape(ops[0]), kernels::rms_norm(&x, &w, *eps))
-            }
-            Op::MatMul => {
-                let w = weight(ops[1]);
-                let mut shape = value_shape(ops[0]);
-                let k = *shape.last().expect("rank >= 1");
-                let data = kernels::matmul(&self.f32_operand(values, ops[0]), k, &w);
-                *shape.last_mut().expect("rank >= 1") = w.shape[0];
-                f32_value(shape, data)
-            }
-            Op::Add | Op::Mul => {
-                let a = self.f32_operand(values, ops[0]);
-                let b = self.f32_operand(values, ops[1]);
-                let data = match node.op {
-                    Op::Add => kernels::broadcast(&a, &b, |x, y| x + y),
-                    _ => kernels::broadcast(&a, &b, |x, y| x * y),
-                };
-                f32_value(value_shape(ops[0]), data)
-            }
-            Op::Scale { factor } => f32_value(
-                value_shape(ops[0]),
-                self.f32_operand(values, ops[0])
-                    .iter()
-                    .map(|x| x * factor)
-                    .collect(),
-            ),
-            Op::Silu => f32_value(
-                value_shape(ops[0]),
-                self.f32_operand(values, ops[0])
-                    .iter()
-                    .map(|&x| kernels::silu(x))
-                    .collect(),
-            ),
-            Op::Gelu => f32_value(
-                value_shape(ops[0]),
-                self.f32_operand(values, ops[0])
-                    .iter()
-                    .map(|&x| kernels::gelu(x))
-                    .collect(),
-            ),
-            Op::Reshape => {
-                let shape = node
-                    .ty
-                    .shape
-                    .iter()
-                    .map(|d| d.clone().fixed().unwrap_or(tokens.len()))
-                    .collect();
-                f32_value(shape, self.f32_operand(values, ops[0]).into_owned())
-            }
-            Op::Rope {
-                base,
-                dims,
-                freq_scale,
-                style,
-            } => {
-                let shape = value_shape(ops[0]);
-                let mut data = self.f32_operand(values, ops[0]).into_owned();
-                kernels::rope(
-                    &mut data,
-                    shape[2],
-                    &i32_operand(ops[1]),
-                    *dims,
-                    *base,
-                    *freq_scale,
-                    *style,
-                );
-                f32_value(shape, data)
-            }
-            Op::Attention {
-                layer,
-                scale,
-                window,
-            } => {
-                let (q_shape, k_shape) = (value_shape(ops[0]), value_shape(ops[1]));
-                let shape = AttentionShape {
-                    heads: q_shape[1],
-                    kv_heads: k_shape[1],
-                    head_dim: q_shape[2],
-                    scale: *scale,
-                    window: *window,
-                };
-                let (q, k, v) = (
-                    self.f32_operand(values, ops[0]),
-                    self.f32_operand(values, ops[1]),
-                    self.f32_operand(values, ops[2]),
-                );
-                let cache = self.caches.entry(*layer).or_default();
-                let data = kernels::attention(&q, &k, &v, &i32_operand(ops[3]), cache, &shape);
-                f32_value(q_shape, data)
-            }
-        }
-    }
-
     /// Cached positions of the current sequence.
     pub fn cached(&self) -> usize {
         self.cached
+    }
+}
+
+/// Evaluates one node.
+fn eval(
+    op: &Op,
+    declared: &[Dim],
+    args: &Args,
+    caches: &mut HashMap<usize, LayerCache>,
+    tokens: &[u32],
+    positions: &[i32],
+) -> Result<Value, ExecError> {
+    let f32_value = |shape: Vec<usize>, data: Vec<f32>| Ok(Value::F32 { shape, data });
+    let map =
+        |f: fn(f32) -> f32| f32_value(args.shape(0), args.f32(0).iter().map(|&x| f(x)).collect());
+    match op {
+        Op::Input { name } => Ok(Value::I32(match name.as_str() {
+            "tokens" => tokens.iter().map(|&t| t as i32).collect(),
+            _ => positions.to_vec(),
+        })),
+        Op::Embed => {
+            let table = args.weight(0);
+            let d = table.row_elems();
+            let mut data = vec![0f32; tokens.len() * d];
+            for (row, &id) in data.chunks_exact_mut(d).zip(args.i32(1)) {
+                if id < 0 || id as usize >= table.shape[0] {
+                    return Err(ExecError::BadToken {
+                        id: id as u32,
+                        vocab: table.shape[0],
+                    });
+                }
+                kiln_ir::dequant::dequantize(table.format, table.row(id as usize), row);
+            }
+            f32_value(vec![tokens.len(), d], data)
+        }
+        Op::RmsNorm { eps } => f32_value(
+            args.shape(0),
+            kernels::rms_norm(&args.f32(0), &args.f32(1), *eps),
+        ),
+        Op::MatMul => {
+            let (shape, data) = fused::matmul_value(&args.f32(0), args.shape(0), args.weight(1));
+            f32_value(shape, data)
+        }
+        Op::Add => f32_value(
+            args.shape(0),
+            kernels::broadcast(&args.f32(0), &args.f32(1), |x, y| x + y),
+        ),
+        Op::Mul => f32_value(
+            args.shape(0),
+            kernels::broadcast(&args.f32(0), &args.f32(1), |x, y| x * y),
+        ),
+        Op::Scale { factor } => f32_value(
+            args.shape(0),
+            args.f32(0).iter().map(|x| x * factor).collect(),
+        ),
+        Op::Silu => map(kernels::silu),
+        Op::Gelu => map(kernels::gelu),
+        Op::Reshape => {
+            let shape = declared
+                .iter()
+                .map(|d| d.clone().fixed().unwrap_or(tokens.len()))
+                .collect();
+            f32_value(shape, args.f32(0).into_owned())
+        }
+        Op::Rope(rope) => {
+            let shape = args.shape(0);
+            let mut data = args.f32(0).into_owned();
+            kernels::rope(&mut data, shape[2], args.i32(1), rope);
+            f32_value(shape, data)
+        }
+        Op::Attention {
+            layer,
+            scale,
+            window,
+        } => {
+            let (q_shape, k_shape) = (args.shape(0), args.shape(1));
+            let shape = AttentionShape {
+                heads: q_shape[1],
+                kv_heads: k_shape[1],
+                head_dim: q_shape[2],
+                scale: *scale,
+                window: *window,
+            };
+            let cache = caches.entry(*layer).or_default();
+            let data = kernels::attention(
+                &args.f32(0),
+                &args.f32(1),
+                &args.f32(2),
+                args.i32(3),
+                cache,
+                &shape,
+            );
+            f32_value(q_shape, data)
+        }
+        Op::NormMatMul { eps } => {
+            let h = kernels::rms_norm(&args.f32(0), &args.f32(1), *eps);
+            let (shape, data) = fused::matmul_value(&h, args.shape(0), args.weight(2));
+            f32_value(shape, data)
+        }
+        Op::QkvRope { .. } => {
+            let (shape, data) = fused::qkv_rope(op, args);
+            f32_value(shape, data)
+        }
+        Op::AttentionQkv {
+            layer,
+            scale,
+            window,
+            heads,
+            kv_heads,
+        } => {
+            let qkv_shape = args.shape(0);
+            let head_dim = qkv_shape[2];
+            let (q, k, v) = fused::unpack_qkv(&args.f32(0), *heads, *kv_heads, head_dim);
+            let shape = AttentionShape {
+                heads: *heads,
+                kv_heads: *kv_heads,
+                head_dim,
+                scale: *scale,
+                window: *window,
+            };
+            let cache = caches.entry(*layer).or_default();
+            let data = kernels::attention(&q, &k, &v, args.i32(1), cache, &shape);
+            f32_value(vec![qkv_shape[0], heads * head_dim], data)
+        }
+        Op::GatedFfn { eps, act } => {
+            let (shape, data) = fused::gated_ffn(args, *eps, *act);
+            f32_value(shape, data)
+        }
+        Op::MatMulResidual { post_norm } => {
+            let (shape, data) = fused::matmul_residual(args, *post_norm);
+            f32_value(shape, data)
+        }
     }
 }
 
@@ -266,13 +292,25 @@ impl Engine for ReferenceExecutor<'_> {
         }
         let positions: Vec<i32> = (start..start + tokens.len()).map(|p| p as i32).collect();
         let mut values: Vec<Option<Value>> = (0..self.graph.len()).map(|_| None).collect();
-        let ids: Vec<NodeId> = self.graph.node_ids().collect();
-        for id in ids {
-            let value = self.eval(id, &values, tokens, &positions)?;
+        let Self {
+            graph,
+            weights,
+            caches,
+            last_use,
+            ..
+        } = self;
+        for id in graph.node_ids() {
+            let node = graph.node(id);
+            let args = Args {
+                operands: &node.operands,
+                values: &values,
+                weights,
+            };
+            let value = eval(&node.op, &node.ty.shape, &args, caches, tokens, &positions)?;
             values[id.index()] = Some(value);
-            for &operand in &self.graph.node(id).operands {
+            for operand in &node.operands {
                 if let Operand::Value(src) = operand {
-                    if self.last_use[src.index()] == id.index() {
+                    if last_use[src.index()] == id.index() {
                         values[src.index()] = None;
                     }
                 }
