@@ -385,7 +385,7 @@ fn check_rope(rope: &RopeParams, head_dim: &Dim) -> Result<(), String> {
         .clone()
         .fixed()
         .ok_or("rope head dim must be fixed")?;
-    if rope.dims > head_dim || rope.dims % 2 != 0 {
+    if rope.dims > head_dim || !rope.dims.is_multiple_of(2) {
         return Err(format!(
             "rope dims {} must be even and at most the head dim {head_dim}",
             rope.dims
@@ -396,7 +396,7 @@ fn check_rope(rope: &RopeParams, head_dim: &Dim) -> Result<(), String> {
 
 fn check_heads(heads: Option<usize>, kv_heads: Option<usize>) -> Result<(), String> {
     match (heads, kv_heads) {
-        (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => Ok(()),
+        (Some(h), Some(kv)) if kv > 0 && h.is_multiple_of(kv) => Ok(()),
         _ => Err(format!(
             "query heads {heads:?} are not a multiple of kv heads {kv_heads:?}"
         )),

@@ -2,6 +2,7 @@
 //! function, and the verifier runs after every one (it is cheap next to compiling, so in release builds too).
 
 mod canonicalize;
+mod fuse;
 mod rewrite;
 
 use kiln_ir::{verify, Graph, VerifyError};
@@ -13,10 +14,16 @@ pub struct Pass {
 
 /// Every pass, in the order they run.
 pub fn pipeline() -> Vec<Pass> {
-    vec![Pass {
-        name: "canonicalize",
-        run: canonicalize::run,
-    }]
+    vec![
+        Pass {
+            name: "canonicalize",
+            run: canonicalize::run,
+        },
+        Pass {
+            name: "fuse",
+            run: fuse::run,
+        },
+    ]
 }
 
 #[derive(Debug, thiserror::Error)]

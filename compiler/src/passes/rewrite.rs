@@ -56,6 +56,17 @@ impl<'g> Rewriter<'g> {
         self.new.add(op, operands, ty)
     }
 
+    /// Adds a new node whose type follows from its operands (already in the new graph). A type error here is
+    /// a bug in the pass that built the node.
+    pub fn add_inferred(&mut self, op: Op, operands: Vec<Operand>) -> NodeId {
+        let types: Vec<_> = operands.iter().map(|o| self.new.operand_type(*o)).collect();
+        let placeholder = TensorType::new(kiln_ir::DType::F32, []);
+        let ty = op
+            .infer(&types, &placeholder)
+            .unwrap_or_else(|e| panic!("{}: {e}", op.name()));
+        self.new.add(op, operands, ty)
+    }
+
     /// Records that old node `id` is now `to` in the new graph.
     pub fn replace(&mut self, id: NodeId, to: Operand) {
         self.map.insert(id, to);
@@ -71,4 +82,20 @@ impl<'g> Rewriter<'g> {
         }
         self.new
     }
+}
+
+/// How many operand slots read each node (a graph output counts as a reader).
+pub fn use_counts(graph: &Graph) -> Vec<usize> {
+    let mut uses = vec![0; graph.len()];
+    for id in graph.node_ids() {
+        for operand in &graph.node(id).operands {
+            if let Operand::Value(src) = operand {
+                uses[src.index()] += 1;
+            }
+        }
+    }
+    for (_, id) in graph.outputs() {
+        uses[id.index()] += 1;
+    }
+    uses
 }
