@@ -1,4 +1,5 @@
-//! The lowered IR of each real architecture, snapshotted (structure only: weights are declarations, no data).
+//! The lowered IR of each real architecture, and its IR after the compiler's passes, snapshotted (structure
+//! only: weights are declarations, no data).
 //! Bless changes with `INSTA_UPDATE=always cargo test --release --test lowering_snapshots` (or cargo insta review).
 
 mod common;
@@ -36,6 +37,38 @@ fn qwen2_qwen25_coder() {
 #[test]
 fn gemma3_270m() {
     let Some(text) = lowered_text("gemma3") else {
+        return;
+    };
+    insta::assert_snapshot!(text);
+}
+
+fn compiled_text(name: &str) -> Option<String> {
+    let path = common::model(name)?;
+    let gguf = GgufFile::open(path).unwrap();
+    let graph =
+        kiln_compiler::passes::run_pipeline(lower(&gguf).unwrap().graph, |_, _, _| {}).unwrap();
+    Some(kiln_ir::text::print(&graph))
+}
+
+#[test]
+fn compiled_llama_smollm2() {
+    let Some(text) = compiled_text("smollm2") else {
+        return;
+    };
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn compiled_qwen2_qwen25_coder() {
+    let Some(text) = compiled_text("qwen2") else {
+        return;
+    };
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn compiled_gemma3_270m() {
+    let Some(text) = compiled_text("gemma3") else {
         return;
     };
     insta::assert_snapshot!(text);

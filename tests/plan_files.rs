@@ -82,6 +82,10 @@ fn inspect_shows_sections_and_ir() {
         "weight index",
         "weights",
         "token_embd.weight",
+        "schedule",
+        "memory plan: one arena of",
+        "kernels (7 distinct, 152 launches):",
+        "qkv_rope(f32[tokens, 576], f32[576], q4_1[576, 576]",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
@@ -132,7 +136,7 @@ fn every_flipped_byte_is_a_clear_error() {
         .lines()
         .skip_while(|l| !l.starts_with("sections:"))
         .skip(2)
-        .take(4)
+        .take(5)
         .map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             let n = cols.len();
@@ -143,7 +147,7 @@ fn every_flipped_byte_is_a_clear_error() {
             )
         })
         .collect();
-    assert_eq!(sections.len(), 4);
+    assert_eq!(sections.len(), 5);
     // The header and table, then the first, middle and last byte of each section, and padding.
     let mut positions: Vec<u64> = vec![0, 7, 8, 12, 16, 24, 32, 40, 63, 100, 150, 160];
     for (_, offset, size) in &sections {
@@ -220,7 +224,16 @@ fn plan_for_another_target_is_refused() {
         target,
         model: lowered.info,
     };
-    kiln_compiler::plan_writer::write_plan(&path, &meta, &lowered.graph, &gguf, |_, _| {}).unwrap();
+    let schedule = kiln_compiler::passes::schedule(&lowered.graph, &meta.target).unwrap();
+    kiln_compiler::plan_writer::write_plan(
+        &path,
+        &meta,
+        &lowered.graph,
+        &schedule,
+        &gguf,
+        |_, _| {},
+    )
+    .unwrap();
     let err = load_error(&path);
     assert!(
         err.contains("the plan was compiled for cpu (riscv64), which this host cannot run: this host is x86_64; compile it here with `kiln compile MODEL.gguf --target native`")

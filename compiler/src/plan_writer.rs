@@ -3,6 +3,7 @@
 use kiln_ir::plan::{
     self, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES, HEADER_BYTES,
 };
+use kiln_ir::schedule::Schedule;
 use kiln_ir::weights::WeightSource;
 use kiln_ir::Graph;
 use std::fs::File;
@@ -33,6 +34,7 @@ pub fn write_plan(
     path: &Path,
     meta: &PlanMeta,
     graph: &Graph,
+    schedule: &Schedule,
     weights: &dyn WeightSource,
     mut on_weight_bytes: impl FnMut(u64, u64),
 ) -> Result<PlanSummary, PlanWriteError> {
@@ -56,13 +58,14 @@ pub fn write_plan(
     let meta_json = serde_json::to_vec(meta).expect("plan metadata serializes");
     let graph_text = kiln_ir::text::print(graph).into_bytes();
     let index_json = serde_json::to_vec(&index).expect("weight index serializes");
+    let schedule_json = serde_json::to_vec(schedule).expect("schedule serializes");
 
     let tmp = temp_path(path);
     let written = write_sections(
         &tmp,
         &index,
         weights_len,
-        [&meta_json, &graph_text, &index_json],
+        [&meta_json, &graph_text, &schedule_json, &index_json],
         weights,
         &mut on_weight_bytes,
     );
@@ -89,7 +92,7 @@ fn write_sections(
     tmp: &Path,
     index: &[WeightEntry],
     weights_len: usize,
-    [meta_json, graph_text, index_json]: [&Vec<u8>; 3],
+    [meta_json, graph_text, schedule_json, index_json]: [&Vec<u8>; 4],
     weights: &dyn WeightSource,
     on_weight_bytes: &mut impl FnMut(u64, u64),
 ) -> Result<u64, PlanWriteError> {
@@ -106,6 +109,7 @@ fn write_sections(
     for (kind, bytes) in [
         (SectionKind::Meta, meta_json),
         (SectionKind::Graph, graph_text),
+        (SectionKind::Schedule, schedule_json),
         (SectionKind::WeightIndex, index_json),
     ] {
         out.write_all(bytes).map_err(io)?;

@@ -11,6 +11,7 @@ pub mod graph;
 pub mod model;
 pub mod op;
 pub mod plan;
+pub mod schedule;
 pub mod text;
 pub mod types;
 pub mod verify;

@@ -27,16 +27,20 @@ pub enum SectionKind {
     Meta = 1,
     /// The graph in the IR text form.
     Graph = 2,
+    /// JSON `schedule::Schedule`: kernel specs, launches, memory plan.
+    Schedule = 3,
     /// JSON `Vec<WeightEntry>`.
-    WeightIndex = 3,
+    WeightIndex = 4,
     /// Raw weight bytes.
-    Weights = 4,
+    Weights = 5,
 }
 
 impl SectionKind {
-    pub const ALL: [SectionKind; 4] = [
+    /// In file order, which is also id order.
+    pub const ALL: [SectionKind; 5] = [
         SectionKind::Meta,
         SectionKind::Graph,
+        SectionKind::Schedule,
         SectionKind::WeightIndex,
         SectionKind::Weights,
     ];
@@ -49,6 +53,7 @@ impl SectionKind {
         match self {
             SectionKind::Meta => "meta",
             SectionKind::Graph => "graph",
+            SectionKind::Schedule => "schedule",
             SectionKind::WeightIndex => "weight index",
             SectionKind::Weights => "weights",
         }
@@ -56,7 +61,7 @@ impl SectionKind {
 }
 
 /// What a plan was compiled for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Target {
     /// A CPU: the architecture (`x86_64`, `aarch64`) and the ISA features its code needs.

@@ -107,6 +107,20 @@ fn rope_attrs(rope: &RopeParams) -> Vec<(&'static str, Attr)> {
     ]
 }
 
+/// An op's attributes as the text form writes them (`{eps=1e-5}`), leaving out those named in `skip`; empty when
+/// none remain.
+pub fn print_attrs(op: &Op, skip: &[&str]) -> String {
+    let list: Vec<String> = attrs_of(op)
+        .iter()
+        .filter(|(k, _)| !skip.contains(k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    match list.is_empty() {
+        true => String::new(),
+        false => format!("{{{}}}", list.join(", ")),
+    }
+}
+
 /// Prints a graph in the text form.
 pub fn print(graph: &Graph) -> String {
     let mut out = String::new();
@@ -132,10 +146,9 @@ pub fn print_node(graph: &Graph, id: NodeId) -> String {
         line.push_str(if i == 0 { " " } else { ", " });
         line.push_str(&print_operand(graph, *operand));
     }
-    let attrs = attrs_of(&node.op);
+    let attrs = print_attrs(&node.op, &[]);
     if !attrs.is_empty() {
-        let list: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        write!(line, " {{{}}}", list.join(", ")).unwrap();
+        write!(line, " {attrs}").unwrap();
     }
     write!(line, " : {}", node.ty).unwrap();
     line

@@ -3,6 +3,7 @@
 use kiln_ir::plan::{
     self, PlanMeta, SectionEntry, SectionKind, Target, WeightEntry, ENTRY_BYTES, HEADER_BYTES,
 };
+use kiln_ir::schedule::Schedule;
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::Graph;
 use memmap2::Mmap;
@@ -37,6 +38,7 @@ pub struct PlanFile {
     map: Mmap,
     pub meta: PlanMeta,
     pub graph: Graph,
+    pub schedule: Schedule,
     sections: Vec<SectionEntry>,
     weights: Vec<WeightEntry>,
     by_name: HashMap<String, usize>,
@@ -170,6 +172,19 @@ impl PlanFile {
             section: "graph",
             reason: e.to_string(),
         })?;
+        let schedule: Schedule =
+            serde_json::from_slice(section(SectionKind::Schedule)).map_err(|e| {
+                PlanError::Invalid {
+                    section: "schedule",
+                    reason: e.to_string(),
+                }
+            })?;
+        schedule
+            .verify(&graph)
+            .map_err(|reason| PlanError::Invalid {
+                section: "schedule",
+                reason,
+            })?;
         let weights: Vec<WeightEntry> = serde_json::from_slice(section(SectionKind::WeightIndex))
             .map_err(|e| PlanError::Invalid {
             section: "weight index",
@@ -203,6 +218,7 @@ impl PlanFile {
             map,
             meta,
             graph,
+            schedule,
             sections,
             weights,
             by_name,

@@ -3,10 +3,11 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_compiler::passes::{pipeline, run_pipeline};
+use kiln_compiler::passes::{run_pipeline, schedule};
 use kiln_compiler::plan_writer::write_plan;
 use kiln_compiler::{lower, GgufFile};
 use kiln_ir::plan::{PlanMeta, Target};
+use kiln_ir::schedule::Schedule;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -43,21 +44,6 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         lowered.info.architecture,
         lowered.graph.len()
     );
-    let mut stages = vec![("00-lowered".to_string(), lowered.graph.clone())];
-    let graph = run_pipeline(lowered.graph, |i, name, graph| {
-        eprintln!("  pass {i:>2} {name:<14} {} nodes", graph.len());
-        if args.dump_ir.is_some() {
-            stages.push((format!("{i:02}-{name}"), graph.clone()));
-        }
-    })?;
-    if let Some(dir) = &args.dump_ir {
-        dump_ir(dir, &stages)?;
-        eprintln!(
-            "wrote the IR after each of {} passes to {}",
-            pipeline().len(),
-            dir.display()
-        );
-    }
     let target = match args.target {
         TargetArg::Cpu => Target::Cpu {
             arch: std::env::consts::ARCH.to_string(),
@@ -65,6 +51,25 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         },
         TargetArg::Native => kiln_runtime::plan::host_target(),
     };
+    let mut stages = vec![("00-lowered".to_string(), lowered.graph.clone())];
+    let graph = run_pipeline(lowered.graph, |i, name, graph| {
+        eprintln!("  pass {i:>2} {name:<14} {} nodes", graph.len());
+        if args.dump_ir.is_some() {
+            stages.push((format!("{i:02}-{name}"), graph.clone()));
+        }
+    })?;
+    let schedule = schedule(&graph, &target)?;
+    eprintln!(
+        "  scheduled: {} launches of {} distinct kernels; arena {} bytes per token ({} at 512 tokens)",
+        schedule.launches.len(),
+        schedule.kernels.len(),
+        schedule.arena_bytes_per_token,
+        schedule.arena_bytes_per_token * 512
+    );
+    if let Some(dir) = &args.dump_ir {
+        dump_ir(dir, &stages, &schedule)?;
+        eprintln!("  wrote the IR after each stage to {}", dir.display());
+    }
     let meta = PlanMeta {
         compiler: env!("CARGO_PKG_VERSION").to_string(),
         target,
@@ -74,10 +79,17 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         ProgressStyle::with_template("writing weights [{bar:30}] {bytes}/{total_bytes}")
             .expect("valid template"),
     );
-    let summary = write_plan(&args.output, &meta, &graph, &gguf, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })?;
+    let summary = write_plan(
+        &args.output,
+        &meta,
+        &graph,
+        &schedule,
+        &gguf,
+        |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )?;
     bar.finish_and_clear();
     eprintln!(
         "wrote {}: {} bytes ({} weights, {} weight bytes) for {} in {:.2} s",
@@ -91,8 +103,12 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes each stage's IR text, then the last stage as Graphviz dot and JSON.
-fn dump_ir(dir: &std::path::Path, stages: &[(String, kiln_ir::Graph)]) -> Result<()> {
+/// Writes each stage's IR text, the schedule, and the final graph as Graphviz dot and JSON.
+fn dump_ir(
+    dir: &std::path::Path,
+    stages: &[(String, kiln_ir::Graph)],
+    schedule: &Schedule,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let write = |name: String, text: String| {
         let path = dir.join(name);
@@ -101,6 +117,10 @@ fn dump_ir(dir: &std::path::Path, stages: &[(String, kiln_ir::Graph)]) -> Result
     for (name, graph) in stages {
         write(format!("{name}.kir"), kiln_ir::text::print(graph))?;
     }
+    write(
+        format!("{:02}-schedule.txt", stages.len()),
+        crate::commands::inspect::schedule_text(schedule),
+    )?;
     if let Some((_, last)) = stages.last() {
         write("final.dot".into(), kiln_ir::dot::print(last))?;
         write("final.json".into(), serde_json::to_string_pretty(last)?)?;

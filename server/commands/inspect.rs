@@ -4,6 +4,7 @@ use crate::model::{FileKind, Model};
 use anyhow::Result;
 use clap::Args;
 use kiln_compiler::GgufFile;
+use kiln_ir::schedule::{Schedule, Slot};
 use kiln_runtime::plan::PlanFile;
 use std::path::{Path, PathBuf};
 
@@ -58,6 +59,7 @@ fn inspect_plan(path: &Path) -> Result<()> {
     for (name, offset, len, checksum) in plan.sections() {
         println!("  {name:12}  {offset:>12}  {len:>12}  {checksum:016x}");
     }
+    print!("{}", schedule_text(&plan.schedule));
     println!("\nweights ({}):", plan.weight_entries().len());
     let width = plan
         .weight_entries()
@@ -75,6 +77,47 @@ fn inspect_plan(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The kernels, launches and memory plan of a schedule, as `inspect` and `compile --dump-ir` show them.
+pub fn schedule_text(schedule: &Schedule) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let per_token = schedule.arena_bytes_per_token;
+    writeln!(out, "\nmemory plan: one arena of {per_token} bytes per token ({} KiB at 1 token, {} MiB at 512)", per_token / 1024, per_token * 512 >> 20).unwrap();
+    writeln!(
+        out,
+        "\nkernels ({} distinct, {} launches):",
+        schedule.kernels.len(),
+        schedule.launches.len()
+    )
+    .unwrap();
+    for (i, spec) in schedule.kernels.iter().enumerate() {
+        let uses = schedule.launches.iter().filter(|l| l.kernel == i).count();
+        writeln!(out, "  k{i:<3} x{uses:<4} {spec}").unwrap();
+    }
+    writeln!(out, "\nlaunches:").unwrap();
+    let slot = |s: &Slot| match s {
+        Slot::Arena {
+            offset_per_token,
+            bytes_per_token,
+        } => format!("arena[{offset_per_token}+{bytes_per_token}]"),
+        Slot::Weight(name) => format!("@{name}"),
+    };
+    for l in &schedule.launches {
+        let operands: Vec<String> = l.operands.iter().map(slot).collect();
+        let layer = l.layer.map(|n| format!(" layer {n}")).unwrap_or_default();
+        writeln!(
+            out,
+            "  %{:<4} k{:<3}{layer} ({}) -> {}",
+            l.node,
+            l.kernel,
+            operands.join(", "),
+            slot(&l.output)
+        )
+        .unwrap();
+    }
+    out
 }
 
 fn inspect_gguf(path: &Path) -> Result<()> {

@@ -4,6 +4,9 @@
 mod canonicalize;
 mod fuse;
 mod rewrite;
+mod schedule;
+
+pub use schedule::{schedule, specialize, ScheduleError};
 
 use kiln_ir::{verify, Graph, VerifyError};
 
