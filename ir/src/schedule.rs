@@ -143,7 +143,7 @@ impl Schedule {
             }) => Ok((*offset_per_token, offset_per_token + bytes_per_token)),
             _ => Err(format!("node %{i} has no arena slot")),
         };
-                for (a, &last_a) in last.iter().enumerate() {
+        for (a, &last_a) in last.iter().enumerate() {
             let (a0, a1) = range(a)?;
             if a1 > self.arena_bytes_per_token {
                 return Err(format!(
@@ -154,7 +154,8 @@ impl Schedule {
             for b in a + 1..n {
                 // b is defined after a; they are live together when b is defined before a's last read.
                 let (b0, b1) = range(b)?;
-                                if b <= last_a && a0 < b1 && b0 < a1 {return Err(format!(
+                if b <= last_a && a0 < b1 && b0 < a1 {
+                    return Err(format!(
                         "nodes %{a} and %{b} are live together but share arena bytes"
                     ));
                 }

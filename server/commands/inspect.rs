@@ -84,7 +84,7 @@ pub fn schedule_text(schedule: &Schedule) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let per_token = schedule.arena_bytes_per_token;
-    writeln!(out, "\nmemory plan: one arena of {per_token} bytes per token ({} KiB at 1 token, {} MiB at 512)", per_token / 1024, per_token * 512 >> 20).unwrap();
+    writeln!(out, "\nmemory plan: one arena of {per_token} bytes per token ({} KiB at 1 token, {} MiB at 512)", per_token / 1024, (per_token * 512) >> 20).unwrap();
     writeln!(
         out,
         "\nkernels ({} distinct, {} launches):",
