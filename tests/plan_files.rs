@@ -271,3 +271,43 @@ fn runtime_does_not_depend_on_the_compiler() {
         "kiln-runtime depends on kiln-compiler:\n{tree}"
     );
 }
+
+#[test]
+fn graph_forms_render_and_round_trip() {
+    let Some(plan) = smollm2_plan() else { return };
+    let plan = plan.to_str().unwrap();
+    let ir = kiln_ok(&["inspect", "--ir", plan]);
+    // JSON reads back into the same graph.
+    let graph: kiln_ir::Graph =
+        serde_json::from_str(&kiln_ok(&["inspect", "--json", plan])).unwrap();
+    assert_eq!(kiln_ir::text::print(&graph), ir);
+    // Graphviz accepts the dot form.
+    let dot = kiln_ok(&["inspect", "--dot", plan]);
+    let render = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = render else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "graphviz `dot` is missing in CI (.ci/run installs it)"
+        );
+        eprintln!("\n!!!!!!!! SKIPPED the Graphviz render: `dot` is not installed (apt-get install graphviz) !!!!!!!!\n");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dot.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<svg"));
+}

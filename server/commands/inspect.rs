@@ -14,14 +14,24 @@ pub struct InspectArgs {
     pub model: PathBuf,
     /// Print the IR graph that runs (text form) instead of the tables: a plan's graph, or a GGUF's after the
     /// compiler's passes (`kiln compile --dump-ir` shows every stage).
-    #[arg(long)]
+    #[arg(long, group = "graph_form")]
     pub ir: bool,
+    /// Print that graph as Graphviz dot (`kiln inspect M --dot | dot -Tsvg > graph.svg`).
+    #[arg(long, group = "graph_form")]
+    pub dot: bool,
+    /// Print that graph as JSON.
+    #[arg(long, group = "graph_form")]
+    pub json: bool,
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
-    if args.ir {
-        let model = Model::open(&args.model)?;
-        print!("{}", kiln_ir::text::print(&model.graph));
+    if args.ir || args.dot || args.json {
+        let graph = Model::open(&args.model)?.graph;
+        match (args.dot, args.json) {
+            (true, _) => print!("{}", kiln_ir::dot::print(&graph)),
+            (_, true) => println!("{}", serde_json::to_string_pretty(&graph)?),
+            _ => print!("{}", kiln_ir::text::print(&graph)),
+        }
         return Ok(());
     }
     match FileKind::detect(&args.model)? {
