@@ -3,10 +3,13 @@
 //! biases, QK-norm, post-norms and a sliding window) run before and after the `fuse` pass over prefill and
 //! decode steps of several sizes.
 //!
+//! The compiled form, fused and with weights repacked by the layout pass, is compared too.
+//!
 //! Tolerance: exact (bit for bit). The reference executor runs each fused op as the composition its definition
 //! states; a native fused kernel is held to the unfused reference within a stated tolerance in its own tests.
 
 use kiln_compiler::passes::run_pass;
+use kiln_ir::layout::Layout;
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::{DType, Graph, QuantFormat};
 use kiln_runtime::{Engine, ReferenceExecutor};
@@ -30,7 +33,7 @@ impl Rng {
     }
 }
 
-struct RandomWeights(HashMap<String, (QuantFormat, Vec<usize>, Vec<u8>)>);
+struct RandomWeights(HashMap<String, (QuantFormat, Layout, Vec<usize>, Vec<u8>)>);
 
 impl RandomWeights {
     /// Random data for every weight `graph` declares: norm gains near 1, other floats small, Q8_0 blocks with
@@ -67,7 +70,26 @@ impl RandomWeights {
                     .collect(),
                 other => panic!("no random generator for {other}"),
             };
-            map.insert(decl.name.clone(), (format, shape, bytes));
+            map.insert(decl.name.clone(), (format, Layout::GGUF, shape, bytes));
+        }
+        RandomWeights(map)
+    }
+
+    /// The same weights, repacked as the compiler's layout pass chooses for `graph`.
+    fn repacked_for(&self, graph: &Graph) -> Self {
+        let layouts = kiln_compiler::passes::choose_layouts(graph);
+        let mut map = self.0.clone();
+        for (name, layout) in &layouts {
+            let (format, _, shape, bytes) = &self.0[name];
+            map.insert(
+                name.clone(),
+                (
+                    *format,
+                    *layout,
+                    shape.clone(),
+                    layout.repack(*format, shape, bytes),
+                ),
+            );
         }
         RandomWeights(map)
     }
@@ -75,11 +97,14 @@ impl RandomWeights {
 
 impl WeightSource for RandomWeights {
     fn weight(&self, name: &str) -> Option<WeightView<'_>> {
-        self.0.get(name).map(|(format, shape, data)| WeightView {
-            format: *format,
-            shape,
-            data,
-        })
+        self.0
+            .get(name)
+            .map(|(format, layout, shape, data)| WeightView {
+                format: *format,
+                layout: *layout,
+                shape,
+                data,
+            })
     }
 }
 
@@ -105,6 +130,9 @@ fn fused_graphs_compute_exactly_what_unfused_graphs_compute() {
             let weights = RandomWeights::for_graph(&unfused, &mut rng);
             let mut a = ReferenceExecutor::new(unfused.clone(), &weights, 32).unwrap();
             let mut b = ReferenceExecutor::new(fused.clone(), &weights, 32).unwrap();
+            // The compiled form: fused, with weights repacked by the layout pass.
+            let repacked = weights.repacked_for(&fused);
+            let mut c = ReferenceExecutor::new(fused.clone(), &repacked, 32).unwrap();
             // Prefill, single-token decode steps, then a chunk: past the gemma graph's window of 3.
             let mut pos = 0;
             for step in [5, 1, 1, 1, 4, 1] {
@@ -114,6 +142,16 @@ fn fused_graphs_compute_exactly_what_unfused_graphs_compute() {
                 let (la, lb) = (
                     a.forward(&tokens, pos).unwrap(),
                     b.forward(&tokens, pos).unwrap(),
+                );
+                let lc = c.forward(&tokens, pos).unwrap();
+                let same_c = la
+                    .data
+                    .iter()
+                    .zip(&lc.data)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same_c,
+                    "{name} seed {seed} at position {pos}: repacked weights change the logits"
                 );
                 assert!(
                     la.data.iter().all(|x| x.is_finite()),

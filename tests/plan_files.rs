@@ -224,12 +224,14 @@ fn plan_for_another_target_is_refused() {
         target,
         model: lowered.info,
     };
-    let schedule = kiln_compiler::passes::schedule(&lowered.graph, &meta.target).unwrap();
+    let layouts = kiln_compiler::passes::choose_layouts(&lowered.graph);
+    let schedule = kiln_compiler::passes::schedule(&lowered.graph, &meta.target, &layouts).unwrap();
     kiln_compiler::plan_writer::write_plan(
         &path,
         &meta,
         &lowered.graph,
         &schedule,
+        &layouts,
         &gguf,
         |_, _| {},
     )

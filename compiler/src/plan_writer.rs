@@ -1,11 +1,14 @@
 //! Writes plan files (format: `kiln_ir::plan`).
 
+use crate::passes::Layouts;
+use kiln_ir::layout::Layout;
 use kiln_ir::plan::{
     self, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES, HEADER_BYTES,
 };
 use kiln_ir::schedule::Schedule;
 use kiln_ir::weights::WeightSource;
 use kiln_ir::Graph;
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +22,10 @@ pub enum PlanWriteError {
     },
     #[error("weight `{0}` is declared by the graph but missing from the model")]
     MissingWeight(String),
+    #[error(
+        "weight `{name}` cannot be stored in the {layout} layout (a kiln bug in the layout pass)"
+    )]
+    Layout { name: String, layout: Layout },
 }
 
 /// What was written.
@@ -35,6 +42,7 @@ pub fn write_plan(
     meta: &PlanMeta,
     graph: &Graph,
     schedule: &Schedule,
+    layouts: &Layouts,
     weights: &dyn WeightSource,
     mut on_weight_bytes: impl FnMut(u64, u64),
 ) -> Result<PlanSummary, PlanWriteError> {
@@ -45,14 +53,22 @@ pub fn write_plan(
             .weight(&decl.name)
             .ok_or_else(|| PlanWriteError::MissingWeight(decl.name.clone()))?;
         let offset = plan::align_up(cursor);
+        let layout = layouts.get(&decl.name).copied().unwrap_or(Layout::GGUF);
+        let len = layout
+            .stored_bytes(view.format, view.shape)
+            .ok_or_else(|| PlanWriteError::Layout {
+                name: decl.name.clone(),
+                layout,
+            })?;
         index.push(WeightEntry {
             name: decl.name.clone(),
             format: view.format,
             shape: view.shape.to_vec(),
+            layout,
             offset,
-            len: view.data.len(),
+            len,
         });
-        cursor = offset + view.data.len();
+        cursor = offset + len;
     }
     let weights_len = cursor;
     let meta_json = serde_json::to_vec(meta).expect("plan metadata serializes");
@@ -129,9 +145,13 @@ fn write_sections(
         let padding = vec![0u8; start + entry.offset - pos];
         hasher.update(&padding);
         out.write_all(&padding).map_err(io)?;
-        let data = weights.weight(&entry.name).expect("looked up above").data;
-        hasher.update(data);
-        out.write_all(data).map_err(io)?;
+        let view = weights.weight(&entry.name).expect("looked up above");
+        let data = match entry.layout {
+            Layout::GGUF => Cow::Borrowed(view.data),
+            layout => Cow::Owned(layout.repack(view.format, view.shape, view.data)),
+        };
+        hasher.update(&data);
+        out.write_all(&data).map_err(io)?;
         pos = start + entry.offset + data.len();
         on_weight_bytes((pos - start) as u64, weights_len as u64);
     }

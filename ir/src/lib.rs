@@ -8,6 +8,7 @@ pub mod dequant;
 pub mod dot;
 pub mod format;
 pub mod graph;
+pub mod layout;
 pub mod model;
 pub mod op;
 pub mod plan;

@@ -9,6 +9,7 @@
 //! and the whole table, so a flipped byte anywhere in the header, the table or a section is detected. The
 //! weights section is 64-byte aligned and each weight in it too, so weights are used in place from an mmap.
 
+use crate::layout::Layout;
 use crate::model::ModelInfo;
 use crate::QuantFormat;
 use serde::{Deserialize, Serialize};
@@ -92,6 +93,9 @@ pub struct WeightEntry {
     pub format: QuantFormat,
     /// Row-major shape.
     pub shape: Vec<usize>,
+    /// How the blocks are stored (`Layout::GGUF` when the plan keeps GGUF's layout).
+    #[serde(default)]
+    pub layout: Layout,
     /// Offset from the start of the weights section (a multiple of `ALIGN`).
     pub offset: usize,
     pub len: usize,

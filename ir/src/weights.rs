@@ -1,32 +1,47 @@
-//! How executors reach weight data without knowing where it lives (a GGUF mmap now, a plan file later).
+//! How executors reach weight data without knowing where it lives (a GGUF mmap, or a plan's repacked weights).
 
+use crate::dequant::dequantize;
 use crate::format::QuantFormat;
+use crate::layout::{Layout, MAX_BLOCK_BYTES};
 
-/// A borrowed weight: its format, row-major shape (`[out, in]` for matrices) and raw bytes.
+/// A borrowed weight: its format, layout, row-major shape (`[out, in]` for matrices) and raw bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightView<'a> {
     pub format: QuantFormat,
+    pub layout: Layout,
     pub shape: &'a [usize],
     pub data: &'a [u8],
 }
 
 impl WeightView<'_> {
-    /// Bytes of one row (the last dim).
-    pub fn row_bytes(&self) -> usize {
-        let inner = *self.shape.last().unwrap_or(&1);
-        self.format
-            .row_bytes(inner)
-            .expect("weight rows are whole blocks (checked when the weight was read)")
-    }
-
-    /// Elements in one row.
+    /// Elements in one row (the last dim).
     pub fn row_elems(&self) -> usize {
         *self.shape.last().unwrap_or(&1)
     }
 
-    pub fn row(&self, i: usize) -> &[u8] {
-        let n = self.row_bytes();
-        &self.data[i * n..(i + 1) * n]
+    /// Dequantizes row `r` into `out` (`row_elems` values), whatever the layout.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (elems, stored) = (
+            self.format.block_elems(),
+            self.layout.block_bytes(self.format),
+        );
+        let per_row = self.row_elems() / elems;
+        if self.layout == Layout::GGUF {
+            dequantize(
+                self.format,
+                &self.data[r * per_row * stored..(r + 1) * per_row * stored],
+                out,
+            );
+            return;
+        }
+        let mut block = [0u8; MAX_BLOCK_BYTES];
+        let block = &mut block[..self.format.block_bytes()];
+        for (b, chunk) in out.chunks_exact_mut(elems).enumerate() {
+            let at = self.layout.block_index(r, b, per_row) * stored;
+            self.layout
+                .narrow(self.format, &self.data[at..at + stored], block);
+            dequantize(self.format, block, chunk);
+        }
     }
 }
 

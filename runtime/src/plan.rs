@@ -192,11 +192,7 @@ impl PlanFile {
         })?;
         let weights_section = &sections[SectionKind::Weights as usize - 1];
         for w in &weights {
-            let expected = w.shape.split_last().and_then(|(inner, outer)| {
-                outer
-                    .iter()
-                    .try_fold(w.format.row_bytes(*inner)?, |acc, &d| acc.checked_mul(d))
-            });
+            let expected = w.layout.stored_bytes(w.format, &w.shape);
             let fits = w
                 .offset
                 .checked_add(w.len)
@@ -249,6 +245,7 @@ impl WeightSource for PlanFile {
         let start = self.weights_start + w.offset;
         Some(WeightView {
             format: w.format,
+            layout: w.layout,
             shape: &w.shape,
             data: &self.map[start..start + w.len],
         })

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_compiler::passes::{run_pipeline, schedule};
+use kiln_compiler::passes::{choose_layouts, run_pipeline, schedule, INTERLEAVE};
 use kiln_compiler::plan_writer::write_plan;
 use kiln_compiler::{lower, GgufFile};
 use kiln_ir::plan::{PlanMeta, Target};
@@ -58,7 +58,12 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             stages.push((format!("{i:02}-{name}"), graph.clone()));
         }
     })?;
-    let schedule = schedule(&graph, &target)?;
+    let layouts = choose_layouts(&graph);
+    eprintln!(
+        "  layout: {} weights repacked (f32 block scales, rows interleaved by {INTERLEAVE})",
+        layouts.len()
+    );
+    let schedule = schedule(&graph, &target, &layouts)?;
     eprintln!(
         "  scheduled: {} launches of {} distinct kernels; arena {} bytes per token ({} at 512 tokens)",
         schedule.launches.len(),
@@ -84,6 +89,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         &meta,
         &graph,
         &schedule,
+        &layouts,
         &gguf,
         |done, total| {
             bar.set_length(total);

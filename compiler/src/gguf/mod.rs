@@ -9,6 +9,7 @@ mod value;
 
 pub use value::{MetaValue, ValueType};
 
+use kiln_ir::layout::Layout;
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::QuantFormat;
 use memmap2::Mmap;
@@ -153,6 +154,7 @@ impl WeightSource for GgufFile {
         let info = self.tensor(name)?;
         Some(WeightView {
             format: info.format,
+            layout: Layout::GGUF,
             shape: &info.shape,
             data: self.tensor_data(info),
         })

@@ -3,9 +3,11 @@
 
 mod canonicalize;
 mod fuse;
+mod layout;
 mod rewrite;
 mod schedule;
 
+pub use layout::{choose_layouts, Layouts, INTERLEAVE};
 pub use schedule::{schedule, specialize, ScheduleError};
 
 use kiln_ir::{verify, Graph, VerifyError};

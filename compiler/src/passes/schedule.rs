@@ -1,6 +1,7 @@
 //! After the graph passes: specialize (a `KernelSpec` per node, deduplicated), plan memory (liveness, first-fit
 //! offsets in one arena, reused across layers) and schedule (a flat launch list in program order).
 
+use super::layout::Layouts;
 use kiln_ir::plan::Target;
 use kiln_ir::schedule::{KernelSpec, Launch, Schedule, Slot};
 use kiln_ir::text::print_attrs;
@@ -19,16 +20,22 @@ pub struct ScheduleError {
 }
 
 /// The spec of the kernel that computes `id`: the op without per-layer attributes, and operand types.
-pub fn specialize(graph: &Graph, id: NodeId, target: &Target) -> KernelSpec {
+pub fn specialize(graph: &Graph, id: NodeId, target: &Target, layouts: &Layouts) -> KernelSpec {
     let node = graph.node(id);
+    let operand = |o: &Operand| {
+        let ty = graph.operand_type(*o).to_string();
+        match o {
+            Operand::Weight(w) => match layouts.get(&graph.weight(*w).name) {
+                Some(layout) => format!("{ty} {layout}"),
+                None => ty,
+            },
+            Operand::Value(_) => ty,
+        }
+    };
     KernelSpec {
         op: node.op.name().to_string(),
         attrs: print_attrs(&node.op, &["layer"]),
-        operands: node
-            .operands
-            .iter()
-            .map(|o| graph.operand_type(*o).to_string())
-            .collect(),
+        operands: node.operands.iter().map(operand).collect(),
         result: node.ty.to_string(),
         target: target.clone(),
     }
@@ -104,7 +111,11 @@ impl Arena {
 }
 
 /// Specializes, plans memory and schedules `graph` (in program order).
-pub fn schedule(graph: &Graph, target: &Target) -> Result<Schedule, ScheduleError> {
+pub fn schedule(
+    graph: &Graph,
+    target: &Target,
+    layouts: &Layouts,
+) -> Result<Schedule, ScheduleError> {
     let mut last_use: Vec<usize> = graph.node_ids().map(|id| id.index()).collect();
     for id in graph.node_ids() {
         for operand in &graph.node(id).operands {
@@ -138,7 +149,7 @@ pub fn schedule(graph: &Graph, target: &Target) -> Result<Schedule, ScheduleErro
         if let Op::Input { name } = &node.op {
             inputs.push((name.clone(), output));
         } else {
-            let spec = specialize(graph, id, target);
+            let spec = specialize(graph, id, target, layouts);
             let kernel = *kernel_ids.entry(spec.clone()).or_insert_with(|| {
                 kernels.push(spec);
                 kernels.len() - 1

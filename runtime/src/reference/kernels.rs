@@ -21,7 +21,7 @@ pub fn matmul(x: &[f32], k: usize, w: &WeightView) -> Vec<f32> {
     out_t.par_chunks_mut(t).enumerate().for_each_init(
         || vec![0f32; k],
         |row, (j, out)| {
-            dequantize(w.format, w.row(j), row);
+            w.dequantize_row(j, row);
             for (i, o) in out.iter_mut().enumerate() {
                 *o = dot_f32(row, &x[i * k..(i + 1) * k]);
             }

@@ -169,7 +169,7 @@ fn eval(
                         vocab: table.shape[0],
                     });
                 }
-                kiln_ir::dequant::dequantize(table.format, table.row(id as usize), row);
+                table.dequantize_row(id as usize, row);
             }
             f32_value(vec![tokens.len(), d], data)
         }

@@ -1,0 +1,114 @@
+//! Every layout is lossless: repacked weights dequantize, row by row, to exactly what the GGUF bytes give.
+
+use kiln_ir::dequant::dequantize;
+use kiln_ir::layout::Layout;
+use kiln_ir::weights::WeightView;
+use kiln_ir::QuantFormat;
+use std::path::Path;
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+#[test]
+fn repacked_rows_dequantize_exactly_as_gguf_rows() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quants");
+    let layouts = [
+        Layout {
+            f32_scales: true,
+            interleave: 1,
+        },
+        Layout {
+            f32_scales: false,
+            interleave: 4,
+        },
+        Layout {
+            f32_scales: true,
+            interleave: 4,
+        },
+        Layout {
+            f32_scales: true,
+            interleave: 2,
+        },
+    ];
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
+        let format = QuantFormat::from_name(fixture["format"].as_str().unwrap()).unwrap();
+        let gguf = unhex(fixture["blocks_hex"].as_str().unwrap());
+        let blocks = gguf.len() / format.block_bytes();
+        // The fixture's blocks as a [4, cols] matrix (all fixtures hold a multiple of 4 blocks).
+        assert_eq!(blocks % 4, 0);
+        let shape = [4, blocks / 4 * format.block_elems()];
+        let plain = WeightView {
+            format,
+            layout: Layout::GGUF,
+            shape: &shape,
+            data: &gguf,
+        };
+        for layout in layouts {
+            if !layout.fits(format, &shape) {
+                assert!(
+                    layout.f32_scales && kiln_ir::layout::f16_fields(format).is_empty(),
+                    "{format} {layout}"
+                );
+                continue;
+            }
+            let repacked = layout.repack(format, &shape, &gguf);
+            assert_eq!(
+                Some(repacked.len()),
+                layout.stored_bytes(format, &shape),
+                "{format} {layout}"
+            );
+            let view = WeightView {
+                format,
+                layout,
+                shape: &shape,
+                data: &repacked,
+            };
+            for r in 0..4 {
+                let (mut want, mut got) = (vec![0f32; shape[1]], vec![0f32; shape[1]]);
+                plain.dequantize_row(r, &mut want);
+                view.dequantize_row(r, &mut got);
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{format} {layout}: row {r} differs");
+            }
+            checked += 1;
+        }
+        // And the plain view agrees with dequantizing everything at once.
+        let mut all = vec![0f32; blocks * format.block_elems()];
+        dequantize(format, &gguf, &mut all);
+        let mut row0 = vec![0f32; shape[1]];
+        plain.dequantize_row(0, &mut row0);
+        assert_eq!(row0, all[..shape[1]]);
+    }
+    assert!(
+        checked >= 40,
+        "only {checked} format x layout pairs checked"
+    );
+}
+
+#[test]
+fn widened_block_puts_f32_scales_first() {
+    // One Q4_1 block: d = 0.5, m = -1.0 (f16), then 16 bytes of codes.
+    let mut block = half::f16::from_f32(0.5).to_le_bytes().to_vec();
+    block.extend(half::f16::from_f32(-1.0).to_le_bytes());
+    block.extend(0u8..16);
+    let layout = Layout {
+        f32_scales: true,
+        interleave: 1,
+    };
+    let stored = layout.repack(QuantFormat::Q4_1, &[32], &block);
+    assert_eq!(stored.len(), 24);
+    assert_eq!(&stored[0..4], &0.5f32.to_le_bytes());
+    assert_eq!(&stored[4..8], &(-1.0f32).to_le_bytes());
+    assert_eq!(&stored[8..], &block[4..]);
+    assert_eq!(layout.to_string(), "f32s");
+}
