@@ -224,14 +224,13 @@ fn plan_for_another_target_is_refused() {
         target,
         model: lowered.info,
     };
-    let layouts = kiln_compiler::passes::choose_layouts(&lowered.graph);
-    let schedule = kiln_compiler::passes::schedule(&lowered.graph, &meta.target, &layouts).unwrap();
+    let c = kiln_compiler::passes::compile(lowered.graph, &meta.target, |_, _, _| {}).unwrap();
     kiln_compiler::plan_writer::write_plan(
         &path,
         &meta,
-        &lowered.graph,
-        &schedule,
-        &layouts,
+        &c.graph,
+        &c.schedule,
+        &c.layouts,
         &gguf,
         |_, _| {},
     )
@@ -312,4 +311,57 @@ fn graph_forms_render_and_round_trip() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("<svg"));
+}
+
+#[test]
+fn dump_ir_writes_every_stage() {
+    let Some(gguf) = model("smollm2") else { return };
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-dump", std::process::id()));
+    let plan = dir.join("m.plan");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = kiln(&[
+        "compile",
+        gguf.to_str().unwrap(),
+        "-o",
+        plan.to_str().unwrap(),
+        "--dump-ir",
+        dir.to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    for stage in [
+        "1 canonicalize",
+        "2 fuse",
+        "154 nodes",
+        "3 layout",
+        "4 schedule",
+        "152 launches of 7 distinct kernels",
+    ] {
+        assert!(log.contains(stage), "compile log lacks {stage:?}:\n{log}");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let want = [
+        "00-lowered.kir",
+        "01-canonicalize.kir",
+        "02-fuse.kir",
+        "03-layout.txt",
+        "04-schedule.txt",
+        "final.dot",
+        "final.json",
+        "m.plan",
+    ];
+    assert_eq!(names, want);
+    for kir in &want[..3] {
+        let graph = kiln_ir::text::parse(&std::fs::read_to_string(dir.join(kir)).unwrap()).unwrap();
+        kiln_ir::verify(&graph).unwrap_or_else(|e| panic!("{kir}: {e}"));
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("02-fuse.kir")).unwrap(),
+        kiln_ok(&["inspect", "--ir", plan.to_str().unwrap()])
+    );
+    std::fs::remove_dir_all(dir).unwrap();
 }

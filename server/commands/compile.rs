@@ -3,11 +3,10 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_compiler::passes::{choose_layouts, run_pipeline, schedule, INTERLEAVE};
+use kiln_compiler::passes::{compile, Stage, INTERLEAVE};
 use kiln_compiler::plan_writer::write_plan;
 use kiln_compiler::{lower, GgufFile};
 use kiln_ir::plan::{PlanMeta, Target};
-use kiln_ir::schedule::Schedule;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -51,28 +50,38 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         },
         TargetArg::Native => kiln_runtime::plan::host_target(),
     };
-    let mut stages = vec![("00-lowered".to_string(), lowered.graph.clone())];
-    let graph = run_pipeline(lowered.graph, |i, name, graph| {
-        eprintln!("  pass {i:>2} {name:<14} {} nodes", graph.len());
-        if args.dump_ir.is_some() {
-            stages.push((format!("{i:02}-{name}"), graph.clone()));
-        }
+    let mut dumps = vec![(
+        "00-lowered.kir".to_string(),
+        kiln_ir::text::print(&lowered.graph),
+    )];
+    let compiled = compile(lowered.graph, &target, |i, name, stage| {
+        let (summary, dump) = match stage {
+            Stage::Graph(graph) => (format!("{} nodes", graph.len()), kiln_ir::text::print(graph)),
+            Stage::Layouts(layouts) => (
+                format!("{} weights repacked (f32 block scales, rows interleaved by {INTERLEAVE})", layouts.len()),
+                layouts.iter().map(|(name, layout)| format!("@{name} {layout}\n")).collect(),
+            ),
+            Stage::Schedule(schedule) => (
+                format!(
+                    "{} launches of {} distinct kernels; arena {} bytes per token ({} at 512 tokens)",
+                    schedule.launches.len(),
+                    schedule.kernels.len(),
+                    schedule.arena_bytes_per_token,
+                    schedule.arena_bytes_per_token * 512
+                ),
+                crate::commands::inspect::schedule_text(schedule),
+            ),
+        };
+        eprintln!("  {i:>2} {name:<13} {summary}");
+        let extension = if matches!(stage, Stage::Graph(_)) {
+            "kir"
+        } else {
+            "txt"
+        };
+        dumps.push((format!("{i:02}-{name}.{extension}"), dump));
     })?;
-    let layouts = choose_layouts(&graph);
-    eprintln!(
-        "  layout: {} weights repacked (f32 block scales, rows interleaved by {INTERLEAVE})",
-        layouts.len()
-    );
-    let schedule = schedule(&graph, &target, &layouts)?;
-    eprintln!(
-        "  scheduled: {} launches of {} distinct kernels; arena {} bytes per token ({} at 512 tokens)",
-        schedule.launches.len(),
-        schedule.kernels.len(),
-        schedule.arena_bytes_per_token,
-        schedule.arena_bytes_per_token * 512
-    );
     if let Some(dir) = &args.dump_ir {
-        dump_ir(dir, &stages, &schedule)?;
+        dump_ir(dir, &dumps, &compiled.graph)?;
         eprintln!("  wrote the IR after each stage to {}", dir.display());
     }
     let meta = PlanMeta {
@@ -87,9 +96,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let summary = write_plan(
         &args.output,
         &meta,
-        &graph,
-        &schedule,
-        &layouts,
+        &compiled.graph,
+        &compiled.schedule,
+        &compiled.layouts,
         &gguf,
         |done, total| {
             bar.set_length(total);
@@ -109,27 +118,20 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes each stage's IR text, the schedule, and the final graph as Graphviz dot and JSON.
+/// Writes each stage's dump, then the final graph as Graphviz dot and JSON.
 fn dump_ir(
     dir: &std::path::Path,
-    stages: &[(String, kiln_ir::Graph)],
-    schedule: &Schedule,
+    dumps: &[(String, String)],
+    graph: &kiln_ir::Graph,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let write = |name: String, text: String| {
+    let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
     };
-    for (name, graph) in stages {
-        write(format!("{name}.kir"), kiln_ir::text::print(graph))?;
+    for (name, text) in dumps {
+        write(name, text)?;
     }
-    write(
-        format!("{:02}-schedule.txt", stages.len()),
-        crate::commands::inspect::schedule_text(schedule),
-    )?;
-    if let Some((_, last)) = stages.last() {
-        write("final.dot".into(), kiln_ir::dot::print(last))?;
-        write("final.json".into(), serde_json::to_string_pretty(last)?)?;
-    }
-    Ok(())
+    write("final.dot", &kiln_ir::dot::print(graph))?;
+    write("final.json", &serde_json::to_string_pretty(graph)?)
 }

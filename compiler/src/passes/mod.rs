@@ -1,5 +1,6 @@
-//! The pass pipeline. `pipeline()` is the whole of it, in order; each pass is a named `Graph -> Graph`
-//! function, and the verifier runs after every one (it is cheap next to compiling, so in release builds too).
+//! The compiler's pipeline. `compile` is the whole of it, in order: the graph passes of `pipeline()` (each a named
+//! `Graph -> Graph` function), then layout, then specialize + memory plan + schedule. A verifier runs after every
+//! stage (they are cheap next to compiling, so in release builds too), and each stage can be dumped.
 
 mod canonicalize;
 mod fuse;
@@ -10,6 +11,8 @@ mod schedule;
 pub use layout::{choose_layouts, Layouts, INTERLEAVE};
 pub use schedule::{schedule, specialize, ScheduleError};
 
+use kiln_ir::plan::Target;
+use kiln_ir::schedule::Schedule;
 use kiln_ir::{verify, Graph, VerifyError};
 
 pub struct Pass {
@@ -62,4 +65,50 @@ pub fn run_pipeline(
         after(i + 1, pass.name, &graph);
     }
     Ok(graph)
+}
+
+/// What `compile` produces: the final graph, how each weight is stored, and the schedule.
+pub struct Compiled {
+    pub graph: Graph,
+    pub layouts: Layouts,
+    pub schedule: Schedule,
+}
+
+/// The result of one stage, for dumps.
+pub enum Stage<'a> {
+    Graph(&'a Graph),
+    Layouts(&'a Layouts),
+    Schedule(&'a Schedule),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Pass(#[from] PassError),
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error("the schedule fails its check (a kiln bug): {0}")]
+    InvalidSchedule(String),
+}
+
+/// The whole pipeline. `after(index, name, stage)` sees the result of each stage.
+pub fn compile(
+    graph: Graph,
+    target: &Target,
+    mut after: impl FnMut(usize, &str, Stage),
+) -> Result<Compiled, CompileError> {
+    let graph = run_pipeline(graph, |i, name, graph| after(i, name, Stage::Graph(graph)))?;
+    let n = pipeline().len();
+    let layouts = choose_layouts(&graph);
+    after(n + 1, "layout", Stage::Layouts(&layouts));
+    let schedule = schedule(&graph, target, &layouts)?;
+    schedule
+        .verify(&graph)
+        .map_err(CompileError::InvalidSchedule)?;
+    after(n + 2, "schedule", Stage::Schedule(&schedule));
+    Ok(Compiled {
+        graph,
+        layouts,
+        schedule,
+    })
 }
