@@ -1,21 +1,14 @@
 //! Every layout is lossless: repacked weights dequantize, row by row, to exactly what the GGUF bytes give.
 
+mod common;
+
 use kiln_ir::dequant::dequantize;
 use kiln_ir::layout::Layout;
 use kiln_ir::weights::WeightView;
 use kiln_ir::QuantFormat;
-use std::path::Path;
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
-}
 
 #[test]
 fn repacked_rows_dequantize_exactly_as_gguf_rows() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quants");
     let layouts = [
         Layout {
             f32_scales: true,
@@ -35,11 +28,8 @@ fn repacked_rows_dequantize_exactly_as_gguf_rows() {
         },
     ];
     let mut checked = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let fixture: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
-        let format = QuantFormat::from_name(fixture["format"].as_str().unwrap()).unwrap();
-        let gguf = unhex(fixture["blocks_hex"].as_str().unwrap());
+    for fixture in common::quant_fixtures() {
+        let (format, gguf) = (fixture.format, fixture.blocks);
         let blocks = gguf.len() / format.block_bytes();
         // The fixture's blocks as a [4, cols] matrix (all fixtures hold a multiple of 4 blocks).
         assert_eq!(blocks % 4, 0);
