@@ -2,6 +2,7 @@
 
 mod commands;
 mod model;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Chat interactively, using the model's chat template.
     Chat(commands::chat::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Measure perplexity over a text file (llama-perplexity's method).
     Perplexity(commands::perplexity::PerplexityArgs),
 }
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,14 +3,17 @@
 use crate::engine::{Engine, ExecError};
 use crate::sampler::Sampler;
 use crate::tokenizer::Tokenizer;
+use std::ops::ControlFlow;
 
 /// Why generation stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// The token budget ran out.
     Length,
-    /// The model produced an end-of-generation token.
+    /// The model produced an end-of-generation token, or the caller stopped it (a stop string).
     Stop,
+    /// The caller gave up (e.g. the client went away).
+    Cancelled,
 }
 
 pub struct Generation {
@@ -21,7 +24,8 @@ pub struct Generation {
 }
 
 /// Feeds `prompt` (continuing a sequence whose first `start` positions are cached), then samples up to
-/// `max_tokens`, calling `on_token` with each new id. End-of-generation tokens stop it and are not returned.
+/// `max_tokens`, calling `on_token` with each new id; it returns `ControlFlow::Break(reason)` to end generation
+/// there. End-of-generation tokens stop it and are not returned.
 pub fn generate(
     engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
@@ -29,7 +33,7 @@ pub fn generate(
     prompt: &[u32],
     start: usize,
     max_tokens: usize,
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(u32) -> ControlFlow<FinishReason>,
 ) -> Result<Generation, ExecError> {
     let mut history = prompt.to_vec();
     let mut ids = Vec::new();
@@ -45,8 +49,14 @@ pub fn generate(
                 first_top_logits,
             });
         }
-        on_token(id);
         ids.push(id);
+        if let ControlFlow::Break(finish) = on_token(id) {
+            return Ok(Generation {
+                ids,
+                finish,
+                first_top_logits,
+            });
+        }
         history.push(id);
         if ids.len() == max_tokens {
             break;

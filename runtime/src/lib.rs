@@ -9,6 +9,7 @@ pub mod generate;
 pub mod plan;
 pub mod reference;
 pub mod sampler;
+pub mod stop;
 pub mod tokenizer;
 
 pub use engine::{Engine, ExecError, Logits};

@@ -9,6 +9,7 @@ use kiln_runtime::chat::{ChatError, ChatTemplate, Message};
 use kiln_runtime::generate::generate;
 use kiln_runtime::{Engine, Sampler};
 use std::io::BufRead;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -103,7 +104,10 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             &ids[common..],
             common,
             args.max_tokens,
-            |id| printer.token(id),
+            |id| {
+                printer.token(id);
+                ControlFlow::Continue(())
+            },
         )?;
         printer.finish()?;
         cached = ids;

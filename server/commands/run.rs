@@ -8,6 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_runtime::generate::generate;
 use kiln_runtime::Sampler;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -59,6 +60,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             if !args.json {
                 printer.token(id);
             }
+            ControlFlow::Continue(())
         },
     )?;
     bar.finish_and_clear();

@@ -1,0 +1,93 @@
+//! The engine thread: it owns the executor and runs one job at a time, streaming text back as it is generated.
+//! (Continuous batching across requests comes with the batched executor.)
+
+use crate::model::Model;
+use kiln_runtime::generate::{generate, FinishReason};
+use kiln_runtime::stop::StopMatcher;
+use kiln_runtime::tokenizer::StreamDecoder;
+use kiln_runtime::{Sampler, SamplerConfig};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Starts the engine thread; jobs sent on the returned channel run in order.
+pub fn spawn(model: Arc<Model>, ctx: usize) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
+    // Fail at start-up, not on the first request, if the executor cannot be built.
+    drop(model.executor(ctx)?);
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("kiln-engine".into())
+        .spawn(move || {
+            let mut engine = model.executor(ctx).expect("built once already");
+            for job in rx {
+                run(&model, &mut engine, job);
+            }
+        })?;
+    Ok(tx)
+}
+
+fn run(model: &Model, engine: &mut kiln_runtime::ReferenceExecutor, job: Job) {
+    let tokenizer = &model.tokenizer;
+    let mut sampler = Sampler::new(job.sampler);
+    let (mut decoder, mut stop) = (StreamDecoder::default(), StopMatcher::new(job.stop));
+    let events = &job.events;
+    let send = |text: String| text.is_empty() || events.send(Event::Text(text)).is_ok();
+    let mut hit_stop_string = false;
+    let result = generate(
+        engine,
+        tokenizer,
+        &mut sampler,
+        &job.prompt,
+        0,
+        job.max_tokens,
+        |id| {
+            let bytes = tokenizer.token_bytes(id).unwrap_or_default();
+            let (text, stopped) = stop.push(&decoder.push(&bytes));
+            hit_stop_string = stopped;
+            match (send(text), stopped) {
+                (false, _) => ControlFlow::Break(FinishReason::Cancelled),
+                (true, true) => ControlFlow::Break(FinishReason::Stop),
+                (true, false) => ControlFlow::Continue(()),
+            }
+        },
+    );
+    let event = match result {
+        Ok(generation) if generation.finish == FinishReason::Cancelled => return,
+        Ok(generation) => {
+            // Unless a stop string ended it, release what was held back (an unfinished character, or text that
+            // could have begun a stop string).
+            if !hit_stop_string {
+                let (text, stopped) = stop.push(&decoder.finish());
+                if !send(text) || (!stopped && !send(stop.finish())) {
+                    return;
+                }
+            }
+            Event::Done {
+                finish: generation.finish,
+                prompt_tokens: job.prompt.len(),
+                completion_tokens: generation.ids.len(),
+            }
+        }
+        Err(e) => Event::Failed(e.to_string()),
+    };
+    let _ = events.send(event);
+}

@@ -1,0 +1,61 @@
+"""Drives a running `kiln serve` with the official `openai` client; exits non-zero on the first failure.
+
+    python3 tests/openai_client.py BASE_URL MODEL_NAME EXPECTED_GREEDY_TEXT
+"""
+import sys
+
+import openai
+
+base_url, model, expected = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+    checks += 1
+
+
+ids = [m.id for m in client.models.list().data]
+check(ids == [model], f"models.list gives {ids}")
+
+prompt = "The capital of France is"
+c = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
+check(c.choices[0].text == expected, f"greedy completion {c.choices[0].text!r} != kiln run's {expected!r}")
+check(c.usage.prompt_tokens == 5 and c.usage.completion_tokens == 16, f"usage {c.usage}")
+check(c.choices[0].finish_reason == "length", f"finish_reason {c.choices[0].finish_reason}")
+
+streamed = "".join(ch.choices[0].text for ch in client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, stream=True))
+check(streamed == expected, f"streamed completion {streamed!r}")
+
+s = client.completions.create(model=model, prompt=prompt, max_tokens=30, temperature=0, stop=["\n"])
+check(s.choices[0].text == expected.split("\n")[0] and s.choices[0].finish_reason == "stop", f"stop: {s.choices[0]}")
+
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+answer = chat.choices[0].message.content
+check("Paris" in answer and chat.choices[0].message.role == "assistant", f"chat answer {answer!r}")
+chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0, stream=True))
+check(chunks[0].choices[0].delta.role == "assistant", "first chunk carries the role")
+check("".join(c.choices[0].delta.content or "" for c in chunks) == answer, "streamed chat equals non-streamed chat")
+check(chunks[-1].choices[0].finish_reason in ("stop", "length"), "last chunk has a finish_reason")
+
+a = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7)
+b = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7)
+check(a.choices[0].text == b.choices[0].text, "the same seed gives the same sample")
+
+try:
+    client.completions.create(model="no-such-model", prompt=prompt, max_tokens=4)
+    check(False, "unknown model accepted")
+except openai.NotFoundError as e:
+    check(e.body["code"] == "model_not_found", f"404 body {e.body}")
+try:
+    client.completions.create(model=model, prompt=prompt, max_tokens=10**9)
+    check(False, "huge max_tokens accepted")
+except openai.BadRequestError as e:
+    check(e.body["param"] == "max_tokens", f"400 body {e.body}")
+
+print(f"openai client: {checks} passed, 0 failed")
