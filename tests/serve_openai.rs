@@ -6,6 +6,15 @@ use common::{kiln_ok, model};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+/// The server process, killed if the test fails before stopping it.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
 #[test]
 fn openai_client_gets_what_kiln_run_gets() {
     let Some(gguf) = model("smollm2") else { return };
@@ -29,19 +38,21 @@ fn openai_client_gets_what_kiln_run_gets() {
     ]);
     let expected: serde_json::Value = serde_json::from_str(&run).unwrap();
 
-    let mut server = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "serve",
-            plan.to_str().unwrap(),
-            "--port",
-            "0",
-            "--model-name",
-            "smollm2",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "serve",
+                plan.to_str().unwrap(),
+                "--port",
+                "0",
+                "--model-name",
+                "smollm2",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = BufReader::new(server.0.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
     let address = line
@@ -74,8 +85,8 @@ fn openai_client_gets_what_kiln_run_gets() {
 
     // SIGTERM: the server drains and exits cleanly.
     // SAFETY: signalling a child process this test started.
-    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
-    let status = server.wait().unwrap();
+    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
+    let status = server.0.wait().unwrap();
     assert!(status.success(), "kiln serve exited with {status}");
     std::fs::remove_file(plan).unwrap();
 }
