@@ -3,7 +3,7 @@
 mod common;
 
 use common::{kiln_ok, model};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 
 /// The server process, killed if the test fails before stopping it.
@@ -60,6 +60,13 @@ fn openai_client_gets_what_kiln_run_gets() {
         .strip_prefix("kiln serve: listening on ")
         .unwrap_or_else(|| panic!("unexpected: {line}"))
         .to_string();
+    line.clear();
+    stderr.read_line(&mut line).unwrap();
+    let metrics_url = line
+        .trim()
+        .strip_prefix("kiln serve: metrics on ")
+        .unwrap_or_else(|| panic!("unexpected: {line}"))
+        .to_string();
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let client = Command::new("python3")
@@ -83,10 +90,92 @@ fn openai_client_gets_what_kiln_run_gets() {
         eprintln!("{report}");
     }
 
+    check_metrics(&metrics_url);
+
     // SIGTERM: the server drains and exits cleanly.
     // SAFETY: signalling a child process this test started.
     unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
     let status = server.0.wait().unwrap();
     assert!(status.success(), "kiln serve exited with {status}");
     std::fs::remove_file(plan).unwrap();
+}
+
+/// A plain HTTP/1.0 GET (the body only).
+fn http_get(url: &str) -> String {
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// The metrics reflect the requests just made, and promtool finds nothing wrong but the `kiln:` prefix.
+fn check_metrics(url: &str) {
+    let text = http_get(url);
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(
+        value("kiln:request_success_total{finished_reason=\"length\"}") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        value("kiln:request_success_total{finished_reason=\"stop\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(value("kiln:generation_tokens_total") >= 32.0, "{text}");
+    assert!(value("kiln:prompt_tokens_total") >= 10.0, "{text}");
+    assert!(
+        // Seven requests generate (the two bad ones never reach the engine).
+        value("kiln:time_to_first_token_seconds_count") == 7.0,
+        "{text}"
+    );
+    assert_eq!(value("kiln:num_requests_running"), 0.0);
+    assert!(
+        text.contains("kiln:plan_info{format_version=\"1\",target=\"cpu ("),
+        "{text}"
+    );
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut promtool) = promtool else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is missing in CI (.ci/run installs the `prometheus` package)"
+        );
+        eprintln!("\n!!!!!!!! SKIPPED promtool check: `promtool` is not installed (apt-get install prometheus) !!!!!!!!\n");
+        return;
+    };
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // vLLM-style `prefix:name` metrics always draw this lint (vLLM's own `vllm:` names do too); anything else fails.
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.ends_with("metric names should not contain ':'"))
+        .collect();
+    assert!(problems.is_empty(), "promtool: {report}");
 }

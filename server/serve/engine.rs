@@ -1,6 +1,7 @@
 //! The engine thread: it owns the executor and runs one job at a time, streaming text back as it is generated.
 //! (Continuous batching across requests comes with the batched executor.)
 
+use super::metrics::Metrics;
 use crate::model::Model;
 use kiln_runtime::generate::{generate, FinishReason};
 use kiln_runtime::stop::StopMatcher;
@@ -8,9 +9,11 @@ use kiln_runtime::tokenizer::StreamDecoder;
 use kiln_runtime::{Sampler, SamplerConfig};
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub struct Job {
+    pub arrived: Instant,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampler: SamplerConfig,
@@ -30,7 +33,11 @@ pub enum Event {
 }
 
 /// Starts the engine thread; jobs sent on the returned channel run in order.
-pub fn spawn(model: Arc<Model>, ctx: usize) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
+pub fn spawn(
+    model: Arc<Model>,
+    ctx: usize,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
     // Fail at start-up, not on the first request, if the executor cannot be built.
     drop(model.executor(ctx)?);
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -39,19 +46,35 @@ pub fn spawn(model: Arc<Model>, ctx: usize) -> anyhow::Result<std::sync::mpsc::S
         .spawn(move || {
             let mut engine = model.executor(ctx).expect("built once already");
             for job in rx {
-                run(&model, &mut engine, job);
+                metrics.waiting.dec();
+                metrics.running.inc();
+                metrics
+                    .queue_time
+                    .observe(job.arrived.elapsed().as_secs_f64());
+                metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+                run(&model, &mut engine, job, &metrics, ctx);
+                metrics.running.dec();
+                metrics.kv_cache_usage.set(0.0);
             }
         })?;
     Ok(tx)
 }
 
-fn run(model: &Model, engine: &mut kiln_runtime::ReferenceExecutor, job: Job) {
+fn run(
+    model: &Model,
+    engine: &mut kiln_runtime::ReferenceExecutor,
+    job: Job,
+    metrics: &Metrics,
+    ctx: usize,
+) {
     let tokenizer = &model.tokenizer;
     let mut sampler = Sampler::new(job.sampler);
     let (mut decoder, mut stop) = (StreamDecoder::default(), StopMatcher::new(job.stop));
     let events = &job.events;
     let send = |text: String| text.is_empty() || events.send(Event::Text(text)).is_ok();
     let mut hit_stop_string = false;
+    let mut last_token: Option<Instant> = None;
+    let mut generated = 0;
     let result = generate(
         engine,
         tokenizer,
@@ -60,6 +83,20 @@ fn run(model: &Model, engine: &mut kiln_runtime::ReferenceExecutor, job: Job) {
         0,
         job.max_tokens,
         |id| {
+            match last_token {
+                None => metrics
+                    .time_to_first_token
+                    .observe(job.arrived.elapsed().as_secs_f64()),
+                Some(t) => metrics
+                    .inter_token_latency
+                    .observe(t.elapsed().as_secs_f64()),
+            }
+            last_token = Some(Instant::now());
+            generated += 1;
+            metrics.generation_tokens.inc();
+            metrics
+                .kv_cache_usage
+                .set((job.prompt.len() + generated) as f64 / ctx as f64);
             let bytes = tokenizer.token_bytes(id).unwrap_or_default();
             let (text, stopped) = stop.push(&decoder.push(&bytes));
             hit_stop_string = stopped;
@@ -81,6 +118,10 @@ fn run(model: &Model, engine: &mut kiln_runtime::ReferenceExecutor, job: Job) {
                     return;
                 }
             }
+            metrics
+                .e2e_latency
+                .observe(job.arrived.elapsed().as_secs_f64());
+            metrics.finished(super::finish_reason(generation.finish));
             Event::Done {
                 finish: generation.finish,
                 prompt_tokens: job.prompt.len(),

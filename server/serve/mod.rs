@@ -3,8 +3,9 @@
 
 mod api;
 mod engine;
+mod metrics;
 
-use crate::model::Model;
+use crate::model::{Model, Source};
 use anyhow::Context;
 use api::{
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, Sampling, TokenizeRequest,
@@ -20,6 +21,7 @@ use engine::{Event, Job};
 use kiln_runtime::chat::ChatTemplate;
 use kiln_runtime::generate::FinishReason;
 use kiln_runtime::SamplerConfig;
+use metrics::Metrics;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +38,9 @@ pub struct ServeArgs {
     /// TCP port; 0 picks a free one (the chosen address is printed on stderr).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Port of the Prometheus `/metrics` endpoint (on --host); 0 picks a free one.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
     /// The model's name in the API (default: the file name without its extension).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -50,6 +55,7 @@ struct AppState {
     ctx: usize,
     template: Option<ChatTemplate>,
     jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+    metrics: Arc<Metrics>,
 }
 
 type Shared = Arc<AppState>;
@@ -83,14 +89,29 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let jobs = engine::spawn(Arc::clone(&model), ctx)?;
+    let (plan_format, target) = match &model.source {
+        Source::Plan(plan) => (
+            kiln_ir::plan::FORMAT_VERSION.to_string(),
+            plan.meta.target.to_string(),
+        ),
+        Source::Gguf(_) => (
+            "gguf".to_string(),
+            kiln_runtime::plan::host_target().to_string(),
+        ),
+    };
+    let metrics = Arc::new(Metrics::new(&plan_format, &target));
+    let jobs = engine::spawn(Arc::clone(&model), ctx, Arc::clone(&metrics))?;
     let state = Arc::new(AppState {
         model,
         name,
         ctx,
         template,
         jobs: std::sync::Mutex::new(jobs),
+        metrics: Arc::clone(&metrics),
     });
+    let metrics_app = Router::new()
+        .route("/metrics", get(serve_metrics))
+        .with_state(metrics);
     let app = Router::new()
         .route("/health", get(health))
         .route("/ready", get(health))
@@ -107,7 +128,21 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let metrics_listener =
+            tokio::net::TcpListener::bind((args.host.as_str(), args.metrics_port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {}:{} for metrics",
+                        args.host, args.metrics_port
+                    )
+                })?;
         eprintln!("kiln serve: listening on http://{}", listener.local_addr()?);
+        eprintln!(
+            "kiln serve: metrics on http://{}/metrics",
+            metrics_listener.local_addr()?
+        );
+        tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;
@@ -130,6 +165,16 @@ async fn shutdown_signal() {
     let terminate = std::future::pending::<()>();
     tokio::select! { _ = interrupt => {}, _ = terminate => {} }
     eprintln!("kiln serve: shutting down after the requests in flight");
+}
+
+async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
 }
 
 async fn health() -> Json<Value> {
@@ -253,12 +298,14 @@ fn start(s: &Shared, prompt: Vec<u32>, p: Sampling) -> Result<(Started, bool), A
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
+        arrived: std::time::Instant::now(),
         prompt,
         max_tokens,
         sampler,
         stop,
         events: tx,
     };
+    s.metrics.waiting.inc();
     s.jobs
         .lock()
         .map_err(|_| ApiError::internal("engine lock poisoned"))?
