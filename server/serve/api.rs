@@ -89,34 +89,94 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<&'static str>,
     pub code: &'static str,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
+    fn new(
+        status: StatusCode,
+        code: &'static str,
+        param: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
-            param: Some(param),
-            code: "invalid_value",
+            param,
+            code,
+            retry_after: None,
         }
+    }
+
+    pub fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some(param),
+            message,
+        )
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-            param: Some("model"),
-            code: "model_not_found",
-        }
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            Some("model"),
+            message,
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            None,
+            message,
+        )
+    }
+
+    pub fn no_route(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+            format!(
+                "No endpoint at {path} (see /v1/models, /v1/completions, /v1/chat/completions)"
+            ),
+        )
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            None,
+            "Incorrect or missing API key: send `Authorization: Bearer KEY`.",
+        )
+    }
+
+    pub fn busy(waiting: i64) -> Self {
+        let message = format!("The server is busy ({waiting} requests waiting); retry shortly.");
         ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-            param: None,
-            code: "internal_error",
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                None,
+                message,
+            )
         }
+    }
+
+    /// A request body that is not valid JSON for the endpoint, or too large.
+    pub fn body(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_json"
+        };
+        Self::new(status, code, None, message)
     }
 }
 
@@ -130,6 +190,12 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({
             "error": { "message": self.message, "type": kind, "param": self.param, "code": self.code }
         });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }

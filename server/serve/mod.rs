@@ -41,6 +41,16 @@ pub struct ServeArgs {
     /// Port of the Prometheus `/metrics` endpoint (on --host); 0 picks a free one.
     #[arg(long, default_value_t = 9090)]
     pub metrics_port: u16,
+    /// Requests allowed to wait for the engine; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub max_waiting: i64,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// A file of API keys, one per line; clients must then send `Authorization: Bearer KEY`. The environment
+    /// variable KILN_API_KEYS (comma-separated) works the same way. Without either, no key is needed.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
     /// The model's name in the API (default: the file name without its extension).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -56,6 +66,8 @@ struct AppState {
     template: Option<ChatTemplate>,
     jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
     metrics: Arc<Metrics>,
+    max_waiting: i64,
+    api_keys: Vec<String>,
 }
 
 type Shared = Arc<AppState>;
@@ -101,13 +113,23 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     };
     let metrics = Arc::new(Metrics::new(&plan_format, &target));
     let jobs = engine::spawn(Arc::clone(&model), ctx, Arc::clone(&metrics))?;
+    let api_keys = api_keys(args.api_key_file.as_deref())?;
+    if !api_keys.is_empty() {
+        eprintln!(
+            "kiln serve: {} API keys loaded; requests must carry one",
+            api_keys.len()
+        );
+    }
+    let jobs = std::sync::Mutex::new(jobs);
     let state = Arc::new(AppState {
         model,
         name,
         ctx,
         template,
-        jobs: std::sync::Mutex::new(jobs),
+        jobs,
         metrics: Arc::clone(&metrics),
+        max_waiting: args.max_waiting,
+        api_keys,
     });
     let metrics_app = Router::new()
         .route("/metrics", get(serve_metrics))
@@ -120,6 +142,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .fallback(|uri: axum::http::Uri| async move { ApiError::no_route(uri.path()) })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_api_key,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(args.max_body_bytes))
         .with_state(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -165,6 +193,41 @@ async fn shutdown_signal() {
     let terminate = std::future::pending::<()>();
     tokio::select! { _ = interrupt => {}, _ = terminate => {} }
     eprintln!("kiln serve: shutting down after the requests in flight");
+}
+
+/// API keys from `--api-key-file` and `KILN_API_KEYS`.
+fn api_keys(file: Option<&std::path::Path>) -> anyhow::Result<Vec<String>> {
+    let mut keys: Vec<String> = std::env::var("KILN_API_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|k| k.trim().to_string())
+        .collect();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the API key file {}", path.display()))?;
+        keys.extend(text.lines().map(|l| l.trim().to_string()));
+    }
+    keys.retain(|k| !k.is_empty());
+    Ok(keys)
+}
+
+/// Checks `Authorization: Bearer KEY` when keys are configured; health checks stay open for probes.
+async fn require_api_key(
+    State(s): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let open = s.api_keys.is_empty() || matches!(request.uri().path(), "/health" | "/ready");
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if open || presented.is_some_and(|key| s.api_keys.iter().any(|k| k == key)) {
+        next.run(request).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
 }
 
 async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -273,8 +336,15 @@ fn sampler(
 }
 
 fn parse<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(v)| v)
-        .map_err(|e| ApiError::bad_request("body", e.body_text()))
+    // Axum's rejections carry the right status (400, 413, 415, 422); keep it, in OpenAI's shape.
+    body.map(|Json(v)| v).map_err(|e| {
+        let status = if e.status() == axum::http::StatusCode::UNPROCESSABLE_ENTITY {
+            axum::http::StatusCode::BAD_REQUEST
+        } else {
+            e.status()
+        };
+        ApiError::body(status, e.body_text())
+    })
 }
 
 fn finish_reason(finish: FinishReason) -> &'static str {
@@ -295,6 +365,10 @@ fn start(s: &Shared, prompt: Vec<u32>, p: Sampling) -> Result<(Started, bool), A
     let stop = p.stop.into_vec();
     if stop.len() > 4 {
         return Err(ApiError::bad_request("stop", "at most 4 stop sequences"));
+    }
+    let waiting = s.metrics.waiting.get();
+    if waiting >= s.max_waiting {
+        return Err(ApiError::busy(waiting));
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
