@@ -1,102 +1,55 @@
 //! Bad requests get the right 4xx in OpenAI's error shape, and the server keeps serving: malformed JSON, wrong
 //! types, bad limits, unknown model or route, a 10 MB body, a client that disconnects mid-stream, a full queue,
-//! and API keys.
+//! API keys; and JSON logs carry the request id.
 
 mod common;
 
-use common::{kiln_ok, model};
-use std::io::{BufRead, BufReader, Read, Write};
+use common::{kiln_ok, model, Server};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-struct Server {
-    child: Child,
-    address: String,
-}
-
-impl Server {
-    fn start(plan: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "serve",
-                plan,
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--model-name",
-                "m",
-            ])
-            .args(extra)
-            .envs(env.iter().copied())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut address = String::new();
-        while !address.starts_with("kiln serve: listening on http://") {
-            address.clear();
-            assert!(
-                stderr.read_line(&mut address).unwrap() > 0,
-                "kiln serve exited before listening"
-            );
-        }
-        let address = address
-            .trim()
-            .trim_start_matches("kiln serve: listening on http://")
-            .to_string();
-        std::thread::spawn(move || for _ in stderr.lines() {}); // keep draining
-        Server { child, address }
-    }
-
-    /// One HTTP/1.1 request; returns (status, headers, body).
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[&str],
-        body: &[u8],
-    ) -> (u16, String, String) {
-        let mut stream = TcpStream::connect(&self.address).unwrap();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.address,
-            body.len()
-        );
-        for h in headers {
-            head.push_str(h);
-            head.push_str("\r\n");
-        }
+/// One HTTP/1.1 request to the server; returns (status, head, body).
+fn request(
+    s: &Server,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(&s.address).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        s.address,
+        body.len()
+    );
+    for h in headers {
+        head.push_str(h);
         head.push_str("\r\n");
-        stream.write_all(head.as_bytes()).unwrap();
-        let _ = stream.write_all(body); // a server may answer (413) before reading a huge body
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, head.to_string(), body.to_string())
     }
-
-    fn post_json(&self, path: &str, body: &str) -> (u16, String, String) {
-        self.request(
-            "POST",
-            path,
-            &["Content-Type: application/json"],
-            body.as_bytes(),
-        )
-    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let _ = stream.write_all(body); // a server may answer (413) before reading a huge body
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
+fn post_json(s: &Server, path: &str, body: &str) -> (u16, String, String) {
+    request(
+        s,
+        "POST",
+        path,
+        &["Content-Type: application/json"],
+        body.as_bytes(),
+    )
 }
 
 fn plan() -> Option<String> {
@@ -132,9 +85,10 @@ fn assert_error(response: (u16, String, String), status: u16, code: &str) {
 #[test]
 fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let Some(plan) = plan() else { return };
-    let s = Server::start(&plan, &[], &[]);
+    let s = Server::start(&[], &plan, &[], &[]);
     let ok = |s: &Server| {
-        let (status, _, body) = s.post_json(
+        let (status, _, body) = post_json(
+            s,
             "/v1/completions",
             r#"{"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}"#,
         );
@@ -143,22 +97,27 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     };
     ok(&s);
     assert_error(
-        s.post_json("/v1/completions", r#"{"prompt": "#),
+        post_json(&s, "/v1/completions", r#"{"prompt": "#),
         400,
         "invalid_json",
     );
     assert_error(
-        s.post_json("/v1/completions", r#"{"prompt": 5}"#),
+        post_json(&s, "/v1/completions", r#"{"prompt": 5}"#),
         400,
         "invalid_json",
     );
     assert_error(
-        s.post_json("/v1/completions", r#"{"prompt": "x", "max_tokens": -1}"#),
+        post_json(
+            &s,
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": -1}"#,
+        ),
         400,
         "invalid_json",
     );
     assert_error(
-        s.post_json(
+        post_json(
+            &s,
             "/v1/completions",
             r#"{"prompt": "x", "max_tokens": 100000000}"#,
         ),
@@ -166,28 +125,37 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         "invalid_value",
     );
     assert_error(
-        s.post_json("/v1/completions", r#"{"prompt": "x", "temperature": 9}"#),
+        post_json(
+            &s,
+            "/v1/completions",
+            r#"{"prompt": "x", "temperature": 9}"#,
+        ),
         400,
         "invalid_value",
     );
     assert_error(
-        s.post_json("/v1/completions", r#"{"prompt": "x", "n": 3}"#),
+        post_json(&s, "/v1/completions", r#"{"prompt": "x", "n": 3}"#),
         400,
         "invalid_value",
     );
     assert_error(
-        s.post_json("/v1/chat/completions", r#"{"messages": []}"#),
+        post_json(&s, "/v1/chat/completions", r#"{"messages": []}"#),
         400,
         "invalid_value",
     );
     assert_error(
-        s.post_json("/v1/completions", r#"{"model": "gpt-5", "prompt": "x"}"#),
+        post_json(
+            &s,
+            "/v1/completions",
+            r#"{"model": "gpt-5", "prompt": "x"}"#,
+        ),
         404,
         "model_not_found",
     );
-    assert_error(s.post_json("/v2/everything", "{}"), 404, "not_found");
+    assert_error(post_json(&s, "/v2/everything", "{}"), 404, "not_found");
     assert_error(
-        s.request(
+        request(
+            &s,
             "POST",
             "/v1/completions",
             &["Content-Type: text/plain"],
@@ -198,7 +166,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     );
     let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(10 << 20));
     assert_error(
-        s.post_json("/v1/completions", &huge),
+        post_json(&s, "/v1/completions", &huge),
         413,
         "request_too_large",
     );
@@ -225,28 +193,41 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 fn api_keys_and_a_full_queue() {
     let Some(plan) = plan() else { return };
     let s = Server::start(
+        &[],
         &plan,
         &["--max-waiting", "1"],
         &[("KILN_API_KEYS", "sekrit, other")],
     );
     assert_eq!(
-        s.request("GET", "/health", &[], b"").0,
+        request(&s, "GET", "/health", &[], b"").0,
         200,
         "probes need no key"
     );
     assert_error(
-        s.request("GET", "/v1/models", &[], b""),
+        request(&s, "GET", "/v1/models", &[], b""),
         401,
         "invalid_api_key",
     );
     assert_error(
-        s.request("GET", "/v1/models", &["Authorization: Bearer wrong"], b""),
+        request(
+            &s,
+            "GET",
+            "/v1/models",
+            &["Authorization: Bearer wrong"],
+            b"",
+        ),
         401,
         "invalid_api_key",
     );
     assert_eq!(
-        s.request("GET", "/v1/models", &["Authorization: Bearer other"], b"")
-            .0,
+        request(
+            &s,
+            "GET",
+            "/v1/models",
+            &["Authorization: Bearer other"],
+            b""
+        )
+        .0,
         200
     );
 
@@ -261,7 +242,7 @@ fn api_keys_and_a_full_queue() {
         let server = std::sync::Arc::clone(&server);
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(delay));
-            server.request("POST", "/v1/completions", &auth, long)
+            request(&server, "POST", "/v1/completions", &auth, long)
         })
     };
     let (a, b, c) = (spawn(0), spawn(300), spawn(600));
@@ -269,4 +250,39 @@ fn api_keys_and_a_full_queue() {
     assert_eq!((a.0, b.0), (200, 200), "{}\n{}", a.2, b.2);
     assert!(c.1.to_lowercase().contains("retry-after: 1"), "{}", c.1);
     assert_error(c, 429, "rate_limit_exceeded");
+}
+
+#[test]
+fn json_logs_name_the_request_on_every_request_line() {
+    let Some(plan) = plan() else { return };
+    let s = Server::start(&["--log-format", "json"], &plan, &[], &[]);
+    let (status, _, body) = post_json(
+        &s,
+        "/v1/completions",
+        r#"{"prompt": "Hi", "max_tokens": 2}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = s.log.lock().unwrap().clone();
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let about: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("request "))
+        })
+        .collect();
+    assert_eq!(about.len(), 2, "{log:?}");
+    assert!(
+        about.iter().all(|l| l["request_id"] == id.as_str()),
+        "{log:?}"
+    );
 }

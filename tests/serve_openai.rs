@@ -2,18 +2,9 @@
 
 mod common;
 
-use common::{kiln_ok, model};
-use std::io::{BufRead, BufReader, Read, Write};
+use common::{kiln_ok, model, Server};
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-
-/// The server process, killed if the test fails before stopping it.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
 
 #[test]
 fn openai_client_gets_what_kiln_run_gets() {
@@ -38,42 +29,18 @@ fn openai_client_gets_what_kiln_run_gets() {
     ]);
     let expected: serde_json::Value = serde_json::from_str(&run).unwrap();
 
-    let mut server = Server(
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "serve",
-                plan.to_str().unwrap(),
-                "--port",
-                "0",
-                "--model-name",
-                "smollm2",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut server = Server::start(&[], plan.to_str().unwrap(), &[], &[]);
+    let (address, metrics_url) = (
+        format!("http://{}", server.address),
+        server.metrics_url.clone(),
     );
-    let mut stderr = BufReader::new(server.0.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("kiln serve: listening on ")
-        .unwrap_or_else(|| panic!("unexpected: {line}"))
-        .to_string();
-    line.clear();
-    stderr.read_line(&mut line).unwrap();
-    let metrics_url = line
-        .trim()
-        .strip_prefix("kiln serve: metrics on ")
-        .unwrap_or_else(|| panic!("unexpected: {line}"))
-        .to_string();
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let client = Command::new("python3")
         .args([
             script,
             &format!("{address}/v1"),
-            "smollm2",
+            "m",
             expected["text"].as_str().unwrap(),
         ])
         .output()
@@ -94,8 +61,8 @@ fn openai_client_gets_what_kiln_run_gets() {
 
     // SIGTERM: the server drains and exits cleanly.
     // SAFETY: signalling a child process this test started.
-    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    let status = server.0.wait().unwrap();
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let status = server.child.wait().unwrap();
     assert!(status.success(), "kiln serve exited with {status}");
     std::fs::remove_file(plan).unwrap();
 }

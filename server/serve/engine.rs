@@ -13,6 +13,8 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub struct Job {
+    /// The id the response carries; every log line about the request names it.
+    pub id: String,
     pub arrived: Instant,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -108,7 +110,10 @@ fn run(
         },
     );
     let event = match result {
-        Ok(generation) if generation.finish == FinishReason::Cancelled => return,
+        Ok(generation) if generation.finish == FinishReason::Cancelled => {
+            tracing::info!(request_id = %job.id, completion_tokens = generation.ids.len(), "request cancelled: the client went away");
+            return;
+        }
         Ok(generation) => {
             // Unless a stop string ended it, release what was held back (an unfinished character, or text that
             // could have begun a stop string).
@@ -118,9 +123,9 @@ fn run(
                     return;
                 }
             }
-            metrics
-                .e2e_latency
-                .observe(job.arrived.elapsed().as_secs_f64());
+            let e2e = job.arrived.elapsed();
+            metrics.e2e_latency.observe(e2e.as_secs_f64());
+            tracing::info!(request_id = %job.id, finish = super::finish_reason(generation.finish), prompt_tokens = job.prompt.len(), completion_tokens = generation.ids.len(), e2e_ms = e2e.as_millis() as u64, "request finished");
             metrics.finished(super::finish_reason(generation.finish));
             Event::Done {
                 finish: generation.finish,
@@ -128,7 +133,10 @@ fn run(
                 completion_tokens: generation.ids.len(),
             }
         }
-        Err(e) => Event::Failed(e.to_string()),
+        Err(e) => {
+            tracing::error!(request_id = %job.id, error = %e, "request failed");
+            Event::Failed(e.to_string())
+        }
     };
     let _ = events.send(event);
 }

@@ -72,7 +72,12 @@ struct AppState {
 
 type Shared = Arc<AppState>;
 
-pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+/// Serves until SIGTERM or Ctrl-C. With `json_logs`, the start-up announcements are JSON log events too.
+pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
+    let announce = |what: &str, url: String| match json_logs {
+        true => tracing::info!(url = %url, "{what}"),
+        false => eprintln!("kiln serve: {what} {url}"),
+    };
     let model = Arc::new(Model::open(&args.model)?);
     let ctx = if args.ctx == 0 {
         model.info.context_length.min(4096)
@@ -115,9 +120,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let jobs = engine::spawn(Arc::clone(&model), ctx, Arc::clone(&metrics))?;
     let api_keys = api_keys(args.api_key_file.as_deref())?;
     if !api_keys.is_empty() {
-        eprintln!(
-            "kiln serve: {} API keys loaded; requests must carry one",
-            api_keys.len()
+        tracing::info!(
+            keys = api_keys.len(),
+            "API keys loaded; requests must carry one"
         );
     }
     let jobs = std::sync::Mutex::new(jobs);
@@ -165,10 +170,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                         args.host, args.metrics_port
                     )
                 })?;
-        eprintln!("kiln serve: listening on http://{}", listener.local_addr()?);
-        eprintln!(
-            "kiln serve: metrics on http://{}/metrics",
-            metrics_listener.local_addr()?
+        announce("listening on", format!("http://{}", listener.local_addr()?));
+        announce(
+            "metrics on",
+            format!("http://{}/metrics", metrics_listener.local_addr()?),
         );
         tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
         axum::serve(listener, app)
@@ -192,7 +197,7 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! { _ = interrupt => {}, _ = terminate => {} }
-    eprintln!("kiln serve: shutting down after the requests in flight");
+    tracing::info!("shutting down after the requests in flight");
 }
 
 /// API keys from `--api-key-file` and `KILN_API_KEYS`.
@@ -357,7 +362,12 @@ fn finish_reason(finish: FinishReason) -> &'static str {
 /// The receiving end of a started request's events.
 type Started = tokio::sync::mpsc::UnboundedReceiver<Event>;
 
-fn start(s: &Shared, prompt: Vec<u32>, p: Sampling) -> Result<(Started, bool), ApiError> {
+fn start(
+    s: &Shared,
+    kind: &str,
+    prompt: Vec<u32>,
+    p: Sampling,
+) -> Result<(String, Started, bool), ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::bad_request("prompt", "the prompt is empty"));
     }
@@ -371,7 +381,10 @@ fn start(s: &Shared, prompt: Vec<u32>, p: Sampling) -> Result<(Started, bool), A
         return Err(ApiError::busy(waiting));
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = request_id(kind);
+    tracing::info!(request_id = %id, prompt_tokens = prompt.len(), max_tokens, stream = p.stream, "request queued");
     let job = Job {
+        id: id.clone(),
         arrived: std::time::Instant::now(),
         prompt,
         max_tokens,
@@ -385,7 +398,7 @@ fn start(s: &Shared, prompt: Vec<u32>, p: Sampling) -> Result<(Started, bool), A
         .map_err(|_| ApiError::internal("engine lock poisoned"))?
         .send(job)
         .map_err(|_| ApiError::internal("the engine has stopped"))?;
-    Ok((rx, p.stream))
+    Ok((id, rx, p.stream))
 }
 
 /// Runs a request to the end: its text, finish reason and usage.
@@ -446,8 +459,8 @@ async fn completions(
         }
     };
     let ids = s.model.tokenizer.encode(&prompt, true);
-    let (started, streaming) = start(&s, ids, req.sampling)?;
-    let (id, created, name) = (request_id("cmpl"), now(), s.name.clone());
+    let (id, started, streaming) = start(&s, "cmpl", ids, req.sampling)?;
+    let (created, name) = (now(), s.name.clone());
     if streaming {
         return Ok(stream(started, move |text, finish, usage| {
             let mut chunk = json!({ "id": id, "object": "text_completion", "created": created, "model": name,
@@ -491,8 +504,8 @@ async fn chat_completions(
             ids.remove(0); // the template wrote BOS itself
         }
     }
-    let (started, streaming) = start(&s, ids, req.sampling)?;
-    let (id, created, name) = (request_id("chatcmpl"), now(), s.name.clone());
+    let (id, started, streaming) = start(&s, "chatcmpl", ids, req.sampling)?;
+    let (created, name) = (now(), s.name.clone());
     if streaming {
         let first = std::sync::atomic::AtomicBool::new(true);
         return Ok(stream(started, move |text, finish, usage| {

@@ -89,3 +89,77 @@ pub fn ids(value: &serde_json::Value) -> Vec<u64> {
         .map(|v| v.as_u64().expect("id"))
         .collect()
 }
+
+/// A running `kiln serve`, killed when dropped. Its stderr lines are kept in `log`.
+pub struct Server {
+    pub child: std::process::Child,
+    /// `host:port` of the API.
+    pub address: String,
+    pub metrics_url: String,
+    pub log: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `kiln [global] serve PLAN --port 0 --metrics-port 0 --model-name m [extra]` and waits until it listens.
+    pub fn start(global: &[&str], plan: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(global)
+            .args([
+                "serve",
+                plan,
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--model-name",
+                "m",
+            ])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kiln serve starts");
+        let log = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
+        let sink = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                sink.lock().unwrap().push(line);
+            }
+        });
+        // The URL ends at a space or, in a JSON log line, at the closing quote.
+        let url_after = |line: &str, what: &str| {
+            line.split(what).nth(1).map(|rest| {
+                rest.chars()
+                    .take_while(|c| !matches!(c, '"' | ' '))
+                    .collect::<String>()
+            })
+        };
+        let (mut address, mut metrics_url) = (None, None);
+        while address.is_none() || metrics_url.is_none() {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("kiln serve announces its addresses");
+            if line.contains("listening on") {
+                address = url_after(&line, "http://");
+            } else if line.contains("metrics on") {
+                metrics_url = url_after(&line, "http://").map(|u| format!("http://{u}"));
+            }
+        }
+        Server {
+            child,
+            address: address.unwrap(),
+            metrics_url: metrics_url.unwrap(),
+            log,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
