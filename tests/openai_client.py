@@ -43,6 +43,18 @@ check(chunks[0].choices[0].delta.role == "assistant", "first chunk carries the r
 check("".join(c.choices[0].delta.content or "" for c in chunks) == answer, "streamed chat equals non-streamed chat")
 check(chunks[-1].choices[0].finish_reason in ("stop", "length"), "last chunk has a finish_reason")
 
+check(all(c.usage is None for c in chunks), "no usage chunks unless asked for")
+with_usage = list(client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}))
+check(with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == chat.usage.completion_tokens, f"usage chunk {with_usage[-1]}")
+
+penalized = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, frequency_penalty=2.0)
+check(penalized.choices[0].text != expected, "a frequency penalty changes the greedy continuation")
+try:
+    client.completions.create(model=model, prompt=prompt, max_tokens=4, presence_penalty=3.0)
+    check(False, "presence_penalty 3 accepted")
+except openai.BadRequestError as e:
+    check(e.body["param"] == "presence_penalty", f"400 body {e.body}")
+
 a = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7)
 b = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7)
 check(a.choices[0].text == b.choices[0].text, "the same seed gives the same sample")

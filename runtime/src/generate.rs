@@ -41,7 +41,7 @@ pub fn generate(
     let first_top_logits = top_logits(logits.last(), 5);
     let mut pos = start + prompt.len();
     while ids.len() < max_tokens {
-        let id = sampler.sample(logits.last(), &history);
+        let id = sampler.sample(logits.last(), &history, &ids);
         if tokenizer.is_end_of_generation(id) {
             return Ok(Generation {
                 ids,

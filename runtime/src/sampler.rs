@@ -19,6 +19,10 @@ pub struct SamplerConfig {
     pub repeat_penalty: f32,
     /// How many recent tokens the penalty looks at.
     pub repeat_last_n: usize,
+    /// OpenAI's penalties over the tokens generated so far: a logit drops by `presence` if the token appeared
+    /// and by `frequency` times its count (0 disables each).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -31,6 +35,8 @@ impl Default for SamplerConfig {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -56,8 +62,9 @@ impl Sampler {
         Sampler { config, rng }
     }
 
-    /// Picks the next token from one position's logits; `history` is the sequence so far (for the penalty).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Picks the next token from one position's logits; `history` is the sequence so far (for the repetition
+    /// penalty) and `generated` the tokens sampled so far (for the presence and frequency penalties).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], generated: &[u32]) -> u32 {
         let c = &self.config;
         let mut logits = logits.to_vec();
         if c.repeat_penalty != 1.0 {
@@ -70,6 +77,17 @@ impl Sampler {
                     } else {
                         *l * c.repeat_penalty
                     };
+                }
+            }
+        }
+        if c.presence_penalty != 0.0 || c.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::new();
+            for &id in generated {
+                *counts.entry(id).or_insert(0u32) += 1;
+            }
+            for (id, count) in counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= c.presence_penalty + c.frequency_penalty * count as f32;
                 }
             }
         }
@@ -140,7 +158,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(
-            Sampler::new(SamplerConfig::greedy()).sample(&[1.0, 3.0, 3.0, -1.0], &[]),
+            Sampler::new(SamplerConfig::greedy()).sample(&[1.0, 3.0, 3.0, -1.0], &[], &[]),
             1
         );
     }
@@ -151,7 +169,7 @@ mod tests {
             repeat_penalty: 2.0,
             ..SamplerConfig::greedy()
         };
-        assert_eq!(Sampler::new(config).sample(&[1.0, 3.0, 2.0], &[1]), 2);
+        assert_eq!(Sampler::new(config).sample(&[1.0, 3.0, 2.0], &[1], &[]), 2);
     }
 
     #[test]
@@ -167,13 +185,37 @@ mod tests {
         };
         let draw = |c: &SamplerConfig| {
             let mut s = Sampler::new(c.clone());
-            (0..50).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&logits, &[], &[]))
+                .collect::<Vec<_>>()
         };
         let a = draw(&config);
         assert_eq!(a, draw(&config));
         // The three highest logits (6.0) sit at ids 6, 13, 20.
         assert!(a.iter().all(|id| [6, 13, 20].contains(id)), "{a:?}");
         assert_ne!(a, draw(&SamplerConfig { seed: 8, ..config }));
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens() {
+        let config = SamplerConfig {
+            frequency_penalty: 0.6,
+            ..SamplerConfig::greedy()
+        };
+        // Token 1 leads by 1.0; generated twice it loses 1.2 and token 2 wins.
+        assert_eq!(
+            Sampler::new(config.clone()).sample(&[0.0, 3.0, 2.0], &[], &[1]),
+            1
+        );
+        assert_eq!(
+            Sampler::new(config).sample(&[0.0, 3.0, 2.0], &[], &[1, 1]),
+            2
+        );
+        let config = SamplerConfig {
+            presence_penalty: 1.5,
+            ..SamplerConfig::greedy()
+        };
+        assert_eq!(Sampler::new(config).sample(&[0.0, 3.0, 2.0], &[], &[1]), 2);
     }
 
     #[test]
@@ -188,6 +230,6 @@ mod tests {
             ..Default::default()
         };
         let mut s = Sampler::new(config);
-        assert!((0..50).all(|_| s.sample(&logits, &[]) < 2));
+        assert!((0..50).all(|_| s.sample(&logits, &[], &[]) < 2));
     }
 }

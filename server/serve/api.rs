@@ -42,6 +42,16 @@ pub struct Sampling {
     #[serde(default)]
     pub stream: bool,
     pub n: Option<usize>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize, Debug, Default, Clone, Copy)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// `prompt`: a string, or a list holding one string.

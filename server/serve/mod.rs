@@ -27,7 +27,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -328,6 +327,13 @@ fn sampler(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
+    let penalty = |value: Option<f32>, param: &'static str| match value.unwrap_or(0.0) {
+        p if (-2.0..=2.0).contains(&p) => Ok(p),
+        _ => Err(ApiError::bad_request(
+            param,
+            format!("{param} must be between -2 and 2"),
+        )),
+    };
     let config = SamplerConfig {
         temperature,
         top_k: p.top_k.unwrap_or(0),
@@ -335,6 +341,8 @@ fn sampler(
         min_p,
         repeat_penalty: 1.0,
         repeat_last_n: 64,
+        presence_penalty: penalty(p.presence_penalty, "presence_penalty")?,
+        frequency_penalty: penalty(p.frequency_penalty, "frequency_penalty")?,
         seed,
     };
     Ok((config, max_tokens))
@@ -362,12 +370,13 @@ fn finish_reason(finish: FinishReason) -> &'static str {
 /// The receiving end of a started request's events.
 type Started = tokio::sync::mpsc::UnboundedReceiver<Event>;
 
+/// Queues a request. Returns its id, its events, and `Some(include_usage)` when the client asked to stream.
 fn start(
     s: &Shared,
     kind: &str,
     prompt: Vec<u32>,
     p: Sampling,
-) -> Result<(String, Started, bool), ApiError> {
+) -> Result<(String, Started, Option<bool>), ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::bad_request("prompt", "the prompt is empty"));
     }
@@ -398,7 +407,12 @@ fn start(
         .map_err(|_| ApiError::internal("engine lock poisoned"))?
         .send(job)
         .map_err(|_| ApiError::internal("the engine has stopped"))?;
-    Ok((id, rx, p.stream))
+    Ok((
+        id,
+        rx,
+        p.stream
+            .then(|| p.stream_options.is_some_and(|o| o.include_usage)),
+    ))
 }
 
 /// Runs a request to the end: its text, finish reason and usage.
@@ -412,8 +426,11 @@ async fn collect(mut started: Started) -> Result<(String, &'static str, Value), 
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let usage = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens });
-                return Ok((text, finish_reason(finish), usage));
+                return Ok((
+                    text,
+                    finish_reason(finish),
+                    usage(prompt_tokens, completion_tokens),
+                ));
             }
             Event::Failed(message) => return Err(ApiError::internal(message)),
         }
@@ -421,26 +438,51 @@ async fn collect(mut started: Started) -> Result<(String, &'static str, Value), 
     Err(ApiError::internal("the engine dropped the request"))
 }
 
-/// Streams a request as Server-Sent Events: `chunk(text, finish)` builds each JSON chunk; `data: [DONE]` ends it.
+/// Streams a request as Server-Sent Events: `chunk(text, finish)` builds each JSON chunk; with `include_usage` a
+/// last chunk has empty `choices` and the `usage`; `data: [DONE]` ends the stream. A client that goes away drops
+/// the stream, which drops the request's channel, which cancels its generation.
 fn stream(
-    started: Started,
-    chunk: impl Fn(Option<&str>, Option<&str>, Option<&Value>) -> Value + Send + 'static,
+    mut started: Started,
+    include_usage: bool,
+    chunk: impl Fn(Option<&str>, Option<&str>) -> Value + Send + 'static,
 ) -> Response {
-    let events = UnboundedReceiverStream::new(started).map(move |event| {
-        let data = match event {
-            Event::Text(t) => chunk(Some(&t), None, None),
-            Event::Done { finish, prompt_tokens, completion_tokens } => {
-                let usage = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens });
-                chunk(None, Some(finish_reason(finish)), Some(&usage))
+    let (tx, rx) =
+        tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, std::convert::Infallible>>();
+    tokio::spawn(async move {
+        let send = |data: String| tx.send(Ok(SseEvent::default().data(data))).is_ok();
+        while let Some(event) = started.recv().await {
+            let sent = match event {
+                Event::Text(t) => send(chunk(Some(&t), None).to_string()),
+                Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let mut sent = send(chunk(None, Some(finish_reason(finish))).to_string());
+                    if include_usage {
+                        let mut last = chunk(None, None);
+                        last["choices"] = json!([]);
+                        last["usage"] = usage(prompt_tokens, completion_tokens);
+                        sent = sent && send(last.to_string());
+                    }
+                    sent && send("[DONE]".into())
+                }
+                Event::Failed(message) => send(
+                    json!({ "error": { "message": message, "type": "server_error" } }).to_string(),
+                ),
+            };
+            if !sent {
+                return;
             }
-            Event::Failed(message) => json!({ "error": { "message": message, "type": "server_error" } }),
-        };
-        Ok::<_, std::convert::Infallible>(SseEvent::default().data(data.to_string()))
+        }
     });
-    let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
-    Sse::new(events.chain(done))
+    Sse::new(UnboundedReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens })
 }
 
 async fn completions(
@@ -461,14 +503,10 @@ async fn completions(
     let ids = s.model.tokenizer.encode(&prompt, true);
     let (id, started, streaming) = start(&s, "cmpl", ids, req.sampling)?;
     let (created, name) = (now(), s.name.clone());
-    if streaming {
-        return Ok(stream(started, move |text, finish, usage| {
-            let mut chunk = json!({ "id": id, "object": "text_completion", "created": created, "model": name,
-                "choices": [{ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null }] });
-            if let Some(usage) = usage {
-                chunk["usage"] = usage.clone();
-            }
-            chunk
+    if let Some(include_usage) = streaming {
+        return Ok(stream(started, include_usage, move |text, finish| {
+            json!({ "id": id, "object": "text_completion", "created": created, "model": name,
+                "choices": [{ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null }] })
         }));
     }
     let (text, finish, usage) = collect(started).await?;
@@ -506,9 +544,9 @@ async fn chat_completions(
     }
     let (id, started, streaming) = start(&s, "chatcmpl", ids, req.sampling)?;
     let (created, name) = (now(), s.name.clone());
-    if streaming {
+    if let Some(include_usage) = streaming {
         let first = std::sync::atomic::AtomicBool::new(true);
-        return Ok(stream(started, move |text, finish, usage| {
+        return Ok(stream(started, include_usage, move |text, finish| {
             let mut delta = json!({});
             if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 delta["role"] = json!("assistant");
@@ -516,12 +554,8 @@ async fn chat_completions(
             if let Some(text) = text {
                 delta["content"] = json!(text);
             }
-            let mut chunk = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] });
-            if let Some(usage) = usage {
-                chunk["usage"] = usage.clone();
-            }
-            chunk
+            json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
         }));
     }
     let (text, finish, usage) = collect(started).await?;
