@@ -286,3 +286,61 @@ fn json_logs_name_the_request_on_every_request_line() {
         "{log:?}"
     );
 }
+
+#[test]
+fn several_models_are_routed_by_name_and_alias() {
+    let (Some(plan), Some(gemma)) = (plan(), model("gemma3")) else {
+        return;
+    };
+    let gemma = format!("gemma={}", gemma.display());
+    let s = Server::start(
+        &[],
+        &plan,
+        &[
+            "--model",
+            &gemma,
+            "--alias",
+            "default=m",
+            "--alias",
+            "small=gemma",
+        ],
+        &[],
+    );
+    let (status, _, body) = request(&s, "GET", "/v1/models", &[], b"");
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m", "gemma", "default", "small"]);
+    assert_eq!(listed["data"][3]["parent"], "gemma");
+    let complete = |model: &str| {
+        let body = format!(
+            r#"{{"model": "{model}", "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}}"#
+        );
+        let (status, _, body) = post_json(&s, "/v1/completions", &body);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // SmolLM2 and Gemma 3 continue differently; an alias reaches the model it names.
+    assert_eq!(complete("m"), " Paris.\n");
+    assert_eq!(complete("default"), " Paris.\n");
+    assert_eq!(complete("gemma"), " the capital of");
+    assert_eq!(complete("small"), " the capital of");
+    assert_error(
+        post_json(&s, "/v1/completions", r#"{"prompt": "x"}"#),
+        400,
+        "invalid_value",
+    );
+    assert_error(
+        post_json(&s, "/v1/completions", r#"{"model": "big", "prompt": "x"}"#),
+        404,
+        "model_not_found",
+    );
+}

@@ -110,7 +110,7 @@ fn check_metrics(url: &str) {
     );
     assert_eq!(value("kiln:num_requests_running"), 0.0);
     assert!(
-        text.contains("kiln:plan_info{format_version=\"1\",target=\"cpu ("),
+        text.contains(r#"kiln:plan_info{format_version="1",model="m",target="cpu ("#),
         "{text}"
     );
     let promtool = Command::new("promtool")

@@ -78,6 +78,7 @@ pub struct ChatRequest {
 
 #[derive(Deserialize, Debug)]
 pub struct TokenizeRequest {
+    pub model: Option<String>,
     pub prompt: String,
     #[serde(default = "yes")]
     pub add_special_tokens: bool,
@@ -89,6 +90,7 @@ fn yes() -> bool {
 
 #[derive(Deserialize, Debug)]
 pub struct DetokenizeRequest {
+    pub model: Option<String>,
     pub tokens: Vec<u32>,
 }
 

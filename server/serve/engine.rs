@@ -125,8 +125,8 @@ fn run(
             }
             let e2e = job.arrived.elapsed();
             metrics.e2e_latency.observe(e2e.as_secs_f64());
-            tracing::info!(request_id = %job.id, finish = super::finish_reason(generation.finish), prompt_tokens = job.prompt.len(), completion_tokens = generation.ids.len(), e2e_ms = e2e.as_millis() as u64, "request finished");
-            metrics.finished(super::finish_reason(generation.finish));
+            tracing::info!(request_id = %job.id, finish = super::handlers::finish_reason(generation.finish), prompt_tokens = job.prompt.len(), completion_tokens = generation.ids.len(), e2e_ms = e2e.as_millis() as u64, "request finished");
+            metrics.finished(super::handlers::finish_reason(generation.finish));
             Event::Done {
                 finish: generation.finish,
                 prompt_tokens: job.prompt.len(),

@@ -17,9 +17,10 @@ pub struct Metrics {
     pub e2e_latency: Histogram,
     pub queue_time: Histogram,
     success: IntCounterVec,
+    plan_info: IntGaugeVec,
 }
 
-/// Registers a metric, returning it (names and help are fixed at compile time, so registration cannot fail).
+/// Registers a metric and returns it (names and help are fixed in the code, so registration cannot fail).
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     registry
         .register(Box::new(metric.clone()))
@@ -27,49 +28,35 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, start: f64, count: usize) -> Histogram {
-    let buckets = exponential_buckets(start, 2.0, count).expect("valid buckets");
-    register(
-        registry,
-        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-            .expect("valid histogram"),
-    )
-}
-
 impl Metrics {
-    pub fn new(plan_format: &str, target: &str) -> Self {
+    pub fn new() -> Self {
         let r = Registry::new();
         let gauge =
             |name: &str, help: &str| register(&r, IntGauge::new(name, help).expect("valid gauge"));
         let counter = |name: &str, help: &str| {
             register(&r, IntCounter::new(name, help).expect("valid counter"))
         };
-        // Info metrics as Prometheus writes them: a gauge of 1 whose labels carry the facts.
-        let info = |name: &str, help: &str, labels: &[(&str, &str)]| {
-            let names: Vec<&str> = labels.iter().map(|(k, _)| *k).collect();
-            let values: Vec<&str> = labels.iter().map(|(_, v)| *v).collect();
-            let family = register(
+        let histogram = |name: &str, help: &str, start: f64, count: usize| {
+            let buckets = exponential_buckets(start, 2.0, count).expect("valid buckets");
+            register(
                 &r,
-                IntGaugeVec::new(Opts::new(name, help), &names).expect("valid info"),
-            );
-            family.with_label_values(&values).set(1);
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                    .expect("valid histogram"),
+            )
         };
-        info(
-            "kiln:build_info",
-            "The kiln build",
-            &[("version", env!("CARGO_PKG_VERSION"))],
-        );
-        info(
-            "kiln:plan_info",
-            "The served plan",
-            &[("format_version", plan_format), ("target", target)],
-        );
+        // Info metrics as Prometheus writes them: a gauge of 1 whose labels carry the facts.
+        let info = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid info"),
+            )
+        };
+        info("kiln:build_info", "The kiln build", &["version"])
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Metrics {
             running: gauge("kiln:num_requests_running", "Requests being generated"),
-            waiting: gauge(
-                "kiln:num_requests_waiting",
-                "Requests queued for the engine",
-            ),
+            waiting: gauge("kiln:num_requests_waiting", "Requests queued for an engine"),
             kv_cache_usage: register(
                 &r,
                 Gauge::new(
@@ -82,30 +69,26 @@ impl Metrics {
             generation_tokens: counter("kiln:generation_tokens_total", "Tokens generated"),
             // 1 ms .. ~65 s to the first token and end to end; 1 ms .. ~4 s between tokens.
             time_to_first_token: histogram(
-                &r,
                 "kiln:time_to_first_token_seconds",
                 "Time from a request's arrival to its first token",
                 0.001,
                 17,
             ),
             inter_token_latency: histogram(
-                &r,
                 "kiln:inter_token_latency_seconds",
                 "Time between consecutive generated tokens",
                 0.001,
                 13,
             ),
             e2e_latency: histogram(
-                &r,
                 "kiln:e2e_request_latency_seconds",
                 "Time from a request's arrival to its last token",
                 0.01,
                 14,
             ),
             queue_time: histogram(
-                &r,
                 "kiln:request_queue_time_seconds",
-                "Time a request waited for the engine",
+                "Time a request waited for an engine",
                 0.001,
                 17,
             ),
@@ -120,8 +103,20 @@ impl Metrics {
                 )
                 .expect("valid counter"),
             ),
+            plan_info: info(
+                "kiln:plan_info",
+                "A served plan",
+                &["model", "format_version", "target"],
+            ),
             registry: r,
         }
+    }
+
+    /// Records a served model's plan as `kiln:plan_info{model, format_version, target} 1`.
+    pub fn plan_loaded(&self, model: &str, format_version: &str, target: &str) {
+        self.plan_info
+            .with_label_values(&[model, format_version, target])
+            .set(1);
     }
 
     pub fn finished(&self, reason: &'static str) {

@@ -1,0 +1,358 @@
+//! The HTTP endpoints: validate, tokenize, hand the job to the model's engine, and answer in OpenAI's shapes.
+
+use super::api::{
+    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, Sampling, TokenizeRequest,
+};
+use super::engine::{Event, Job};
+use super::models::Served;
+use super::Shared;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_runtime::generate::FinishReason;
+use kiln_runtime::SamplerConfig;
+use serde_json::{json, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+pub async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn models(State(s): State<Shared>) -> Json<Value> {
+    Json(s.registry.listing())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A request id: unique within this process, and across restarts in practice.
+fn request_id(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "{prefix}-{:x}{n:04x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0)
+    )
+}
+
+/// Validates the sampling fields and builds the job's settings.
+fn sampler(
+    m: &Served,
+    p: &Sampling,
+    prompt_tokens: usize,
+) -> Result<(SamplerConfig, usize), ApiError> {
+    if p.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_request("n", "only n=1 is supported"));
+    }
+    let room = m.ctx.saturating_sub(prompt_tokens);
+    if room == 0 {
+        return Err(ApiError::bad_request(
+            "prompt",
+            format!(
+                "the prompt has {prompt_tokens} tokens; the context holds {}",
+                m.ctx
+            ),
+        ));
+    }
+    let max_tokens = p.max_completion_tokens.or(p.max_tokens).unwrap_or(room);
+    if max_tokens == 0 || max_tokens > room {
+        return Err(ApiError::bad_request(
+            "max_tokens",
+            format!("max_tokens must be between 1 and {room} ({prompt_tokens} prompt tokens in a context of {})", m.ctx),
+        ));
+    }
+    let temperature = p.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_request(
+            "temperature",
+            "temperature must be between 0 and 2",
+        ));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+        return Err(ApiError::bad_request("top_p", "top_p must be in (0, 1]"));
+    }
+    let min_p = p.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::bad_request("min_p", "min_p must be in [0, 1]"));
+    }
+    let seed = p.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    let penalty = |value: Option<f32>, param: &'static str| match value.unwrap_or(0.0) {
+        p if (-2.0..=2.0).contains(&p) => Ok(p),
+        _ => Err(ApiError::bad_request(
+            param,
+            format!("{param} must be between -2 and 2"),
+        )),
+    };
+    let config = SamplerConfig {
+        temperature,
+        top_k: p.top_k.unwrap_or(0),
+        top_p,
+        min_p,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        presence_penalty: penalty(p.presence_penalty, "presence_penalty")?,
+        frequency_penalty: penalty(p.frequency_penalty, "frequency_penalty")?,
+        seed,
+    };
+    Ok((config, max_tokens))
+}
+
+fn parse<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    // Axum's rejections carry the right status (400, 413, 415, 422); keep it, in OpenAI's shape.
+    body.map(|Json(v)| v).map_err(|e| {
+        let status = if e.status() == axum::http::StatusCode::UNPROCESSABLE_ENTITY {
+            axum::http::StatusCode::BAD_REQUEST
+        } else {
+            e.status()
+        };
+        ApiError::body(status, e.body_text())
+    })
+}
+
+pub fn finish_reason(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// The receiving end of a started request's events.
+type Started = tokio::sync::mpsc::UnboundedReceiver<Event>;
+
+/// Queues a request. Returns its id, its events, and `Some(include_usage)` when the client asked to stream.
+fn start(
+    s: &Shared,
+    m: &Served,
+    kind: &str,
+    prompt: Vec<u32>,
+    p: Sampling,
+) -> Result<(String, Started, Option<bool>), ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("prompt", "the prompt is empty"));
+    }
+    let (sampler, max_tokens) = sampler(m, &p, prompt.len())?;
+    let stop = p.stop.into_vec();
+    if stop.len() > 4 {
+        return Err(ApiError::bad_request("stop", "at most 4 stop sequences"));
+    }
+    let waiting = s.metrics.waiting.get();
+    if waiting >= s.max_waiting {
+        return Err(ApiError::busy(waiting));
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = request_id(kind);
+    tracing::info!(request_id = %id, prompt_tokens = prompt.len(), max_tokens, stream = p.stream, "request queued");
+    let job = Job {
+        id: id.clone(),
+        arrived: std::time::Instant::now(),
+        prompt,
+        max_tokens,
+        sampler,
+        stop,
+        events: tx,
+    };
+    s.metrics.waiting.inc();
+    m.submit(job)?;
+    Ok((
+        id,
+        rx,
+        p.stream
+            .then(|| p.stream_options.is_some_and(|o| o.include_usage)),
+    ))
+}
+
+/// Runs a request to the end: its text, finish reason and usage.
+async fn collect(mut started: Started) -> Result<(String, &'static str, Value), ApiError> {
+    let mut text = String::new();
+    while let Some(event) = started.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                return Ok((
+                    text,
+                    finish_reason(finish),
+                    usage(prompt_tokens, completion_tokens),
+                ));
+            }
+            Event::Failed(message) => return Err(ApiError::internal(message)),
+        }
+    }
+    Err(ApiError::internal("the engine dropped the request"))
+}
+
+/// Streams a request as Server-Sent Events: `chunk(text, finish)` builds each JSON chunk; with `include_usage` a
+/// last chunk has empty `choices` and the `usage`; `data: [DONE]` ends the stream. A client that goes away drops
+/// the stream, which drops the request's channel, which cancels its generation.
+fn stream(
+    mut started: Started,
+    include_usage: bool,
+    chunk: impl Fn(Option<&str>, Option<&str>) -> Value + Send + 'static,
+) -> Response {
+    let (tx, rx) =
+        tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, std::convert::Infallible>>();
+    tokio::spawn(async move {
+        let send = |data: String| tx.send(Ok(SseEvent::default().data(data))).is_ok();
+        while let Some(event) = started.recv().await {
+            let sent = match event {
+                Event::Text(t) => send(chunk(Some(&t), None).to_string()),
+                Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let mut sent = send(chunk(None, Some(finish_reason(finish))).to_string());
+                    if include_usage {
+                        let mut last = chunk(None, None);
+                        last["choices"] = json!([]);
+                        last["usage"] = usage(prompt_tokens, completion_tokens);
+                        sent = sent && send(last.to_string());
+                    }
+                    sent && send("[DONE]".into())
+                }
+                Event::Failed(message) => send(
+                    json!({ "error": { "message": message, "type": "server_error" } }).to_string(),
+                ),
+            };
+            if !sent {
+                return;
+            }
+        }
+    });
+    Sse::new(UnboundedReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens })
+}
+
+pub async fn completions(
+    State(s): State<Shared>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let req = parse(body)?;
+    let prompt = match req.prompt {
+        Prompt::One(p) => p,
+        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Many(_) => {
+            return Err(ApiError::bad_request(
+                "prompt",
+                "exactly one prompt per request is supported",
+            ))
+        }
+    };
+    let m = s.registry.resolve(req.sampling.model.as_deref())?;
+    let ids = m.model.tokenizer.encode(&prompt, true);
+    let (id, started, streaming) = start(&s, m, "cmpl", ids, req.sampling)?;
+    let (created, name) = (now(), m.name.clone());
+    if let Some(include_usage) = streaming {
+        return Ok(stream(started, include_usage, move |text, finish| {
+            json!({ "id": id, "object": "text_completion", "created": created, "model": name,
+                "choices": [{ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null }] })
+        }));
+    }
+    let (text, finish, usage) = collect(started).await?;
+    Ok(Json(json!({ "id": id, "object": "text_completion", "created": created, "model": name,
+        "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": null }], "usage": usage }))
+    .into_response())
+}
+
+pub async fn chat_completions(
+    State(s): State<Shared>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let req = parse(body)?;
+    let m = s.registry.resolve(req.sampling.model.as_deref())?;
+    let template = m.template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            "messages",
+            "this model has no chat template; use /v1/completions",
+        )
+    })?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request(
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    let rendered = template
+        .render(&req.messages, true)
+        .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+    let tokenizer = &m.model.tokenizer;
+    let mut ids = tokenizer.encode(&rendered, true);
+    if let Some(bos) = tokenizer.bos() {
+        if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+            ids.remove(0); // the template wrote BOS itself
+        }
+    }
+    let (id, started, streaming) = start(&s, m, "chatcmpl", ids, req.sampling)?;
+    let (created, name) = (now(), m.name.clone());
+    if let Some(include_usage) = streaming {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        return Ok(stream(started, include_usage, move |text, finish| {
+            let mut delta = json!({});
+            if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(text) = text {
+                delta["content"] = json!(text);
+            }
+            json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+        }));
+    }
+    let (text, finish, usage) = collect(started).await?;
+    Ok(Json(json!({ "id": id, "object": "chat.completion", "created": created, "model": name,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish }], "usage": usage }))
+    .into_response())
+}
+
+pub async fn tokenize(
+    State(s): State<Shared>,
+    body: Result<Json<TokenizeRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req = parse(body)?;
+    let m = s.registry.resolve(req.model.as_deref())?;
+    let tokens = m
+        .model
+        .tokenizer
+        .encode(&req.prompt, req.add_special_tokens);
+    Ok(Json(
+        json!({ "tokens": tokens, "count": tokens.len(), "max_model_len": m.ctx }),
+    ))
+}
+
+pub async fn detokenize(
+    State(s): State<Shared>,
+    body: Result<Json<DetokenizeRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req = parse(body)?;
+    let m = s.registry.resolve(req.model.as_deref())?;
+    let text = m
+        .model
+        .tokenizer
+        .decode(&req.tokens)
+        .map_err(|e| ApiError::bad_request("tokens", e.to_string()))?;
+    Ok(Json(json!({ "prompt": text })))
+}
