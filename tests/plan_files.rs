@@ -284,27 +284,10 @@ fn graph_forms_render_and_round_trip() {
     assert_eq!(kiln_ir::text::print(&graph), ir);
     // Graphviz accepts the dot form.
     let dot = kiln_ok(&["inspect", "--dot", plan]);
-    let render = std::process::Command::new("dot")
-        .arg("-Tsvg")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let Ok(mut child) = render else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "graphviz `dot` is missing in CI (.ci/run installs it)"
-        );
-        eprintln!("\n!!!!!!!! SKIPPED the Graphviz render: `dot` is not installed (apt-get install graphviz) !!!!!!!!\n");
+    let Some(out) = common::pipe_through("dot", &["-Tsvg"], &dot, "apt-get install graphviz")
+    else {
         return;
     };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(dot.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",

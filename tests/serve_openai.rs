@@ -113,27 +113,14 @@ fn check_metrics(url: &str) {
         text.contains(r#"kiln:plan_info{format_version="1",model="m",target="cpu ("#),
         "{text}"
     );
-    let promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let Ok(mut promtool) = promtool else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is missing in CI (.ci/run installs the `prometheus` package)"
-        );
-        eprintln!("\n!!!!!!!! SKIPPED promtool check: `promtool` is not installed (apt-get install prometheus) !!!!!!!!\n");
+    let Some(out) = common::pipe_through(
+        "promtool",
+        &["check", "metrics"],
+        &text,
+        "apt-get install prometheus",
+    ) else {
         return;
     };
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -163,3 +163,33 @@ impl Drop for Server {
         let _ = self.child.kill();
     }
 }
+
+/// Pipes `input` through an external tool (`dot`, `promtool`) and returns its output. When the tool is not
+/// installed, the check is skipped with a loud message, except in CI (`CI` set), where `.ci/run` installs it.
+pub fn pipe_through(tool: &str, args: &[&str], input: &str, install: &str) -> Option<Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let spawned = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = spawned else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`{tool}` is missing in CI (.ci/run installs it)"
+        );
+        eprintln!(
+            "\n!!!!!!!! SKIPPED a `{tool}` check: it is not installed ({install}) !!!!!!!!\n"
+        );
+        return None;
+    };
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes())
+        .expect("the tool reads its input");
+    Some(child.wait_with_output().expect("the tool runs"))
+}
