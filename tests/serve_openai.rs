@@ -4,7 +4,7 @@ mod common;
 
 use common::{kiln_ok, model, Server};
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn openai_client_gets_what_kiln_run_gets() {
