@@ -55,6 +55,18 @@ try:
 except openai.BadRequestError as e:
     check(e.body["param"] == "presence_penalty", f"400 body {e.body}")
 
+lp = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+logprobs = lp.choices[0].logprobs
+check("".join(logprobs.tokens) == lp.choices[0].text, f"logprob tokens {logprobs.tokens} spell {lp.choices[0].text!r}")
+check(all(len(t) == 3 for t in logprobs.top_logprobs), "3 alternatives per token")
+check(all(abs(max(t.values()) - v) < 1e-6 for t, v in zip(logprobs.top_logprobs, logprobs.token_logprobs)), "greedy picks the top alternative")
+# llama.cpp (full-precision attention) gives " Paris" a log-probability of -0.2644 at the first position.
+check(logprobs.tokens[0] == " Paris" and abs(logprobs.token_logprobs[0] - (-0.2644)) < 0.05, f"first logprob {logprobs.token_logprobs[0]}")
+chat_lp = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+content = chat_lp.choices[0].logprobs.content
+check("".join(t.token for t in content) == chat_lp.choices[0].message.content and all(len(t.top_logprobs) == 2 for t in content), "chat logprobs")
+check(c.choices[0].logprobs is None, "no logprobs unless asked for")
+
 a = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7)
 b = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7)
 check(a.choices[0].text == b.choices[0].text, "the same seed gives the same sample")

@@ -24,8 +24,8 @@ pub struct Generation {
 }
 
 /// Feeds `prompt` (continuing a sequence whose first `start` positions are cached), then samples up to
-/// `max_tokens`, calling `on_token` with each new id; it returns `ControlFlow::Break(reason)` to end generation
-/// there. End-of-generation tokens stop it and are not returned.
+/// `max_tokens`, calling `on_token` with each new id and the logits it was sampled from; it returns
+/// `ControlFlow::Break(reason)` to end generation there. End-of-generation tokens stop it and are not returned.
 pub fn generate(
     engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
@@ -33,7 +33,7 @@ pub fn generate(
     prompt: &[u32],
     start: usize,
     max_tokens: usize,
-    mut on_token: impl FnMut(u32) -> ControlFlow<FinishReason>,
+    mut on_token: impl FnMut(u32, &[f32]) -> ControlFlow<FinishReason>,
 ) -> Result<Generation, ExecError> {
     let mut history = prompt.to_vec();
     let mut ids = Vec::new();
@@ -50,7 +50,7 @@ pub fn generate(
             });
         }
         ids.push(id);
-        if let ControlFlow::Break(finish) = on_token(id) {
+        if let ControlFlow::Break(finish) = on_token(id, logits.last()) {
             return Ok(Generation {
                 ids,
                 finish,
@@ -69,6 +69,26 @@ pub fn generate(
         finish: FinishReason::Length,
         first_top_logits,
     })
+}
+
+/// `ln(sum(exp(logits)))`, computed stably in f64.
+fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max
+}
+
+/// Log-probabilities of a logits row (log-softmax).
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let log_sum = log_sum_exp(logits);
+    logits
+        .iter()
+        .map(|&l| (l as f64 - log_sum) as f32)
+        .collect()
 }
 
 /// The `k` highest logits, highest first.
@@ -115,14 +135,7 @@ pub fn perplexity(
         let logits = engine.forward(&chunk, 0)?;
         for j in first..ctx - 1 {
             let row = logits.row(j);
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let log_sum = row
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln()
-                + max;
-            let loss = log_sum - row[chunk[j + 1] as usize] as f64;
+            let loss = log_sum_exp(row) - row[chunk[j + 1] as usize] as f64;
             nll += loss;
             nll2 += loss * loss;
             count += 1;

@@ -104,7 +104,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             &ids[common..],
             common,
             args.max_tokens,
-            |id| {
+            |id, _| {
                 printer.token(id);
                 ControlFlow::Continue(())
             },

@@ -55,7 +55,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         &prompt_ids,
         0,
         args.max_tokens,
-        |id| {
+        |id, _| {
             bar.inc(1);
             if !args.json {
                 printer.token(id);

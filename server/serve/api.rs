@@ -45,6 +45,9 @@ pub struct Sampling {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub stream_options: Option<StreamOptions>,
+    /// Chat: `true` to return logprobs (with `top_logprobs` alternatives); completions: the number of alternatives.
+    pub logprobs: Option<serde_json::Value>,
+    pub top_logprobs: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default, Clone, Copy)]

@@ -1,12 +1,13 @@
-//! The engine thread: it owns the executor and runs one job at a time, streaming text back as it is generated.
-//! (Continuous batching across requests comes with the batched executor.)
+//! The engine thread: it owns one model's executor and runs one job at a time, streaming text back as it is
+//! generated. (Continuous batching across requests comes with the batched executor.)
 
+use super::handlers::finish_reason;
 use super::metrics::Metrics;
 use crate::model::Model;
-use kiln_runtime::generate::{generate, FinishReason};
+use kiln_runtime::generate::{generate, log_softmax, top_logits, FinishReason};
 use kiln_runtime::stop::StopMatcher;
 use kiln_runtime::tokenizer::StreamDecoder;
-use kiln_runtime::{Sampler, SamplerConfig};
+use kiln_runtime::{Sampler, SamplerConfig, Tokenizer};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,12 +21,28 @@ pub struct Job {
     pub max_tokens: usize,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
+    /// Report each token's log-probability and this many alternatives (`None`: no logprobs).
+    pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
+}
+
+/// One generated token with its log-probability (under the model, before sampling settings) and the most likely
+/// alternatives at its position.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// Text now safe to send, with the logprobs of the tokens that produced it (when asked for).
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
         finish: FinishReason,
         prompt_tokens: usize,
@@ -62,6 +79,28 @@ pub fn spawn(
     Ok(tx)
 }
 
+fn token_logprob(tokenizer: &Tokenizer, id: u32, logits: &[f32], top: usize) -> TokenLogprob {
+    let logprobs = log_softmax(logits);
+    let entry = |id: u32| {
+        let bytes = tokenizer.token_bytes(id).unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (token, bytes) = entry(id);
+    let top = top_logits(&logprobs, top)
+        .into_iter()
+        .map(|(alt, lp)| {
+            let (text, bytes) = entry(alt);
+            (text, bytes, lp)
+        })
+        .collect();
+    TokenLogprob {
+        token,
+        bytes,
+        logprob: logprobs[id as usize],
+        top,
+    }
+}
+
 fn run(
     model: &Model,
     engine: &mut kiln_runtime::ReferenceExecutor,
@@ -73,10 +112,18 @@ fn run(
     let mut sampler = Sampler::new(job.sampler);
     let (mut decoder, mut stop) = (StreamDecoder::default(), StopMatcher::new(job.stop));
     let events = &job.events;
-    let send = |text: String| text.is_empty() || events.send(Event::Text(text)).is_ok();
-    let mut hit_stop_string = false;
-    let mut last_token: Option<Instant> = None;
-    let mut generated = 0;
+    // Logprobs of tokens whose text is still held back; they go out with that text.
+    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let send = |text: String, pending: &mut Vec<TokenLogprob>| {
+        text.is_empty()
+            || events
+                .send(Event::Text {
+                    text,
+                    logprobs: std::mem::take(pending),
+                })
+                .is_ok()
+    };
+    let (mut last_token, mut generated, mut hit_stop_string) = (None::<Instant>, 0, false);
     let result = generate(
         engine,
         tokenizer,
@@ -84,7 +131,7 @@ fn run(
         &job.prompt,
         0,
         job.max_tokens,
-        |id| {
+        |id, logits| {
             match last_token {
                 None => metrics
                     .time_to_first_token
@@ -99,10 +146,13 @@ fn run(
             metrics
                 .kv_cache_usage
                 .set((job.prompt.len() + generated) as f64 / ctx as f64);
+            if let Some(top) = job.logprobs {
+                pending.push(token_logprob(tokenizer, id, logits, top));
+            }
             let bytes = tokenizer.token_bytes(id).unwrap_or_default();
             let (text, stopped) = stop.push(&decoder.push(&bytes));
             hit_stop_string = stopped;
-            match (send(text), stopped) {
+            match (send(text, &mut pending), stopped) {
                 (false, _) => ControlFlow::Break(FinishReason::Cancelled),
                 (true, true) => ControlFlow::Break(FinishReason::Stop),
                 (true, false) => ControlFlow::Continue(()),
@@ -119,14 +169,26 @@ fn run(
             // could have begun a stop string).
             if !hit_stop_string {
                 let (text, stopped) = stop.push(&decoder.finish());
-                if !send(text) || (!stopped && !send(stop.finish())) {
+                let rest = if stopped {
+                    String::new()
+                } else {
+                    stop.finish()
+                };
+                if !send(text + &rest, &mut pending) {
                     return;
                 }
             }
             let e2e = job.arrived.elapsed();
             metrics.e2e_latency.observe(e2e.as_secs_f64());
-            tracing::info!(request_id = %job.id, finish = super::handlers::finish_reason(generation.finish), prompt_tokens = job.prompt.len(), completion_tokens = generation.ids.len(), e2e_ms = e2e.as_millis() as u64, "request finished");
-            metrics.finished(super::handlers::finish_reason(generation.finish));
+            metrics.finished(finish_reason(generation.finish));
+            tracing::info!(
+                request_id = %job.id,
+                finish = finish_reason(generation.finish),
+                prompt_tokens = job.prompt.len(),
+                completion_tokens = generation.ids.len(),
+                e2e_ms = e2e.as_millis() as u64,
+                "request finished"
+            );
             Event::Done {
                 finish: generation.finish,
                 prompt_tokens: job.prompt.len(),

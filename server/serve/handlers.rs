@@ -3,7 +3,7 @@
 use super::api::{
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, Sampling, TokenizeRequest,
 };
-use super::engine::{Event, Job};
+use super::engine::{Event, Job, TokenLogprob};
 use super::models::Served;
 use super::Shared;
 use axum::extract::rejection::JsonRejection;
@@ -135,18 +135,29 @@ pub fn finish_reason(finish: FinishReason) -> &'static str {
 /// The receiving end of a started request's events.
 type Started = tokio::sync::mpsc::UnboundedReceiver<Event>;
 
-/// Queues a request. Returns its id, its events, and `Some(include_usage)` when the client asked to stream.
+/// A queued request.
+struct Queued {
+    id: String,
+    events: Started,
+    /// `Some(include_usage)` when the client asked to stream.
+    stream: Option<bool>,
+    /// Whether the client asked for logprobs.
+    logprobs: bool,
+}
+
+/// Validates and queues a request on its model's engine.
 fn start(
     s: &Shared,
     m: &Served,
     kind: &str,
     prompt: Vec<u32>,
     p: Sampling,
-) -> Result<(String, Started, Option<bool>), ApiError> {
+) -> Result<Queued, ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::bad_request("prompt", "the prompt is empty"));
     }
     let (sampler, max_tokens) = sampler(m, &p, prompt.len())?;
+    let logprobs = requested_logprobs(&p, kind == "chatcmpl")?;
     let stop = p.stop.into_vec();
     if stop.len() > 4 {
         return Err(ApiError::bad_request("stop", "at most 4 stop sequences"));
@@ -165,24 +176,111 @@ fn start(
         max_tokens,
         sampler,
         stop,
+        logprobs,
         events: tx,
     };
     s.metrics.waiting.inc();
     m.submit(job)?;
-    Ok((
+    let stream = p
+        .stream
+        .then(|| p.stream_options.is_some_and(|o| o.include_usage));
+    Ok(Queued {
         id,
-        rx,
-        p.stream
-            .then(|| p.stream_options.is_some_and(|o| o.include_usage)),
-    ))
+        events: rx,
+        stream,
+        logprobs: logprobs.is_some(),
+    })
 }
 
-/// Runs a request to the end: its text, finish reason and usage.
-async fn collect(mut started: Started) -> Result<(String, &'static str, Value), ApiError> {
-    let mut text = String::new();
+/// How many logprob alternatives a request wants (`None`: no logprobs). Chat asks with `logprobs: true` and
+/// `top_logprobs: k`; completions with `logprobs: k`.
+fn requested_logprobs(p: &Sampling, chat: bool) -> Result<Option<usize>, ApiError> {
+    let top = match (&p.logprobs, chat) {
+        (None | Some(Value::Null) | Some(Value::Bool(false)), _) => {
+            if chat && p.top_logprobs.is_some() {
+                return Err(ApiError::bad_request(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(Value::Bool(true)), true) => p.top_logprobs.unwrap_or(0),
+        (Some(Value::Number(n)), false) => n.as_u64().map_or(usize::MAX, |n| n as usize),
+        _ if chat => {
+            return Err(ApiError::bad_request(
+                "logprobs",
+                "logprobs must be true or false",
+            ))
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "logprobs",
+                "logprobs must be the number of alternatives (0 to 20)",
+            ))
+        }
+    };
+    if top > 20 {
+        return Err(ApiError::bad_request(
+            if chat { "top_logprobs" } else { "logprobs" },
+            "at most 20 alternatives",
+        ));
+    }
+    Ok(Some(top))
+}
+
+/// Chat's logprobs shape: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`.
+fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let entry = |token: &str, bytes: &[u8], logprob: f32| json!({ "token": token, "logprob": logprob, "bytes": bytes });
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.token, &t.bytes, t.logprob);
+            e["top_logprobs"] = t
+                .top
+                .iter()
+                .map(|(tok, bytes, lp)| entry(tok, bytes, *lp))
+                .collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// The completions logprobs shape: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`.
+fn completion_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let offsets: Vec<usize> = tokens
+        .iter()
+        .scan(0, |at, t| Some(std::mem::replace(at, *at + t.token.len())))
+        .collect();
+    let top: Vec<serde_json::Map<String, Value>> = tokens
+        .iter()
+        .map(|t| {
+            t.top
+                .iter()
+                .map(|(tok, _, lp)| (tok.clone(), json!(lp)))
+                .collect()
+        })
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|t| &t.token).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
+}
+
+/// Runs a request to the end: its text, finish reason, usage and logprobs.
+async fn collect(
+    mut started: Started,
+) -> Result<(String, &'static str, Value, Vec<TokenLogprob>), ApiError> {
+    let (mut text, mut all_logprobs) = (String::new(), Vec::new());
     while let Some(event) = started.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text { text: t, logprobs } => {
+                text.push_str(&t);
+                all_logprobs.extend(logprobs);
+            }
             Event::Done {
                 finish,
                 prompt_tokens,
@@ -192,6 +290,7 @@ async fn collect(mut started: Started) -> Result<(String, &'static str, Value), 
                     text,
                     finish_reason(finish),
                     usage(prompt_tokens, completion_tokens),
+                    all_logprobs,
                 ));
             }
             Event::Failed(message) => return Err(ApiError::internal(message)),
@@ -206,7 +305,7 @@ async fn collect(mut started: Started) -> Result<(String, &'static str, Value), 
 fn stream(
     mut started: Started,
     include_usage: bool,
-    chunk: impl Fn(Option<&str>, Option<&str>) -> Value + Send + 'static,
+    chunk: impl Fn(Option<&str>, Option<&str>, &[TokenLogprob]) -> Value + Send + 'static,
 ) -> Response {
     let (tx, rx) =
         tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, std::convert::Infallible>>();
@@ -214,15 +313,17 @@ fn stream(
         let send = |data: String| tx.send(Ok(SseEvent::default().data(data))).is_ok();
         while let Some(event) = started.recv().await {
             let sent = match event {
-                Event::Text(t) => send(chunk(Some(&t), None).to_string()),
+                Event::Text { text, logprobs } => {
+                    send(chunk(Some(&text), None, &logprobs).to_string())
+                }
                 Event::Done {
                     finish,
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    let mut sent = send(chunk(None, Some(finish_reason(finish))).to_string());
+                    let mut sent = send(chunk(None, Some(finish_reason(finish)), &[]).to_string());
                     if include_usage {
-                        let mut last = chunk(None, None);
+                        let mut last = chunk(None, None, &[]);
                         last["choices"] = json!([]);
                         last["usage"] = usage(prompt_tokens, completion_tokens);
                         sent = sent && send(last.to_string());
@@ -264,17 +365,28 @@ pub async fn completions(
     };
     let m = s.registry.resolve(req.sampling.model.as_deref())?;
     let ids = m.model.tokenizer.encode(&prompt, true);
-    let (id, started, streaming) = start(&s, m, "cmpl", ids, req.sampling)?;
-    let (created, name) = (now(), m.name.clone());
-    if let Some(include_usage) = streaming {
-        return Ok(stream(started, include_usage, move |text, finish| {
-            json!({ "id": id, "object": "text_completion", "created": created, "model": name,
-                "choices": [{ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null }] })
-        }));
+    let q = start(&s, m, "cmpl", ids, req.sampling)?;
+    let (id, created, name, want_logprobs) = (q.id, now(), m.name.clone(), q.logprobs);
+    let logprobs = move |tokens: &[TokenLogprob]| {
+        if want_logprobs {
+            completion_logprobs(tokens)
+        } else {
+            Value::Null
+        }
+    };
+    if let Some(include_usage) = q.stream {
+        return Ok(stream(
+            q.events,
+            include_usage,
+            move |text, finish, tokens| {
+                json!({ "id": id, "object": "text_completion", "created": created, "model": name,
+                "choices": [{ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs(tokens) }] })
+            },
+        ));
     }
-    let (text, finish, usage) = collect(started).await?;
+    let (text, finish, usage, tokens) = collect(q.events).await?;
     Ok(Json(json!({ "id": id, "object": "text_completion", "created": created, "model": name,
-        "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": null }], "usage": usage }))
+        "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs(&tokens) }], "usage": usage }))
     .into_response())
 }
 
@@ -306,25 +418,37 @@ pub async fn chat_completions(
             ids.remove(0); // the template wrote BOS itself
         }
     }
-    let (id, started, streaming) = start(&s, m, "chatcmpl", ids, req.sampling)?;
-    let (created, name) = (now(), m.name.clone());
-    if let Some(include_usage) = streaming {
+    let q = start(&s, m, "chatcmpl", ids, req.sampling)?;
+    let (id, created, name, want_logprobs) = (q.id, now(), m.name.clone(), q.logprobs);
+    let logprobs = move |tokens: &[TokenLogprob]| {
+        if want_logprobs {
+            chat_logprobs(tokens)
+        } else {
+            Value::Null
+        }
+    };
+    if let Some(include_usage) = q.stream {
         let first = std::sync::atomic::AtomicBool::new(true);
-        return Ok(stream(started, include_usage, move |text, finish| {
-            let mut delta = json!({});
-            if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                delta["role"] = json!("assistant");
-            }
-            if let Some(text) = text {
-                delta["content"] = json!(text);
-            }
-            json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
-        }));
+        return Ok(stream(
+            q.events,
+            include_usage,
+            move |text, finish, tokens| {
+                let mut delta = json!({});
+                if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(text) = text {
+                    delta["content"] = json!(text);
+                }
+                json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs(tokens) }] })
+            },
+        ));
     }
-    let (text, finish, usage) = collect(started).await?;
+    let (text, finish, usage, tokens) = collect(q.events).await?;
     Ok(Json(json!({ "id": id, "object": "chat.completion", "created": created, "model": name,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish }], "usage": usage }))
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish,
+            "logprobs": logprobs(&tokens) }], "usage": usage }))
     .into_response())
 }
 
