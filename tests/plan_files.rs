@@ -2,28 +2,9 @@
 
 mod common;
 
-use common::{kiln, kiln_ok, model};
+use common::{kiln, kiln_ok, model, smollm2_plan};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-/// SmolLM2 compiled once for the whole test binary.
-fn smollm2_plan() -> Option<PathBuf> {
-    static PLAN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    PLAN.get_or_init(|| {
-        let gguf = model("smollm2")?;
-        let plan =
-            std::env::temp_dir().join(format!("kiln-test-{}-smollm2.plan", std::process::id()));
-        kiln_ok(&[
-            "compile",
-            gguf.to_str().unwrap(),
-            "-o",
-            plan.to_str().unwrap(),
-        ]);
-        Some(plan)
-    })
-    .clone()
-}
 
 #[test]
 fn plan_runs_exactly_like_the_gguf() {

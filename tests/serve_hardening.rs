@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{kiln_ok, model, Server};
+use common::{model, Server};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -53,18 +53,7 @@ fn post_json(s: &Server, path: &str, body: &str) -> (u16, String, String) {
 }
 
 fn plan() -> Option<String> {
-    let gguf = model("smollm2")?;
-    let plan =
-        std::env::temp_dir().join(format!("kiln-test-{}-hardening.plan", std::process::id()));
-    if !plan.exists() {
-        kiln_ok(&[
-            "compile",
-            gguf.to_str().unwrap(),
-            "-o",
-            plan.to_str().unwrap(),
-        ]);
-    }
-    Some(plan.to_str().unwrap().to_string())
+    common::smollm2_plan().map(|p| p.to_str().unwrap().to_string())
 }
 
 /// The body is OpenAI's error shape with this code.

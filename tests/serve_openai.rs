@@ -2,20 +2,15 @@
 
 mod common;
 
-use common::{kiln_ok, model, Server};
+use common::{kiln_ok, Server};
 use std::io::{Read, Write};
 use std::process::Command;
 
 #[test]
 fn openai_client_gets_what_kiln_run_gets() {
-    let Some(gguf) = model("smollm2") else { return };
-    let plan = std::env::temp_dir().join(format!("kiln-test-{}-serve.plan", std::process::id()));
-    kiln_ok(&[
-        "compile",
-        gguf.to_str().unwrap(),
-        "-o",
-        plan.to_str().unwrap(),
-    ]);
+    let Some(plan) = common::smollm2_plan() else {
+        return;
+    };
     let run = kiln_ok(&[
         "run",
         plan.to_str().unwrap(),
@@ -64,7 +59,6 @@ fn openai_client_gets_what_kiln_run_gets() {
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     let status = server.child.wait().unwrap();
     assert!(status.success(), "kiln serve exited with {status}");
-    std::fs::remove_file(plan).unwrap();
 }
 
 /// A plain HTTP/1.0 GET (the body only).

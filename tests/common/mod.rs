@@ -193,3 +193,22 @@ pub fn pipe_through(tool: &str, args: &[&str], input: &str, install: &str) -> Op
         .expect("the tool reads its input");
     Some(child.wait_with_output().expect("the tool runs"))
 }
+
+/// SmolLM2 compiled to a plan, once per test binary.
+pub fn smollm2_plan() -> Option<PathBuf> {
+    static PLAN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    PLAN.get_or_init(|| {
+        let gguf = model("smollm2")?;
+        // One file in cargo's scratch directory, replaced (atomically, by the plan writer) by each test binary:
+        // nothing accumulates across runs.
+        let plan = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2.plan");
+        kiln_ok(&[
+            "compile",
+            gguf.to_str().unwrap(),
+            "-o",
+            plan.to_str().unwrap(),
+        ]);
+        Some(plan)
+    })
+    .clone()
+}
