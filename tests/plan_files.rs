@@ -11,19 +11,7 @@ fn plan_runs_exactly_like_the_gguf() {
     let (Some(gguf), Some(plan)) = (model("smollm2"), smollm2_plan()) else {
         return;
     };
-    let run = |path: &Path| {
-        kiln_ok(&[
-            "run",
-            path.to_str().unwrap(),
-            "-p",
-            "The capital of France is",
-            "-n",
-            "16",
-            "--temp",
-            "0",
-            "--json",
-        ])
-    };
+    let run = |path: &Path| common::greedy_json(path, 16);
     // Same ids and the same logits, bit for bit (the JSON prints every f32 exactly).
     assert_eq!(run(&plan), run(&gguf));
     let ppl = |path: &Path| {

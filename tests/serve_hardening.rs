@@ -85,63 +85,51 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         assert!(body.contains(" Paris"), "{body}");
     };
     ok(&s);
-    assert_error(
-        post_json(&s, "/v1/completions", r#"{"prompt": "#),
-        400,
-        "invalid_json",
-    );
-    assert_error(
-        post_json(&s, "/v1/completions", r#"{"prompt": 5}"#),
-        400,
-        "invalid_json",
-    );
-    assert_error(
-        post_json(
-            &s,
+    // Each bad request, and the status and error code it must get.
+    let cases: [(&str, &str, u16, &str); 9] = [
+        ("/v1/completions", r#"{"prompt": "#, 400, "invalid_json"),
+        ("/v1/completions", r#"{"prompt": 5}"#, 400, "invalid_json"),
+        (
             "/v1/completions",
             r#"{"prompt": "x", "max_tokens": -1}"#,
+            400,
+            "invalid_json",
         ),
-        400,
-        "invalid_json",
-    );
-    assert_error(
-        post_json(
-            &s,
+        (
             "/v1/completions",
             r#"{"prompt": "x", "max_tokens": 100000000}"#,
+            400,
+            "invalid_value",
         ),
-        400,
-        "invalid_value",
-    );
-    assert_error(
-        post_json(
-            &s,
+        (
             "/v1/completions",
             r#"{"prompt": "x", "temperature": 9}"#,
+            400,
+            "invalid_value",
         ),
-        400,
-        "invalid_value",
-    );
-    assert_error(
-        post_json(&s, "/v1/completions", r#"{"prompt": "x", "n": 3}"#),
-        400,
-        "invalid_value",
-    );
-    assert_error(
-        post_json(&s, "/v1/chat/completions", r#"{"messages": []}"#),
-        400,
-        "invalid_value",
-    );
-    assert_error(
-        post_json(
-            &s,
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "n": 3}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": []}"#,
+            400,
+            "invalid_value",
+        ),
+        (
             "/v1/completions",
             r#"{"model": "gpt-5", "prompt": "x"}"#,
+            404,
+            "model_not_found",
         ),
-        404,
-        "model_not_found",
-    );
-    assert_error(post_json(&s, "/v2/everything", "{}"), 404, "not_found");
+        ("/v2/everything", "{}", 404, "not_found"),
+    ];
+    for (path, body, status, code) in cases {
+        assert_error(post_json(&s, path, body), status, code);
+    }
     assert_error(
         request(
             &s,

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{kiln_ok, Server};
+use common::Server;
 use std::io::{Read, Write};
 use std::process::Command;
 
@@ -11,17 +11,7 @@ fn openai_client_gets_what_kiln_run_gets() {
     let Some(plan) = common::smollm2_plan() else {
         return;
     };
-    let run = kiln_ok(&[
-        "run",
-        plan.to_str().unwrap(),
-        "-p",
-        "The capital of France is",
-        "-n",
-        "16",
-        "--temp",
-        "0",
-        "--json",
-    ]);
+    let run = common::greedy_json(&plan, 16);
     let expected: serde_json::Value = serde_json::from_str(&run).unwrap();
 
     let mut server = Server::start(&[], plan.to_str().unwrap(), &[], &[]);

@@ -212,3 +212,18 @@ pub fn smollm2_plan() -> Option<PathBuf> {
     })
     .clone()
 }
+
+/// `kiln run PATH -p "The capital of France is" -n N --temp 0 --json`: the reference prompt, greedy, as JSON text.
+pub fn greedy_json(path: &Path, n: usize) -> String {
+    kiln_ok(&[
+        "run",
+        path.to_str().expect("utf-8 path"),
+        "-p",
+        "The capital of France is",
+        "-n",
+        &n.to_string(),
+        "--temp",
+        "0",
+        "--json",
+    ])
+}
