@@ -200,6 +200,7 @@ fn plan_for_another_target_is_refused() {
         &c.graph,
         &c.schedule,
         &c.layouts,
+        &Default::default(),
         &gguf,
         |_, _| {},
     )

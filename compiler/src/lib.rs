@@ -1,5 +1,7 @@
-//! kiln-compiler: reads GGUF models and lowers them to kiln's IR.
+//! kiln-compiler: reads GGUF models, lowers them to kiln's IR, optimizes the graph, generates native code and
+//! writes plan files.
 
+pub mod codegen;
 pub mod gguf;
 pub mod lower;
 pub mod passes;

@@ -3,7 +3,8 @@
 use crate::passes::Layouts;
 use kiln_ir::layout::Layout;
 use kiln_ir::plan::{
-    self, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES, HEADER_BYTES,
+    self, CodeEntry, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES,
+    HEADER_BYTES,
 };
 use kiln_ir::schedule::Schedule;
 use kiln_ir::weights::WeightSource;
@@ -35,7 +36,29 @@ pub struct PlanSummary {
     pub weight_bytes: u64,
 }
 
-/// Writes `graph`, its metadata and every weight it declares to `path`. The file appears only when complete:
+/// Generated machine code: an index and the bytes it points into.
+#[derive(Default)]
+pub struct PlanCode {
+    pub index: Vec<CodeEntry>,
+    pub bytes: Vec<u8>,
+}
+
+impl PlanCode {
+    /// Appends one function's code at the next aligned offset.
+    pub fn push(&mut self, function: kiln_ir::cpu_abi::CpuFunction, clif: String, code: &[u8]) {
+        let offset = plan::align_up(self.bytes.len());
+        self.bytes.resize(offset, 0);
+        self.bytes.extend_from_slice(code);
+        self.index.push(CodeEntry {
+            function,
+            offset,
+            len: code.len(),
+            clif,
+        });
+    }
+}
+
+/// Writes `graph`, its metadata, its generated code and every weight it declares to `path`. The file appears only when complete:
 /// it is written beside the destination and renamed. `on_weight_bytes(done, total)` reports progress.
 pub fn write_plan(
     path: &Path,
@@ -43,6 +66,7 @@ pub fn write_plan(
     graph: &Graph,
     schedule: &Schedule,
     layouts: &Layouts,
+    code: &PlanCode,
     weights: &dyn WeightSource,
     mut on_weight_bytes: impl FnMut(u64, u64),
 ) -> Result<PlanSummary, PlanWriteError> {
@@ -75,6 +99,7 @@ pub fn write_plan(
     let graph_text = kiln_ir::text::print(graph).into_bytes();
     let index_json = serde_json::to_vec(&index).expect("weight index serializes");
     let schedule_json = serde_json::to_vec(schedule).expect("schedule serializes");
+    let kernels_json = serde_json::to_vec(&code.index).expect("code index serializes");
 
     let tmp = temp_path(path);
     let written = write_sections(
@@ -82,6 +107,7 @@ pub fn write_plan(
         &index,
         weights_len,
         [&meta_json, &graph_text, &schedule_json, &index_json],
+        [&kernels_json, &code.bytes],
         weights,
         &mut on_weight_bytes,
     );
@@ -109,6 +135,7 @@ fn write_sections(
     index: &[WeightEntry],
     weights_len: usize,
     [meta_json, graph_text, schedule_json, index_json]: [&Vec<u8>; 4],
+    [kernels_json, code]: [&Vec<u8>; 2],
     weights: &dyn WeightSource,
     on_weight_bytes: &mut impl FnMut(u64, u64),
 ) -> Result<u64, PlanWriteError> {
@@ -128,17 +155,10 @@ fn write_sections(
         (SectionKind::Schedule, schedule_json),
         (SectionKind::WeightIndex, index_json),
     ] {
-        out.write_all(bytes).map_err(io)?;
-        entries.push(SectionEntry {
-            kind: kind as u32,
-            offset: pos as u64,
-            len: bytes.len() as u64,
-            checksum: plan::checksum(bytes),
-        });
-        pos += bytes.len();
-        pos = pad_to_alignment(&mut out, pos).map_err(io)?;
+        pos = write_section(&mut out, &mut entries, kind, bytes, pos).map_err(io)?;
     }
     // Weights: streamed from the source (an mmap) and hashed on the way.
+    pos = pad_to_alignment(&mut out, pos).map_err(io)?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let start = pos;
     for entry in index {
@@ -161,6 +181,12 @@ fn write_sections(
         len: weights_len as u64,
         checksum: hasher.digest(),
     });
+    for (kind, bytes) in [
+        (SectionKind::Kernels, kernels_json),
+        (SectionKind::Code, code),
+    ] {
+        pos = write_section(&mut out, &mut entries, kind, bytes, pos).map_err(io)?;
+    }
 
     let table: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
     let prefix = plan::header_prefix(entries.len() as u32);
@@ -173,6 +199,25 @@ fn write_sections(
     let file = out.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     Ok(pos as u64)
+}
+
+/// Writes one section at the next aligned position after `pos` and records it; returns the position after it.
+fn write_section(
+    out: &mut impl Write,
+    entries: &mut Vec<SectionEntry>,
+    kind: SectionKind,
+    bytes: &[u8],
+    pos: usize,
+) -> std::io::Result<usize> {
+    let pos = pad_to_alignment(out, pos)?;
+    out.write_all(bytes)?;
+    entries.push(SectionEntry {
+        kind: kind as u32,
+        offset: pos as u64,
+        len: bytes.len() as u64,
+        checksum: plan::checksum(bytes),
+    });
+    Ok(pos + bytes.len())
 }
 
 fn pad_to_alignment(out: &mut impl Write, pos: usize) -> std::io::Result<usize> {

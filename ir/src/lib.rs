@@ -4,6 +4,7 @@
 //! verifier, model metadata, and the weight-source interface executors read through.
 
 pub mod activation;
+pub mod cpu_abi;
 pub mod dequant;
 pub mod dot;
 pub mod format;

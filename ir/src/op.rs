@@ -42,7 +42,7 @@ pub struct RopeParams {
 }
 
 /// The gate activation of a gated FFN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Activation {
     Silu,
     /// GELU, tanh approximation.

@@ -9,6 +9,7 @@
 //! and the whole table, so a flipped byte anywhere in the header, the table or a section is detected. The
 //! weights section is 64-byte aligned and each weight in it too, so weights are used in place from an mmap.
 
+use crate::cpu_abi::CpuFunction;
 use crate::layout::Layout;
 use crate::model::ModelInfo;
 use crate::QuantFormat;
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"KILNPLAN";
 /// Bumped on any change a reader of the previous version would misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 32;
 pub const ENTRY_BYTES: usize = 32;
 /// Alignment of every section and of every weight inside the weights section.
@@ -34,16 +35,22 @@ pub enum SectionKind {
     WeightIndex = 4,
     /// Raw weight bytes.
     Weights = 5,
+    /// JSON `Vec<CodeEntry>`: the generated functions, with their CLIF.
+    Kernels = 6,
+    /// Machine code of the generated functions, position-independent and free of relocations.
+    Code = 7,
 }
 
 impl SectionKind {
     /// In file order, which is also id order.
-    pub const ALL: [SectionKind; 5] = [
+    pub const ALL: [SectionKind; 7] = [
         SectionKind::Meta,
         SectionKind::Graph,
         SectionKind::Schedule,
         SectionKind::WeightIndex,
         SectionKind::Weights,
+        SectionKind::Kernels,
+        SectionKind::Code,
     ];
 
     pub fn from_id(id: u32) -> Option<Self> {
@@ -57,6 +64,8 @@ impl SectionKind {
             SectionKind::Schedule => "schedule",
             SectionKind::WeightIndex => "weight index",
             SectionKind::Weights => "weights",
+            SectionKind::Kernels => "kernels",
+            SectionKind::Code => "code",
         }
     }
 }
@@ -99,6 +108,15 @@ pub struct WeightEntry {
     /// Offset from the start of the weights section (a multiple of `ALIGN`).
     pub offset: usize,
     pub len: usize,
+}
+
+/// One generated function: where its machine code lies in the code section (a multiple of `ALIGN`), and its CLIF.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeEntry {
+    pub function: CpuFunction,
+    pub offset: usize,
+    pub len: usize,
+    pub clif: String,
 }
 
 /// One row of the section table.

@@ -268,16 +268,27 @@ fn host_features() -> Vec<String> {
             ($($f:tt),*) => { $( if std::arch::is_x86_feature_detected!($f) { found.push($f.to_string()); } )* };
         }
         detect!(
+            "sse3",
+            "ssse3",
             "sse4.1",
+            "sse4.2",
+            "popcnt",
+            "lzcnt",
+            "bmi1",
+            "bmi2",
+            "cmpxchg16b",
             "avx",
             "avx2",
             "fma",
             "f16c",
+            "avxvnni",
             "avx512f",
+            "avx512dq",
             "avx512bw",
             "avx512vl",
             "avx512vnni",
-            "avxvnni"
+            "avx512vbmi",
+            "avx512bitalg"
         );
         found
     }

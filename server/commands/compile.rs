@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln_compiler::codegen::generate_cpu_code;
 use kiln_compiler::passes::{compile, Stage, INTERLEAVE};
 use kiln_compiler::plan_writer::write_plan;
 use kiln_compiler::{lower, GgufFile};
@@ -12,10 +13,11 @@ use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum TargetArg {
-    /// Any CPU of this architecture (no ISA extensions required).
-    Cpu,
-    /// This host's CPU, with every ISA extension it has.
+    /// This host's CPU, with every ISA extension it has (AVX-512 and VNNI where present).
     Native,
+    /// Any server CPU of this architecture from the last decade (x86-64-v3: AVX2, FMA, BMI2), for plans that are
+    /// compiled once and served on many machines.
+    Cpu,
 }
 
 #[derive(Args, Debug)]
@@ -25,7 +27,7 @@ pub struct CompileArgs {
     /// Where to write the plan.
     #[arg(short, long)]
     pub output: PathBuf,
-    #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
+    #[arg(long, value_enum, default_value_t = TargetArg::Native)]
     pub target: TargetArg,
     /// Write the IR after each stage (`00-lowered.kir`, ...) and the final graph as Graphviz (`final.dot`) and
     /// JSON (`final.json`) into DIR.
@@ -43,12 +45,13 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         lowered.info.architecture,
         lowered.graph.len()
     );
-    let target = match args.target {
-        TargetArg::Cpu => Target::Cpu {
-            arch: std::env::consts::ARCH.to_string(),
-            features: Vec::new(),
-        },
-        TargetArg::Native => kiln_runtime::plan::host_target(),
+    let isa = match args.target {
+        TargetArg::Native => kiln_codegen_cpu::host_isa(),
+        TargetArg::Cpu => kiln_codegen_cpu::portable_isa(),
+    }?;
+    let target = Target::Cpu {
+        arch: isa.arch(),
+        features: isa.features(),
     };
     let mut dumps = vec![(
         "00-lowered.kir".to_string(),
@@ -84,6 +87,15 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         dump_ir(dir, &dumps, &compiled.graph)?;
         eprintln!("  wrote the IR after each stage to {}", dir.display());
     }
+    let codegen_started = Instant::now();
+    let code = generate_cpu_code(&compiled.graph, &compiled.layouts, &isa, |done, total| {
+        if done == total {
+            eprintln!(
+                "  generated {total} native functions with Cranelift in {:.0} ms",
+                codegen_started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    })?;
     let meta = PlanMeta {
         compiler: env!("CARGO_PKG_VERSION").to_string(),
         target,
@@ -99,6 +111,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         &compiled.graph,
         &compiled.schedule,
         &compiled.layouts,
+        &code,
         &gguf,
         |done, total| {
             bar.set_length(total);

@@ -1,0 +1,198 @@
+//! A thin layer over Cranelift's `FunctionBuilder`: counted loops, argument loads and the handful of vector idioms
+//! every kernel uses, each written once.
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32X4, I16, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::{
+    BlockArg, Endianness, Function, InstBuilder, MemFlagsData, Type, Value,
+};
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+
+pub struct Kb<'a> {
+    pub b: FunctionBuilder<'a>,
+    /// The argument-block pointer.
+    pub args: Value,
+}
+
+/// Memory the kernels touch is always valid and never trapping; alignment is not assumed.
+pub fn mem() -> MemFlagsData {
+    MemFlagsData::trusted()
+}
+
+/// Little-endian lane reinterpretation.
+fn lanes() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
+impl<'a> Kb<'a> {
+    /// Starts the body of `func` (one pointer parameter) and hands it to `body`.
+    pub fn build(func: &mut Function, config: TargetFrontendConfig, body: impl FnOnce(&mut Kb)) {
+        let mut ctx = FunctionBuilderContext::new();
+        let mut b = FunctionBuilder::new(func, &mut ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let args = b.block_params(entry)[0];
+        let mut kb = Kb { b, args };
+        body(&mut kb);
+        kb.b.ins().return_(&[]);
+        kb.b.finalize(config);
+    }
+
+    pub fn arg(&mut self, offset: i32, ty: Type) -> Value {
+        self.b.ins().load(ty, mem(), self.args, offset)
+    }
+
+    pub fn load(&mut self, ty: Type, ptr: Value, offset: usize) -> Value {
+        self.b.ins().load(ty, mem(), ptr, offset as i32)
+    }
+
+    pub fn store(&mut self, value: Value, ptr: Value, offset: usize) {
+        self.b.ins().store(mem(), value, ptr, offset as i32);
+    }
+
+    pub fn i64(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(I64, v)
+    }
+
+    pub fn f32(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(v)
+    }
+
+    pub fn f32x4(&mut self, v: f32) -> Value {
+        let s = self.f32(v);
+        self.b.ins().splat(F32X4, s)
+    }
+
+    pub fn i8x16(&mut self, v: u8) -> Value {
+        let s = self
+            .b
+            .ins()
+            .iconst(cranelift_codegen::ir::types::I8, v as i64);
+        self.b.ins().splat(I8X16, s)
+    }
+
+    pub fn i32x4(&mut self, v: i32) -> Value {
+        let s = self.b.ins().iconst(I32, v as i64);
+        self.b.ins().splat(I32X4, s)
+    }
+
+    /// `base + index * scale` for an i64 index.
+    pub fn offset(&mut self, base: Value, index: Value, scale: usize) -> Value {
+        let bytes = self.b.ins().imul_imm_s(index, scale as i64);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    pub fn var(&mut self, ty: Type, init: Value) -> Variable {
+        let v = self.b.declare_var(ty);
+        self.b.def_var(v, init);
+        v
+    }
+
+    /// `for i in (start..end).step_by(step) { body(i) }` over i64; loop-carried state goes in `Variable`s.
+    pub fn for_range(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: impl FnOnce(&mut Kb, Value),
+    ) {
+        let header = self.b.create_block();
+        let inner = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.append_block_param(header, I64);
+        self.b.ins().jump(header, &[BlockArg::Value(start)]);
+        self.b.switch_to_block(header);
+        let i = self.b.block_params(header)[0];
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, i, end);
+        self.b.ins().brif(more, inner, &[], exit, &[]);
+        self.b.switch_to_block(inner);
+        self.b.seal_block(inner);
+        body(self, i);
+        let next = self.b.ins().iadd_imm_s(i, step);
+        self.b.ins().jump(header, &[BlockArg::Value(next)]);
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+    }
+
+    /// `for i in 0..count` with a count known at generation time.
+    pub fn for_count(&mut self, count: usize, body: impl FnOnce(&mut Kb, Value)) {
+        let (start, end) = (self.i64(0), self.i64(count as i64));
+        self.for_range(start, end, 1, body);
+    }
+
+    /// `acc + sum of a[i] * b[i]` over each group of 4 bytes, `a` signed and `b` unsigned: written as the tree
+    /// Cranelift folds into one `vpdpbusd` on hosts with VNNI (and lowers exactly, if slower, elsewhere).
+    pub fn dot_u8i8(&mut self, acc: Value, a_i8: Value, b_u8: Value) -> Value {
+        let ins = |kb: &mut Kb, lo: bool| {
+            let a = if lo {
+                kb.b.ins().swiden_low(a_i8)
+            } else {
+                kb.b.ins().swiden_high(a_i8)
+            };
+            let b = if lo {
+                kb.b.ins().uwiden_low(b_u8)
+            } else {
+                kb.b.ins().uwiden_high(b_u8)
+            };
+            let p = kb.b.ins().imul(a, b);
+            let (pl, ph) = (kb.b.ins().swiden_low(p), kb.b.ins().swiden_high(p));
+            kb.b.ins().iadd_pairwise(pl, ph)
+        };
+        let lo = ins(self, true);
+        let hi = ins(self, false);
+        let sum = self.b.ins().iadd_pairwise(lo, hi);
+        self.b.ins().iadd(sum, acc)
+    }
+
+    /// The four lanes of an `f32x4` added.
+    pub fn hsum_f32(&mut self, v: Value) -> Value {
+        let l: Vec<Value> = (0..4).map(|i| self.b.ins().extractlane(v, i)).collect();
+        let a = self.b.ins().fadd(l[0], l[1]);
+        let c = self.b.ins().fadd(l[2], l[3]);
+        self.b.ins().fadd(a, c)
+    }
+
+    /// The four lanes of an `i32x4` added.
+    pub fn hsum_i32(&mut self, v: Value) -> Value {
+        let l: Vec<Value> = (0..4).map(|i| self.b.ins().extractlane(v, i)).collect();
+        let a = self.b.ins().iadd(l[0], l[1]);
+        let c = self.b.ins().iadd(l[2], l[3]);
+        self.b.ins().iadd(a, c)
+    }
+
+    /// The largest lane of an `f32x4`.
+    pub fn hmax_f32(&mut self, v: Value) -> Value {
+        let l: Vec<Value> = (0..4).map(|i| self.b.ins().extractlane(v, i)).collect();
+        let a = self.b.ins().fmax(l[0], l[1]);
+        let c = self.b.ins().fmax(l[2], l[3]);
+        self.b.ins().fmax(a, c)
+    }
+
+    pub fn bitcast(&mut self, ty: Type, v: Value) -> Value {
+        self.b.ins().bitcast(ty, lanes(), v)
+    }
+
+    /// A scalar i16 load sign-extended to i32.
+    pub fn load_i16(&mut self, ptr: Value, offset: usize) -> Value {
+        self.b
+            .ins()
+            .sload16(cranelift_codegen::ir::types::I32, mem(), ptr, offset as i32)
+    }
+
+    /// `cond ? a : b` for f32 scalars, where `cond` compares `x` with zero.
+    pub fn select_if_zero(&mut self, x: Value, zero_case: Value, other: Value) -> Value {
+        let zero = self.f32(0.0);
+        let is_zero = self.b.ins().fcmp(FloatCC::Equal, x, zero);
+        self.b.ins().select(is_zero, zero_case, other)
+    }
+
+    /// An i16 stored from an i32 value.
+    pub fn store_i16(&mut self, v: Value, ptr: Value, offset: usize) {
+        let narrow = self.b.ins().ireduce(I16, v);
+        self.store(narrow, ptr, offset);
+    }
+}

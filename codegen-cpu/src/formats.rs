@@ -1,0 +1,247 @@
+//! Per-format block dot products: how one stored weight block meets one block of quantized activations.
+//!
+//! Every integer format reduces to `vpdpbusd`-shaped dot products of unsigned weight codes with signed activation
+//! codes, plus a correction for the codes' offset or the block minimum through the activations' group sums:
+//! `w = d * code + m` gives `dot = d * dx * sum(code * qx) + m * dx * sum(qx)`.
+
+use crate::builder::Kb;
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8X16};
+use cranelift_codegen::ir::{ConstantData, InstBuilder, Value};
+use cranelift_frontend::Variable;
+use kiln_ir::cpu_abi::ActFormat;
+use kiln_ir::layout::Layout;
+use kiln_ir::QuantFormat;
+
+/// Per-row running sums: a vector part (reduced across lanes at the end) and a scalar part.
+#[derive(Clone, Copy)]
+pub struct RowAcc {
+    pub v: Variable,
+    pub s: Variable,
+}
+
+pub trait BlockDot {
+    /// The activation format the weights' dot product reads.
+    fn act(&self) -> ActFormat;
+    /// Values per block (the activation block holds the same number).
+    fn elems(&self) -> usize;
+    /// Bytes of one stored weight block.
+    fn block_bytes(&self) -> usize;
+    /// Values read once per activation block and shared by every row of a group.
+    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value>;
+    /// Adds `dot(w block, x block)` to `acc`.
+    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, shared: &[Value], acc: RowAcc);
+}
+
+/// The generator for `format` stored in `layout`, or `None` where kiln has none (the executor then runs the
+/// reference code for that matmul).
+pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot>> {
+    use QuantFormat as F;
+    let quant = |d: Box<dyn BlockDot>| layout.f32_scales.then_some(d);
+    match format {
+        F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => quant(Box::new(Block32::of(format))),
+        F::F32 | F::F16 | F::BF16 if layout == Layout::GGUF => Some(Box::new(Float(format))),
+        _ => None,
+    }
+}
+
+/// A vector constant of 16 bytes.
+fn bytes16(kb: &mut Kb, bytes: [u8; 16]) -> Value {
+    let handle =
+        kb.b.func
+            .dfg
+            .constants
+            .insert(ConstantData::from(bytes.to_vec()));
+    kb.b.ins().vconst(I8X16, handle)
+}
+
+/// The formats with blocks of 32: 4-bit or 8-bit codes, an optional 5th bit, a scale and an optional minimum.
+struct Block32 {
+    /// Byte offset of the f32 minimum (Q4_1, Q5_1), or `None` when the offset is a fixed multiple of `d`.
+    min_at: Option<usize>,
+    /// The code offset (`w = d * (code - offset)`) for formats without a minimum.
+    offset: f32,
+    /// Byte offset of the 32 high bits (Q5_0, Q5_1).
+    qh_at: Option<usize>,
+    qs_at: usize,
+    /// Q8_0: 32 signed bytes, not 16 bytes of nibbles.
+    bytes: bool,
+    block_bytes: usize,
+}
+
+impl Block32 {
+    /// The `f32s` layout: the f16 fields widened to f32 and moved to the front (`kiln_ir::layout`).
+    fn of(format: QuantFormat) -> Self {
+        let (min_at, offset, qh_at, qs_at, bytes) = match format {
+            QuantFormat::Q4_0 => (None, 8.0, None, 4, false),
+            QuantFormat::Q4_1 => (Some(4), 0.0, None, 8, false),
+            QuantFormat::Q5_0 => (None, 16.0, Some(4), 8, false),
+            QuantFormat::Q5_1 => (Some(4), 0.0, Some(8), 12, false),
+            QuantFormat::Q8_0 => (None, 128.0, None, 4, true),
+            _ => unreachable!("not a 32-block format"),
+        };
+        Block32 {
+            min_at,
+            offset,
+            qh_at,
+            qs_at,
+            bytes,
+            block_bytes: Layout {
+                f32_scales: true,
+                interleave: 1,
+            }
+            .block_bytes(format),
+        }
+    }
+
+    /// The 16 bits of `qh` from `first_bit` spread over 16 bytes: 0x10 where the bit is set, else 0.
+    fn high_bits(kb: &mut Kb, qh: Value, first_bit: usize) -> Value {
+        let splat = kb.b.ins().splat(I32X4, qh);
+        let bytes = kb.bitcast(I8X16, splat);
+        let byte = (first_bit / 8) as u8;
+        let mut index = [byte; 16];
+        index[8..].fill(byte + 1);
+        let index = bytes16(kb, index);
+        let spread = kb.b.ins().swizzle(bytes, index);
+        let mut masks = [0u8; 16];
+        for (i, m) in masks.iter_mut().enumerate() {
+            *m = 1 << (i % 8);
+        }
+        let masks = bytes16(kb, masks);
+        let bits = kb.b.ins().band(spread, masks);
+        let set = kb.b.ins().icmp(IntCC::Equal, bits, masks);
+        let high = kb.i8x16(0x10);
+        kb.b.ins().band(set, high)
+    }
+}
+
+impl BlockDot for Block32 {
+    fn act(&self) -> ActFormat {
+        ActFormat::Q8_0
+    }
+
+    fn elems(&self) -> usize {
+        32
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// `[dx, dx * sum(qx), codes 0..16, codes 16..32]`
+    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
+        let dx = kb.load(F32, x, 0);
+        let s0 = kb.load_i16(x, ActFormat::SUMS_AT);
+        let s1 = kb.load_i16(x, ActFormat::SUMS_AT + 2);
+        let sum = kb.b.ins().iadd(s0, s1);
+        let sum = kb.b.ins().fcvt_from_sint(F32, sum);
+        let dxsum = kb.b.ins().fmul(dx, sum);
+        let codes = ActFormat::Q8_0.codes_at();
+        let c0 = kb.load(I8X16, x, codes);
+        let c1 = kb.load(I8X16, x, codes + 16);
+        vec![dx, dxsum, c0, c1]
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: Value, _x: Value, shared: &[Value], acc: RowAcc) {
+        let (dx, dxsum, c0, c1) = (shared[0], shared[1], shared[2], shared[3]);
+        let (mut lo, mut hi) = if self.bytes {
+            let flip = kb.i8x16(0x80);
+            let a = kb.load(I8X16, w, self.qs_at);
+            let b = kb.load(I8X16, w, self.qs_at + 16);
+            (kb.b.ins().bxor(a, flip), kb.b.ins().bxor(b, flip))
+        } else {
+            let q = kb.load(I8X16, w, self.qs_at);
+            let mask = kb.i8x16(0x0F);
+            (kb.b.ins().band(q, mask), kb.b.ins().ushr_imm_s(q, 4))
+        };
+        if let Some(at) = self.qh_at {
+            let qh = kb.load(I32, w, at);
+            let h0 = Self::high_bits(kb, qh, 0);
+            let h1 = Self::high_bits(kb, qh, 16);
+            lo = kb.b.ins().bor(lo, h0);
+            hi = kb.b.ins().bor(hi, h1);
+        }
+        let zero = kb.i32x4(0);
+        let isum = kb.dot_u8i8(zero, c0, lo);
+        let isum = kb.dot_u8i8(isum, c1, hi);
+        let d = kb.load(F32, w, 0);
+        let ddx = kb.b.ins().fmul(d, dx);
+        let ddx = kb.b.ins().splat(F32X4, ddx);
+        let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
+        let v = kb.b.use_var(acc.v);
+        let v = kb.b.ins().fma(fsum, ddx, v);
+        kb.b.def_var(acc.v, v);
+        let m = match self.min_at {
+            Some(at) => kb.load(F32, w, at),
+            None => {
+                let k = kb.f32(-self.offset);
+                kb.b.ins().fmul(d, k)
+            }
+        };
+        let s = kb.b.use_var(acc.s);
+        let s = kb.b.ins().fma(m, dxsum, s);
+        kb.b.def_var(acc.s, s);
+    }
+}
+
+/// F32, F16 and BF16 weights against f32 activations (already rounded to the weights' precision): 16 values per
+/// block, widened to f32 and multiplied-added.
+struct Float(QuantFormat);
+
+impl Float {
+    /// Weights 4i..4i+4 of the block as f32x4.
+    fn load4(&self, kb: &mut Kb, w: Value, i: usize) -> Value {
+        match self.0 {
+            QuantFormat::F32 => kb.load(F32X4, w, 16 * i),
+            QuantFormat::BF16 => {
+                let h = kb.b.ins().uload16x4(crate::builder::mem(), w, 8 * i as i32);
+                let bits = kb.b.ins().ishl_imm_s(h, 16);
+                kb.bitcast(F32X4, bits)
+            }
+            _ => {
+                // f16 -> f32 exactly for finite values: move the exponent and mantissa into place, rescale by
+                // 2^112 (which also handles subnormals), then restore the sign.
+                let h = kb.b.ins().uload16x4(crate::builder::mem(), w, 8 * i as i32);
+                let magnitude = kb.i32x4(0x7FFF);
+                let mag = kb.b.ins().band(h, magnitude);
+                let mag = kb.b.ins().ishl_imm_s(mag, 13);
+                let mag = kb.bitcast(F32X4, mag);
+                let scale = kb.f32x4(f32::from_bits(0x7780_0000)); // 2^112
+                let value = kb.b.ins().fmul(mag, scale);
+                let sign = kb.i32x4(0x8000);
+                let sign = kb.b.ins().band(h, sign);
+                let sign = kb.b.ins().ishl_imm_s(sign, 16);
+                let bits = kb.bitcast(I32X4, value);
+                let bits = kb.b.ins().bor(bits, sign);
+                kb.bitcast(F32X4, bits)
+            }
+        }
+    }
+}
+
+impl BlockDot for Float {
+    fn act(&self) -> ActFormat {
+        ActFormat::for_weight(self.0)
+    }
+
+    fn elems(&self) -> usize {
+        16
+    }
+
+    fn block_bytes(&self) -> usize {
+        16 * self.0.block_bytes()
+    }
+
+    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
+        (0..4).map(|i| kb.load(F32X4, x, 16 * i)).collect()
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: Value, _x: Value, shared: &[Value], acc: RowAcc) {
+        let mut v = kb.b.use_var(acc.v);
+        for (i, &x) in shared.iter().enumerate() {
+            let wi = self.load4(kb, w, i);
+            v = kb.b.ins().fma(wi, x, v);
+        }
+        kb.b.def_var(acc.v, v);
+    }
+}

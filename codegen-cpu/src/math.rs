@@ -1,0 +1,98 @@
+//! Scalar float math the kernels inline: f16 rounding and `exp` (Cephes' polynomial), with SiLU and GELU on top.
+//! Inline code instead of libm calls keeps every kernel free of relocations.
+
+use crate::builder::Kb;
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::types::{F32, I32};
+use cranelift_codegen::ir::{InstBuilder, Value};
+use kiln_ir::Activation;
+
+impl Kb<'_> {
+    /// `x` (>= 0, below 65504) rounded to the nearest f16 value, ties to even, as `f16::from_f32(x).to_f32()`.
+    pub fn round_to_f16(&mut self, x: Value) -> Value {
+        // Normal range: drop the 13 low mantissa bits, rounding to nearest even on the integer form.
+        let bits = self.bitcast(I32, x);
+        let odd = self.b.ins().ushr_imm_s(bits, 13);
+        let odd = self.b.ins().band_imm_s(odd, 1);
+        let bias = self.b.ins().iadd_imm_s(odd, 0xFFF);
+        let rounded = self.b.ins().iadd(bits, bias);
+        let rounded = self.b.ins().band_imm_s(rounded, !0x1FFF);
+        let normal = self.bitcast(F32, rounded);
+        // Subnormal f16 values are multiples of 2^-24.
+        let scale = self.f32(16_777_216.0);
+        let scaled = self.b.ins().fmul(x, scale);
+        let steps = self.b.ins().nearest(scaled);
+        let unscale = self.f32(1.0 / 16_777_216.0);
+        let subnormal = self.b.ins().fmul(steps, unscale);
+        let min_normal = self.f32(6.103_515_6e-5);
+        let is_subnormal = self.b.ins().fcmp(FloatCC::LessThan, x, min_normal);
+        self.b.ins().select(is_subnormal, subnormal, normal)
+    }
+
+    /// `e^x` within 2 ulp over the range where the result is a normal f32 (inputs are clamped to it).
+    pub fn exp(&mut self, x: Value) -> Value {
+        let (lo, hi) = (self.f32(-87.0), self.f32(88.0));
+        let x = self.b.ins().fmax(x, lo);
+        let x = self.b.ins().fmin(x, hi);
+        let log2e = self.f32(std::f32::consts::LOG2_E);
+        let n = self.b.ins().fmul(x, log2e);
+        let n = self.b.ins().nearest(n);
+        // r = x - n ln2, with ln2 split in two so the product is exact.
+        let (ln2_hi, ln2_lo) = (self.f32(0.693_359_4), self.f32(-2.121_944_4e-4));
+        let r = self.b.ins().fneg(n);
+        let r = self.b.ins().fma(r, ln2_hi, x);
+        let neg_n = self.b.ins().fneg(n);
+        let r = self.b.ins().fma(neg_n, ln2_lo, r);
+        let mut p = self.f32(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ] {
+            let c = self.f32(c);
+            p = self.b.ins().fma(p, r, c);
+        }
+        let r2 = self.b.ins().fmul(r, r);
+        let one = self.f32(1.0);
+        let r1 = self.b.ins().fadd(r, one);
+        let p = self.b.ins().fma(p, r2, r1);
+        // 2^n from the exponent bits.
+        let n = self.b.ins().fcvt_to_sint_sat(I32, n);
+        let e = self.b.ins().iadd_imm_s(n, 127);
+        let e = self.b.ins().ishl_imm_s(e, 23);
+        let pow2 = self.bitcast(F32, e);
+        self.b.ins().fmul(p, pow2)
+    }
+
+    pub fn activation(&mut self, act: Activation, x: Value) -> Value {
+        let one = self.f32(1.0);
+        match act {
+            Activation::Silu => {
+                let neg = self.b.ins().fneg(x);
+                let e = self.exp(neg);
+                let denom = self.b.ins().fadd(one, e);
+                self.b.ins().fdiv(x, denom)
+            }
+            Activation::Gelu => {
+                // 0.5 x (1 + tanh(z)), tanh(z) = 1 - 2 / (e^(2z) + 1)
+                let x3 = self.b.ins().fmul(x, x);
+                let x3 = self.b.ins().fmul(x3, x);
+                let c = self.f32(0.044715);
+                let inner = self.b.ins().fma(x3, c, x);
+                let two_k = self.f32(2.0 * 0.797_884_6);
+                let z2 = self.b.ins().fmul(inner, two_k);
+                let e = self.exp(z2);
+                let denom = self.b.ins().fadd(e, one);
+                let two = self.f32(2.0);
+                let frac = self.b.ins().fdiv(two, denom);
+                let tanh = self.b.ins().fsub(one, frac);
+                let one_plus = self.b.ins().fadd(one, tanh);
+                let half = self.f32(0.5);
+                let hx = self.b.ins().fmul(half, x);
+                self.b.ins().fmul(hx, one_plus)
+            }
+        }
+    }
+}

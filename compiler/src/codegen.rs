@@ -1,0 +1,44 @@
+//! Native code for a compiled graph: every function its launches call, generated once and compiled for the target.
+
+use crate::passes::Layouts;
+use crate::plan_writer::PlanCode;
+use kiln_codegen_cpu::{CodegenError, CpuIsa};
+use kiln_ir::cpu_abi::{node_weights, op_functions, CpuFunction};
+use kiln_ir::layout::Layout;
+use kiln_ir::Graph;
+
+/// The distinct functions the CPU executor calls for `graph`, in first-use order.
+pub fn cpu_functions(graph: &Graph, layouts: &Layouts) -> Vec<CpuFunction> {
+    let layout_of = |name: &str| layouts.get(name).copied().unwrap_or(Layout::GGUF);
+    let mut out: Vec<CpuFunction> = Vec::new();
+    for id in graph.node_ids() {
+        let node = graph.node(id);
+        for f in op_functions(&node.op, &node_weights(graph, node, layout_of)) {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
+/// Generates and compiles every function kiln has a generator for; the executor runs the others with its
+/// reference code. `on_function(done, total)` reports progress.
+pub fn generate_cpu_code(
+    graph: &Graph,
+    layouts: &Layouts,
+    isa: &CpuIsa,
+    mut on_function: impl FnMut(usize, usize),
+) -> Result<PlanCode, CodegenError> {
+    let functions: Vec<CpuFunction> = cpu_functions(graph, layouts)
+        .into_iter()
+        .filter(kiln_codegen_cpu::supports)
+        .collect();
+    let mut code = PlanCode::default();
+    for (i, function) in functions.iter().enumerate() {
+        let compiled = kiln_codegen_cpu::compile(function, isa)?;
+        code.push(compiled.function, compiled.clif, &compiled.code);
+        on_function(i + 1, functions.len());
+    }
+    Ok(code)
+}

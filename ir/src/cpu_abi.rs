@@ -1,0 +1,338 @@
+//! The contract between the CPU code generator and the CPU executor: which native functions a plan carries, the
+//! argument blocks they take, and the layout of quantized activations.
+//!
+//! Every generated function has the signature `extern "C" fn(args: *const Args)`, where `Args` is one of the
+//! `#[repr(C)]` structs below: one pointer keeps the signature uniform, and the field offsets are computed here
+//! once, so the generator and the executor cannot disagree on them.
+
+use crate::activation::ActivationFormat;
+use crate::layout::Layout;
+use crate::{Activation, QuantFormat};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::mem::offset_of;
+
+/// What a matmul kernel does with each finished dot product `acc` of output `[t, r]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Epilogue {
+    /// `out = acc`
+    Store,
+    /// `out = acc + extra[r]` (a bias).
+    Bias,
+    /// `out = acc + extra[t, r]` (the residual stream).
+    Residual,
+    /// `out = act(acc) * acc2`, where `acc2` is the dot product with the second weight (gate and up).
+    Gated(Activation),
+}
+
+impl Epilogue {
+    pub fn name(self) -> String {
+        match self {
+            Epilogue::Store => "store".into(),
+            Epilogue::Bias => "bias".into(),
+            Epilogue::Residual => "residual".into(),
+            Epilogue::Gated(act) => format!("gated_{}", act.name()),
+        }
+    }
+}
+
+/// One native function of a CPU plan. Shapes are baked in: a function exists per distinct `k`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CpuFunction {
+    /// Rounds `rows` rows of `k` f32 (optionally RMS-normalized first, with gain `g`) to `act` blocks.
+    /// Takes `QuantizeArgs`.
+    Quantize {
+        act: ActFormat,
+        k: usize,
+        norm: bool,
+    },
+    /// `out[t, r] = epilogue(dot(W[r], x[t]))` for rows `row_begin..row_end` and tokens `0..tokens`, with `x`
+    /// quantized to the weight format's activation format. Takes `MatMulArgs`.
+    MatMul {
+        format: QuantFormat,
+        layout: Layout,
+        k: usize,
+        epilogue: Epilogue,
+    },
+}
+
+impl fmt::Display for CpuFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CpuFunction::Quantize { act, k, norm } => {
+                let norm = if *norm { "rms_norm_" } else { "" };
+                write!(f, "{norm}quantize_{}_k{k}", act.name())
+            }
+            CpuFunction::MatMul {
+                format,
+                layout,
+                k,
+                epilogue,
+            } => write!(f, "matmul_{format}_{layout}_k{k}_{}", epilogue.name()),
+        }
+    }
+}
+
+/// Quantized activations as the CPU kernels read them: per block, the f32 scale `d`, then per group of 16 values
+/// the sum of their codes (i16) — what formats with an offset or a minimum need — then the i8 codes. The codes
+/// are exactly ggml's, so a dot product with them is the reference `matmul`'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ActFormat {
+    /// Blocks of 32 with ggml's Q8_0 rounding (Q8_1 has the same codes).
+    Q8_0,
+    /// Blocks of 256 with ggml's Q8_K rounding.
+    Q8K,
+    /// f32 values, rounded to `F16` or `BF16` precision first when the weights are of that type.
+    F32 { round: FloatRound },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FloatRound {
+    None,
+    F16,
+    BF16,
+}
+
+impl ActFormat {
+    pub fn for_weight(format: QuantFormat) -> Self {
+        match ActivationFormat::for_weight(format) {
+            ActivationFormat::Q8_0 | ActivationFormat::Q8_1 => ActFormat::Q8_0,
+            ActivationFormat::Q8_K => ActFormat::Q8K,
+            ActivationFormat::F32 => ActFormat::F32 {
+                round: FloatRound::None,
+            },
+            ActivationFormat::F16 => ActFormat::F32 {
+                round: FloatRound::F16,
+            },
+            ActivationFormat::BF16 => ActFormat::F32 {
+                round: FloatRound::BF16,
+            },
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ActFormat::Q8_0 => "q8_0",
+            ActFormat::Q8K => "q8_k",
+            ActFormat::F32 {
+                round: FloatRound::None,
+            } => "f32",
+            ActFormat::F32 {
+                round: FloatRound::F16,
+            } => "f32_via_f16",
+            ActFormat::F32 {
+                round: FloatRound::BF16,
+            } => "f32_via_bf16",
+        }
+    }
+
+    /// Values per block (1 for f32: no blocks).
+    pub fn block_elems(self) -> usize {
+        match self {
+            ActFormat::Q8_0 => 32,
+            ActFormat::Q8K => 256,
+            ActFormat::F32 { .. } => 1,
+        }
+    }
+
+    /// Byte offset of the i16 group sums inside a block.
+    pub const SUMS_AT: usize = 4;
+
+    /// Byte offset of the codes inside a block.
+    pub fn codes_at(self) -> usize {
+        Self::SUMS_AT + 2 * (self.block_elems() / 16)
+    }
+
+    pub fn block_bytes(self) -> usize {
+        match self {
+            ActFormat::F32 { .. } => 4,
+            _ => self.codes_at() + self.block_elems(),
+        }
+    }
+
+    /// Bytes of one quantized row of `k` values.
+    pub fn row_bytes(self, k: usize) -> usize {
+        k / self.block_elems() * self.block_bytes()
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct QuantizeArgs {
+    pub x: *const f32,
+    /// Elements from one row of `x` to the next.
+    pub x_stride: u64,
+    /// The RMSNorm gain (`k` values), read only by `norm` functions.
+    pub gain: *const f32,
+    pub out: *mut u8,
+    /// Bytes from one quantized row to the next.
+    pub out_stride: u64,
+    pub rows: u64,
+    pub eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MatMulArgs {
+    pub w: *const u8,
+    /// The second weight of a gated epilogue.
+    pub w2: *const u8,
+    /// Quantized activations, `x_stride` bytes per token.
+    pub x: *const u8,
+    pub x_stride: u64,
+    pub out: *mut f32,
+    /// Elements from one token's output row to the next.
+    pub out_stride: u64,
+    /// The bias (`Bias`) or residual rows (`Residual`, `extra_stride` elements apart).
+    pub extra: *const f32,
+    pub extra_stride: u64,
+    /// Output rows to compute: a multiple of the layout's interleave.
+    pub row_begin: u64,
+    pub row_end: u64,
+    pub tokens: u64,
+}
+
+/// Field offsets, for the code generator.
+pub mod offsets {
+    use super::*;
+
+    pub mod quantize {
+        use super::*;
+        pub const X: i32 = offset_of!(QuantizeArgs, x) as i32;
+        pub const X_STRIDE: i32 = offset_of!(QuantizeArgs, x_stride) as i32;
+        pub const GAIN: i32 = offset_of!(QuantizeArgs, gain) as i32;
+        pub const OUT: i32 = offset_of!(QuantizeArgs, out) as i32;
+        pub const OUT_STRIDE: i32 = offset_of!(QuantizeArgs, out_stride) as i32;
+        pub const ROWS: i32 = offset_of!(QuantizeArgs, rows) as i32;
+        pub const EPS: i32 = offset_of!(QuantizeArgs, eps) as i32;
+    }
+
+    pub mod matmul {
+        use super::*;
+        pub const W: i32 = offset_of!(MatMulArgs, w) as i32;
+        pub const W2: i32 = offset_of!(MatMulArgs, w2) as i32;
+        pub const X: i32 = offset_of!(MatMulArgs, x) as i32;
+        pub const X_STRIDE: i32 = offset_of!(MatMulArgs, x_stride) as i32;
+        pub const OUT: i32 = offset_of!(MatMulArgs, out) as i32;
+        pub const OUT_STRIDE: i32 = offset_of!(MatMulArgs, out_stride) as i32;
+        pub const EXTRA: i32 = offset_of!(MatMulArgs, extra) as i32;
+        pub const EXTRA_STRIDE: i32 = offset_of!(MatMulArgs, extra_stride) as i32;
+        pub const ROW_BEGIN: i32 = offset_of!(MatMulArgs, row_begin) as i32;
+        pub const ROW_END: i32 = offset_of!(MatMulArgs, row_end) as i32;
+        pub const TOKENS: i32 = offset_of!(MatMulArgs, tokens) as i32;
+    }
+}
+
+/// A matmul weight as the executor sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct MatMulWeight {
+    pub format: QuantFormat,
+    pub layout: Layout,
+    /// Input width (the weight's row length).
+    pub k: usize,
+}
+
+impl CpuFunction {
+    /// The activation quantizer feeding `w`.
+    pub fn quantize_for(w: MatMulWeight, norm: bool) -> Self {
+        CpuFunction::Quantize {
+            act: ActFormat::for_weight(w.format),
+            k: w.k,
+            norm,
+        }
+    }
+
+    pub fn matmul_for(w: MatMulWeight, epilogue: Epilogue) -> Self {
+        CpuFunction::MatMul {
+            format: w.format,
+            layout: w.layout,
+            k: w.k,
+            epilogue,
+        }
+    }
+}
+
+/// How the executor runs an op with generated code: whether the activations are RMS-normalized as they are
+/// quantized, and the matmuls it makes (weight operand index, epilogue).
+pub struct OpMatMuls {
+    pub norm: bool,
+    pub calls: Vec<(usize, Epilogue)>,
+}
+
+/// The matmuls of `op`, given its operands' weights (`None` for value operands); `None` for ops the executor runs
+/// without generated code. The executor runs exactly these calls, and the compiler generates exactly their
+/// functions (`op_functions`), so the two cannot drift apart.
+pub fn op_matmuls(op: &crate::Op, weights: &[Option<MatMulWeight>]) -> Option<OpMatMuls> {
+    use crate::Op;
+    let (norm, calls) = match op {
+        Op::MatMul => (false, vec![(1, Epilogue::Store)]),
+        Op::NormMatMul { .. } => (true, vec![(2, Epilogue::Store)]),
+        Op::QkvRope { bias, .. } => {
+            let epilogue = if *bias {
+                Epilogue::Bias
+            } else {
+                Epilogue::Store
+            };
+            (true, (2..5).map(|i| (i, epilogue)).collect())
+        }
+        Op::GatedFfn { act, .. } => {
+            let (g, u) = (weights.get(2)?.as_ref()?, weights.get(3)?.as_ref()?);
+            // One kernel computes both dot products only when gate and up share a format and layout.
+            if (g.format, g.layout) == (u.format, u.layout) {
+                (true, vec![(2, Epilogue::Gated(*act))])
+            } else {
+                (true, vec![(2, Epilogue::Store), (3, Epilogue::Store)])
+            }
+        }
+        Op::MatMulResidual { post_norm: None } => (false, vec![(1, Epilogue::Residual)]),
+        Op::MatMulResidual { post_norm: Some(_) } => (false, vec![(1, Epilogue::Store)]),
+        _ => return None,
+    };
+    Some(OpMatMuls { norm, calls })
+}
+
+/// Every function the executor calls for `op`.
+pub fn op_functions(op: &crate::Op, weights: &[Option<MatMulWeight>]) -> Vec<CpuFunction> {
+    let Some(plan) = op_matmuls(op, weights) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (operand, epilogue) in plan.calls {
+        let Some(w) = weights.get(operand).copied().flatten() else {
+            continue;
+        };
+        for f in [
+            CpuFunction::quantize_for(w, plan.norm),
+            CpuFunction::matmul_for(w, epilogue),
+        ] {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
+/// The weights among `node`'s operands (`None` for values), with the layout each is stored in.
+pub fn node_weights(
+    graph: &crate::Graph,
+    node: &crate::Node,
+    layout_of: impl Fn(&str) -> Layout,
+) -> Vec<Option<MatMulWeight>> {
+    node.operands
+        .iter()
+        .map(|operand| match operand {
+            crate::Operand::Weight(w) => {
+                let decl = graph.weight(*w);
+                let format = decl.ty.dtype.format()?;
+                let k = decl.ty.inner()?.clone().fixed()?;
+                Some(MatMulWeight {
+                    format,
+                    layout: layout_of(&decl.name),
+                    k,
+                })
+            }
+            crate::Operand::Value(_) => None,
+        })
+        .collect()
+}
