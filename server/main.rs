@@ -44,6 +44,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Measure perplexity over a text file (llama-perplexity's method).
     Perplexity(commands::perplexity::PerplexityArgs),
+    /// Measure prefill and decode speed, time to first token and peak memory.
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
+        Command::Bench(args) => commands::bench::run(args),
         Command::Serve(args) => serve::run(args, matches!(cli.log_format, LogFormat::Json)),
     };
     match result {

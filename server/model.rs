@@ -1,5 +1,6 @@
 //! Opening a model for the commands: a GGUF (read, lowered and compiled in memory) or a compiled plan.
 
+use crate::commands::EngineArgs;
 use anyhow::{Context, Result};
 use kiln_compiler::passes::run_pipeline;
 use kiln_compiler::{lower, GgufFile};
@@ -7,7 +8,7 @@ use kiln_ir::model::ModelInfo;
 use kiln_ir::weights::WeightSource;
 use kiln_ir::Graph;
 use kiln_runtime::plan::PlanFile;
-use kiln_runtime::{ReferenceExecutor, Tokenizer};
+use kiln_runtime::{CpuExecutor, Engine, ReferenceExecutor, Tokenizer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -93,18 +94,35 @@ impl Model {
         }
     }
 
-    /// A reference executor over this model's weights, for sequences of up to `ctx` positions
-    /// (0: the model's trained context length, capped at 4096 to keep the KV cache small).
-    pub fn executor(&self, ctx: usize) -> Result<ReferenceExecutor<'_>> {
+    /// An executor over this model's weights, for sequences of up to `ctx` positions (0: the model's trained
+    /// context length, capped at 4096 to keep the KV cache small): a plan's compiled code, or the reference
+    /// interpreter for GGUF files and when asked for.
+    pub fn executor(&self, ctx: usize, engine: &EngineArgs) -> Result<Box<dyn Engine + '_>> {
         let ctx = if ctx == 0 {
             self.info.context_length.min(4096)
         } else {
             ctx
         };
-        Ok(ReferenceExecutor::new(
-            self.graph.clone(),
-            self.weights(),
-            ctx,
-        )?)
+        match &self.source {
+            Source::Plan(plan) if !engine.reference => {
+                let threads = match engine.threads {
+                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    n => n,
+                };
+                let executor = CpuExecutor::new(plan, threads, ctx)?;
+                if executor.fallbacks() > 0 {
+                    tracing::warn!(
+                        launches = executor.fallbacks(),
+                        "the plan lacks generated code for some launches; they run the slow reference kernels"
+                    );
+                }
+                Ok(Box::new(executor))
+            }
+            _ => Ok(Box::new(ReferenceExecutor::new(
+                self.graph.clone(),
+                self.weights(),
+                ctx,
+            )?)),
+        }
     }
 }

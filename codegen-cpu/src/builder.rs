@@ -61,6 +61,11 @@ impl<'a> Kb<'a> {
         self.b.ins().f32const(v)
     }
 
+    pub fn f64x2(&mut self, v: f64) -> Value {
+        let s = self.b.ins().f64const(v);
+        self.b.ins().splat(cranelift_codegen::ir::types::F64X2, s)
+    }
+
     pub fn f32x4(&mut self, v: f32) -> Value {
         let s = self.f32(v);
         self.b.ins().splat(F32X4, s)

@@ -3,7 +3,7 @@
 
 use crate::builder::Kb;
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32X4, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use kiln_ir::cpu_abi::offsets::quantize as arg;
@@ -81,21 +81,28 @@ pub fn build(
     });
 }
 
-/// `1 / sqrt(mean(x^2) + eps)` over the row.
+/// `1 / sqrt(mean(x^2) + eps)` over the row, the squares summed in f64 as ggml sums them: each square of an f32
+/// is exact in f64, so the result rounds as the reference's does, and so do the activation codes after it.
 fn rms_scale(kb: &mut Kb, xr: Value, k: usize, eps: Value) -> Value {
-    let zero = kb.f32x4(0.0);
-    let acc = kb.var(F32X4, zero);
-    kb.for_count(k / 4, |kb, i| {
-        let p = kb.offset(xr, i, 16);
-        let v = kb.load(F32X4, p, 0);
+    let zero = kb.f64x2(0.0);
+    let acc = kb.var(F64X2, zero);
+    kb.for_count(k / 2, |kb, i| {
+        // Two floats as one 8-byte load, widened to f64x2.
+        let p = kb.offset(xr, i, 8);
+        let pair = kb.load(F64, p, 0);
+        let pair = kb.b.ins().scalar_to_vector(F64X2, pair);
+        let pair = kb.bitcast(F32X4, pair);
+        let v = kb.b.ins().fvpromote_low(pair);
         let a = kb.b.use_var(acc);
         let a = kb.b.ins().fma(v, v, a);
         kb.b.def_var(acc, a);
     });
     let a = kb.b.use_var(acc);
-    let sum = kb.hsum_f32(a);
-    let inv_k = kb.f32(1.0 / k as f32);
-    let mean = kb.b.ins().fmul(sum, inv_k);
+    let (lo, hi) = (kb.b.ins().extractlane(a, 0), kb.b.ins().extractlane(a, 1));
+    let sum = kb.b.ins().fadd(lo, hi);
+    let k = kb.b.ins().f64const(k as f64);
+    let mean = kb.b.ins().fdiv(sum, k);
+    let mean = kb.b.ins().fdemote(F32, mean);
     let mean = kb.b.ins().fadd(mean, eps);
     let root = kb.b.ins().sqrt(mean);
     let one = kb.f32(1.0);
@@ -157,11 +164,10 @@ fn quantize_q8_0(kb: &mut Kb, src: &Source, at: Value, dst: Value) {
         amax = kb.b.ins().fmax(amax, a);
     }
     let amax = kb.hmax_f32(amax);
-    let d = kb.f32(1.0 / 127.0);
-    let d = kb.b.ins().fmul(amax, d);
+    let c127 = kb.f32(127.0);
+    let d = kb.b.ins().fdiv(amax, c127);
     let d = kb.round_to_f16(d);
     let zero = kb.f32(0.0);
-    let c127 = kb.f32(127.0);
     let id = kb.b.ins().fdiv(c127, amax);
     let id = kb.select_if_zero(amax, zero, id);
     let id = kb.b.ins().splat(F32X4, id);

@@ -46,6 +46,11 @@ pub trait Engine {
     /// Runs `tokens` at positions `start..start + tokens.len()` of the current sequence, after the tokens cached
     /// at `0..start` (anything cached beyond `start` is discarded).
     fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError>;
+    /// Like `forward`, but only the last token's logits are wanted (what generation needs): an executor may skip
+    /// the LM head for the other rows.
+    fn forward_last(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>, ExecError> {
+        Ok(self.forward(tokens, start)?.last().to_vec())
+    }
     /// The most positions a sequence may use.
     fn max_context(&self) -> usize;
     fn vocab_size(&self) -> usize;

@@ -37,11 +37,11 @@ pub fn generate(
 ) -> Result<Generation, ExecError> {
     let mut history = prompt.to_vec();
     let mut ids = Vec::new();
-    let mut logits = engine.forward(prompt, start)?;
-    let first_top_logits = top_logits(logits.last(), 5);
+    let mut logits = engine.forward_last(prompt, start)?;
+    let first_top_logits = top_logits(&logits, 5);
     let mut pos = start + prompt.len();
     while ids.len() < max_tokens {
-        let id = sampler.sample(logits.last(), &history, &ids);
+        let id = sampler.sample(&logits, &history, &ids);
         if tokenizer.is_end_of_generation(id) {
             return Ok(Generation {
                 ids,
@@ -50,7 +50,7 @@ pub fn generate(
             });
         }
         ids.push(id);
-        if let ControlFlow::Break(finish) = on_token(id, logits.last()) {
+        if let ControlFlow::Break(finish) = on_token(id, &logits) {
             return Ok(Generation {
                 ids,
                 finish,
@@ -61,7 +61,7 @@ pub fn generate(
         if ids.len() == max_tokens {
             break;
         }
-        logits = engine.forward(&[id], pos)?;
+        logits = engine.forward_last(&[id], pos)?;
         pos += 1;
     }
     Ok(Generation {

@@ -4,6 +4,7 @@
 //! depends on the compiler: a serving process needs only what a compiled model carries.
 
 pub mod chat;
+pub mod cpu;
 pub mod engine;
 pub mod generate;
 pub mod plan;
@@ -12,6 +13,7 @@ pub mod sampler;
 pub mod stop;
 pub mod tokenizer;
 
+pub use cpu::CpuExecutor;
 pub use engine::{Engine, ExecError, Logits};
 pub use reference::ReferenceExecutor;
 pub use sampler::{Sampler, SamplerConfig};

@@ -1,7 +1,8 @@
 //! Loading plan files: mmap, verify every checksum, check the target, and serve weights in place.
 
 use kiln_ir::plan::{
-    self, PlanMeta, SectionEntry, SectionKind, Target, WeightEntry, ENTRY_BYTES, HEADER_BYTES,
+    self, CodeEntry, PlanMeta, SectionEntry, SectionKind, Target, WeightEntry, ENTRY_BYTES,
+    HEADER_BYTES,
 };
 use kiln_ir::schedule::Schedule;
 use kiln_ir::weights::{WeightSource, WeightView};
@@ -43,6 +44,7 @@ pub struct PlanFile {
     weights: Vec<WeightEntry>,
     by_name: HashMap<String, usize>,
     weights_start: usize,
+    code_index: Vec<CodeEntry>,
 }
 
 impl PlanFile {
@@ -204,6 +206,22 @@ impl PlanFile {
                 });
             }
         }
+        let code_index: Vec<CodeEntry> = serde_json::from_slice(section(SectionKind::Kernels))
+            .map_err(|e| PlanError::Invalid {
+                section: "kernels",
+                reason: e.to_string(),
+            })?;
+        let code_len = section(SectionKind::Code).len();
+        for e in &code_index {
+            if e.offset.checked_add(e.len).is_none_or(|end| end > code_len)
+                || e.offset % plan::ALIGN != 0
+            {
+                return Err(PlanError::Invalid {
+                    section: "kernels",
+                    reason: format!("function `{}` lies outside the code section", e.function),
+                });
+            }
+        }
         let by_name = weights
             .iter()
             .enumerate()
@@ -219,6 +237,7 @@ impl PlanFile {
             weights,
             by_name,
             weights_start,
+            code_index,
         })
     }
 
@@ -228,6 +247,17 @@ impl PlanFile {
             .iter()
             .zip(SectionKind::ALL)
             .map(|(e, k)| (k.name(), e.offset, e.len, e.checksum))
+    }
+
+    /// The generated functions the plan carries.
+    pub fn code_index(&self) -> &[CodeEntry] {
+        &self.code_index
+    }
+
+    /// The code section: machine code of every function in `code_index`.
+    pub fn code_bytes(&self) -> &[u8] {
+        let e = &self.sections[SectionKind::Code as usize - 1];
+        &self.map[e.offset as usize..(e.offset + e.len) as usize]
     }
 
     pub fn weight_entries(&self) -> &[WeightEntry] {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use kiln_runtime::chat::{ChatError, ChatTemplate, Message};
 use kiln_runtime::generate::generate;
-use kiln_runtime::{Engine, Sampler};
+use kiln_runtime::Sampler;
 use std::io::BufRead;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -29,6 +29,8 @@ pub struct ChatArgs {
     /// Context size in tokens (0: the model's, at most 4096).
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
 }
 
 pub fn run(args: &ChatArgs) -> Result<()> {
@@ -54,7 +56,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         &token_text(tokenizer.bos()),
         &token_text(tokenizer.spec().eos),
     )?;
-    let mut engine = model.executor(args.ctx)?;
+    let mut engine = model.executor(args.ctx, &args.engine)?;
     let mut sampler = Sampler::new(sampler_config);
     let mut messages: Vec<Message> = args
         .system
@@ -98,7 +100,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         }
         let mut printer = TokenPrinter::new(tokenizer);
         let generation = generate(
-            &mut engine,
+            engine.as_mut(),
             tokenizer,
             &mut sampler,
             &ids[common..],

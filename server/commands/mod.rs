@@ -1,5 +1,6 @@
 //! One module per `kiln` subcommand.
 
+pub mod bench;
 pub mod chat;
 pub mod compile;
 pub mod inspect;
@@ -8,9 +9,22 @@ pub mod run;
 pub mod sampling;
 pub mod tokenize;
 
+use clap::Args;
 use kiln_runtime::tokenizer::StreamDecoder;
 use kiln_runtime::Tokenizer;
 use std::io::Write;
+
+/// How a model is executed: shared by every command that runs one.
+#[derive(Args, Clone, Debug, Default)]
+pub struct EngineArgs {
+    /// Threads for a plan's compiled kernels (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Run the reference interpreter instead of the plan's compiled code (slow; for cross-checking). GGUF
+    /// files always run on it: compile them to a plan for speed.
+    #[arg(long)]
+    pub reference: bool,
+}
 
 /// Writes generated tokens to stdout as text as they come, holding back incomplete UTF-8 sequences.
 pub struct TokenPrinter<'t> {

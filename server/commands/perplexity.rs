@@ -16,6 +16,8 @@ pub struct PerplexityArgs {
     /// Tokens per chunk; the second half of each chunk is scored.
     #[arg(long)]
     pub ctx: usize,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
     /// Score at most this many chunks (default: all the text holds).
     #[arg(long)]
     pub chunks: Option<usize>,
@@ -40,7 +42,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         args.ctx
     );
     let chunks = args.chunks.map_or(available, |c| c.min(available));
-    let mut engine = model.executor(args.ctx)?;
+    let mut engine = model.executor(args.ctx, &args.engine)?;
     let bar = ProgressBar::new(chunks as u64).with_style(
         ProgressStyle::with_template(
             "{msg} [{bar:30}] {pos}/{len} chunks, {elapsed} elapsed, ~{eta} left",
@@ -54,7 +56,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         .then_some(tokenizer.bos())
         .flatten();
     let result = perplexity(
-        &mut engine,
+        engine.as_mut(),
         &tokens,
         args.ctx,
         Some(chunks),

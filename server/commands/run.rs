@@ -25,6 +25,8 @@ pub struct RunArgs {
     /// Context size in tokens (0: the model's, at most 4096).
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
     /// Print one JSON object: prompt_ids, ids, text, and top_logits (top 5 at the first generated position).
     #[arg(long)]
     pub json: bool,
@@ -33,7 +35,7 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let sampler_config = args.sampling.config()?;
     let model = Model::open(&args.model)?;
-    let mut engine = model.executor(args.ctx)?;
+    let mut engine = model.executor(args.ctx, &args.engine)?;
     let tokenizer = &model.tokenizer;
     let prompt_ids = tokenizer.encode(&args.prompt, true);
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
@@ -49,7 +51,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let result = generate(
-        &mut engine,
+        engine.as_mut(),
         tokenizer,
         &mut sampler,
         &prompt_ids,

@@ -3,6 +3,7 @@
 
 use super::handlers::finish_reason;
 use super::metrics::Metrics;
+use crate::commands::EngineArgs;
 use crate::model::Model;
 use kiln_runtime::generate::{generate, log_softmax, top_logits, FinishReason};
 use kiln_runtime::stop::StopMatcher;
@@ -55,15 +56,18 @@ pub enum Event {
 pub fn spawn(
     model: Arc<Model>,
     ctx: usize,
+    engine_args: EngineArgs,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
     // Fail at start-up, not on the first request, if the executor cannot be built.
-    drop(model.executor(ctx)?);
+    drop(model.executor(ctx, &engine_args)?);
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("kiln-engine".into())
         .spawn(move || {
-            let mut engine = model.executor(ctx).expect("built once already");
+            let mut engine = model
+                .executor(ctx, &engine_args)
+                .expect("built once already");
             for job in rx {
                 metrics.waiting.dec();
                 metrics.running.inc();
@@ -71,7 +75,7 @@ pub fn spawn(
                     .queue_time
                     .observe(job.arrived.elapsed().as_secs_f64());
                 metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
-                run(&model, &mut engine, job, &metrics, ctx);
+                run(&model, engine.as_mut(), job, &metrics, ctx);
                 metrics.running.dec();
                 metrics.kv_cache_usage.set(0.0);
             }
@@ -103,7 +107,7 @@ fn token_logprob(tokenizer: &Tokenizer, id: u32, logits: &[f32], top: usize) -> 
 
 fn run(
     model: &Model,
-    engine: &mut kiln_runtime::ReferenceExecutor,
+    engine: &mut dyn kiln_runtime::Engine,
     job: Job,
     metrics: &Metrics,
     ctx: usize,

@@ -53,6 +53,8 @@ pub struct ServeArgs {
     /// Context size per request in tokens (0: each model's, at most 4096).
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
+    #[command(flatten)]
+    pub engine: crate::commands::EngineArgs,
 }
 
 pub struct AppState {
@@ -102,7 +104,7 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
         .iter()
         .map(|(n, p)| (n.clone(), p.as_path()))
         .collect();
-    let registry = Registry::load(&paths, &aliases, args.ctx, &metrics)?;
+    let registry = Registry::load(&paths, &aliases, args.ctx, &args.engine, &metrics)?;
     let api_keys = api_keys(args.api_key_file.as_deref())?;
     if !api_keys.is_empty() {
         tracing::info!(

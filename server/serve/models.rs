@@ -3,6 +3,7 @@
 use super::api::ApiError;
 use super::engine::{self, Job};
 use super::metrics::Metrics;
+use crate::commands::EngineArgs;
 use crate::model::{Model, Source};
 use anyhow::{bail, Context};
 use kiln_runtime::chat::ChatTemplate;
@@ -27,6 +28,7 @@ impl Served {
         name: &str,
         path: &Path,
         ctx: usize,
+        engine_args: &EngineArgs,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let model = Arc::new(Model::open(path).with_context(|| format!("model `{name}`"))?);
@@ -60,7 +62,12 @@ impl Served {
             ),
         };
         metrics.plan_loaded(name, &format, &target);
-        let jobs = Mutex::new(engine::spawn(Arc::clone(&model), ctx, Arc::clone(metrics))?);
+        let jobs = Mutex::new(engine::spawn(
+            Arc::clone(&model),
+            ctx,
+            engine_args.clone(),
+            Arc::clone(metrics),
+        )?);
         Ok(Served {
             name: name.to_string(),
             model,
@@ -93,6 +100,7 @@ impl Registry {
         models: &[(String, &Path)],
         aliases: &[(String, String)],
         ctx: usize,
+        engine_args: &EngineArgs,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         if models.is_empty() {
@@ -104,7 +112,13 @@ impl Registry {
             if names.insert(name.clone(), i).is_some() {
                 bail!("two models are named `{name}`");
             }
-            loaded.push(Arc::new(Served::load(name, path, ctx, metrics)?));
+            loaded.push(Arc::new(Served::load(
+                name,
+                path,
+                ctx,
+                engine_args,
+                metrics,
+            )?));
         }
         for (alias, target) in aliases {
             let Some(&i) = names.get(target) else {

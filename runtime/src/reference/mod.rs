@@ -5,7 +5,9 @@
 //! `fused`), values are freed after their last use, and nothing is clever.
 
 mod fused;
-mod kernels;
+#[cfg(test)]
+pub(crate) use fused::unpack_qkv as fused_unpack;
+pub(crate) mod kernels;
 
 use crate::engine::{Engine, ExecError, Logits};
 use kernels::{AttentionShape, LayerCache};

@@ -1,0 +1,791 @@
+//! One launch of the schedule, prepared at load (weights bound, functions looked up, shapes resolved) and run
+//! per step.
+
+use super::code::{KernelFn, NativeCode};
+use super::ops::{self, AttentionShape, KvCache, RopeTable};
+use super::pool::{split, Pool};
+use crate::engine::ExecError;
+use crate::plan::PlanFile;
+use crate::reference::kernels as reference;
+use kiln_ir::cpu_abi::{
+    node_weights, op_matmuls, ActFormat, CpuFunction, Epilogue, MatMulArgs, QuantizeArgs,
+};
+use kiln_ir::schedule::{Launch, Slot};
+use kiln_ir::weights::{WeightSource, WeightView};
+use kiln_ir::{Activation, Dim, NodeId, Op, Operand, RopeParams};
+use std::collections::HashMap;
+
+/// The arena as one step sees it: `t` tokens laid out, of which this launch covers rows `first..first + rows`.
+pub struct Ctx {
+    arena: *mut u8,
+    t: usize,
+    first: usize,
+    pub rows: usize,
+}
+
+impl Ctx {
+    pub fn new(arena: *mut u8, t: usize, first: usize, rows: usize) -> Self {
+        Ctx {
+            arena,
+            t,
+            first,
+            rows,
+        }
+    }
+
+    fn region(&self, slot: &Slot) -> (*mut u8, usize) {
+        match slot {
+            Slot::Arena {
+                offset_per_token,
+                bytes_per_token,
+            } => {
+                let at = self.t * offset_per_token + self.first * bytes_per_token;
+                // SAFETY: the schedule's memory plan keeps every slot inside `t * arena_bytes_per_token`.
+                (unsafe { self.arena.add(at) }, self.rows * bytes_per_token)
+            }
+            Slot::Weight(name) => unreachable!("weight `{name}` read as an activation"),
+        }
+    }
+
+    pub fn f32s(&self, slot: &Slot) -> &[f32] {
+        let (p, len) = self.region(slot);
+        // SAFETY: slots are 4-byte aligned regions of the arena; values live together never overlap (the
+        // schedule verifier checks it), so a launch's inputs and output are disjoint.
+        unsafe { std::slice::from_raw_parts(p as *const f32, len / 4) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    pub fn f32s_mut(&self, slot: &Slot) -> &mut [f32] {
+        let (p, len) = self.region(slot);
+        // SAFETY: as for `f32s`; the output slot is written by this launch alone.
+        unsafe { std::slice::from_raw_parts_mut(p as *mut f32, len / 4) }
+    }
+
+    pub fn i32s(&self, slot: &Slot) -> &[i32] {
+        let (p, len) = self.region(slot);
+        // SAFETY: as for `f32s`.
+        unsafe { std::slice::from_raw_parts(p as *const i32, len / 4) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    pub fn i32s_mut(&self, slot: &Slot) -> &mut [i32] {
+        let (p, len) = self.region(slot);
+        // SAFETY: as for `f32s_mut`.
+        unsafe { std::slice::from_raw_parts_mut(p as *mut i32, len / 4) }
+    }
+}
+
+/// Buffers reused across launches.
+#[derive(Default)]
+pub struct Scratch {
+    /// Quantized activations of the current launch, per activation format.
+    quantized: Vec<(ActFormat, Vec<u8>)>,
+    temp: Vec<f32>,
+}
+
+/// One matmul of a launch.
+struct Call<'p> {
+    epilogue: Epilogue,
+    act: ActFormat,
+    w: WeightView<'p>,
+    /// Generated functions, when the plan has both.
+    kernels: Option<(KernelFn, KernelFn)>,
+    interleave: usize,
+}
+
+pub struct Step<'p> {
+    op: Op,
+    operands: Vec<Slot>,
+    output: Slot,
+    weights: Vec<Option<WeightView<'p>>>,
+    /// One-dimensional float weights (norm gains, biases) as f32, by operand.
+    floats: Vec<Option<Vec<f32>>>,
+    /// The result's dims after `tokens`.
+    dims: Vec<usize>,
+    /// Each value operand's dims after `tokens` (empty for weights).
+    operand_dims: Vec<Vec<usize>>,
+    norm: bool,
+    calls: Vec<Call<'p>>,
+}
+
+/// Threads do not share `Step`s mutably; the raw pointers inside argument blocks are plain data.
+struct Shared<T>(T);
+// SAFETY: see above; each use documents why the threads touch disjoint memory.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// Through a method, so closures capture the whole wrapper rather than its (non-`Sync`) field.
+    fn get(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<'p> Step<'p> {
+    pub fn prepare(
+        plan: &'p PlanFile,
+        launch: &Launch,
+        code: &NativeCode,
+    ) -> Result<Self, ExecError> {
+        let graph = &plan.graph;
+        let node = graph.node(NodeId::new(launch.node));
+        let weights: Vec<Option<WeightView<'p>>> = launch
+            .operands
+            .iter()
+            .map(|slot| match slot {
+                Slot::Weight(name) => plan
+                    .weight(name)
+                    .map(Some)
+                    .ok_or_else(|| ExecError::MissingWeight(name.clone())),
+                Slot::Arena { .. } => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let floats = weights
+            .iter()
+            .map(|w| {
+                w.as_ref()
+                    .filter(|w| w.shape.len() == 1)
+                    .map(reference::weight_f32)
+            })
+            .collect();
+        let fixed = |dims: &[Dim]| {
+            dims.iter()
+                .skip(1)
+                .filter_map(|d| d.clone().fixed())
+                .collect()
+        };
+        let operand_dims = node
+            .operands
+            .iter()
+            .map(|operand| match operand {
+                Operand::Value(v) => fixed(&graph.node(*v).ty.shape),
+                Operand::Weight(_) => Vec::new(),
+            })
+            .collect();
+        let matmul_weights = node_weights(graph, node, |name| {
+            plan.weight(name).map(|w| w.layout).unwrap_or_default()
+        });
+        let mut calls = Vec::new();
+        let mut norm = false;
+        if let Some(plan_calls) = op_matmuls(&node.op, &matmul_weights) {
+            norm = plan_calls.norm;
+            for (operand, epilogue) in plan_calls.calls {
+                let (Some(mw), Some(w)) = (matmul_weights[operand], weights[operand]) else {
+                    continue;
+                };
+                let quantize = code.get(&CpuFunction::quantize_for(mw, norm));
+                let matmul = code.get(&CpuFunction::matmul_for(mw, epilogue));
+                calls.push(Call {
+                    epilogue,
+                    act: ActFormat::for_weight(mw.format),
+                    w,
+                    kernels: quantize
+                        .zip(matmul)
+                        .filter(|_| std::env::var("KILN_NO_KERNELS").is_err()),
+                    interleave: mw.layout.interleave,
+                });
+            }
+        }
+        Ok(Step {
+            op: node.op.clone(),
+            operands: launch.operands.clone(),
+            output: launch.output.clone(),
+            weights,
+            floats,
+            dims: fixed(&node.ty.shape),
+            operand_dims,
+            norm,
+            calls,
+        })
+    }
+
+    pub fn is_fallback(&self) -> bool {
+        self.calls.iter().any(|c| c.kernels.is_none())
+    }
+
+    pub fn writes(&self, slot: &Slot) -> bool {
+        &self.output == slot
+    }
+
+    /// An f32 operand: a float weight or an activation.
+    fn f32_operand<'a>(&'a self, ctx: &'a Ctx, i: usize) -> &'a [f32] {
+        match &self.floats[i] {
+            Some(values) => values,
+            None => ctx.f32s(&self.operands[i]),
+        }
+    }
+
+    pub fn run(
+        &self,
+        ctx: &Ctx,
+        positions: &[i32],
+        pool: &Pool,
+        caches: &mut HashMap<usize, KvCache>,
+        scratch: &mut Scratch,
+    ) -> Result<(), ExecError> {
+        let out = ctx.f32s_mut(&self.output);
+        match &self.op {
+            Op::Input { .. } => unreachable!("inputs have no launch"),
+            Op::Embed => {
+                let table = self.weights[0].as_ref().expect("embed reads a weight");
+                let d = table.row_elems();
+                for (row, &id) in out.chunks_exact_mut(d).zip(ctx.i32s(&self.operands[1])) {
+                    if id < 0 || id as usize >= table.shape[0] {
+                        return Err(ExecError::BadToken {
+                            id: id as u32,
+                            vocab: table.shape[0],
+                        });
+                    }
+                    table.dequantize_row(id as usize, row);
+                }
+            }
+            Op::RmsNorm { eps } => {
+                out.copy_from_slice(self.f32_operand(ctx, 0));
+                ops::rms_norm_in_place(out, self.f32_operand(ctx, 1), *eps);
+            }
+            Op::Add | Op::Mul => {
+                let (a, b) = (self.f32_operand(ctx, 0), self.f32_operand(ctx, 1));
+                let add = matches!(self.op, Op::Add);
+                for (o_row, a_row) in out.chunks_exact_mut(b.len()).zip(a.chunks_exact(b.len())) {
+                    for ((o, &x), &y) in o_row.iter_mut().zip(a_row).zip(b) {
+                        *o = if add { x + y } else { x * y };
+                    }
+                }
+            }
+            Op::Scale { factor } => {
+                for (o, &x) in out.iter_mut().zip(self.f32_operand(ctx, 0)) {
+                    *o = x * factor;
+                }
+            }
+            Op::Silu | Op::Gelu => {
+                let f = if matches!(self.op, Op::Silu) {
+                    reference::silu
+                } else {
+                    reference::gelu
+                };
+                for (o, &x) in out.iter_mut().zip(self.f32_operand(ctx, 0)) {
+                    *o = f(x);
+                }
+            }
+            Op::Reshape => out.copy_from_slice(self.f32_operand(ctx, 0)),
+            Op::Rope(rope) => {
+                out.copy_from_slice(self.f32_operand(ctx, 0));
+                rope_rows(out, self.dims[1], rope, positions);
+            }
+            Op::Attention {
+                layer,
+                scale,
+                window,
+            } => {
+                let shape = AttentionShape {
+                    heads: self.dims[0],
+                    kv_heads: self.operand_dims[1][0],
+                    head_dim: self.dims[1],
+                    scale: *scale,
+                    window: *window,
+                };
+                let (q, k, v) = (
+                    ctx.f32s(&self.operands[0]),
+                    ctx.f32s(&self.operands[1]),
+                    ctx.f32s(&self.operands[2]),
+                );
+                let (qw, kvw) = (
+                    shape.heads * shape.head_dim,
+                    shape.kv_heads * shape.head_dim,
+                );
+                let rows = Rows {
+                    q,
+                    k,
+                    v,
+                    q_stride: qw,
+                    kv_stride: kvw,
+                    q_at: 0,
+                    k_at: 0,
+                    v_at: 0,
+                };
+                attention(
+                    &rows,
+                    positions,
+                    caches.entry(*layer).or_default(),
+                    &shape,
+                    pool,
+                    out,
+                );
+            }
+            Op::AttentionQkv {
+                layer,
+                scale,
+                window,
+                heads,
+                kv_heads,
+            } => {
+                let head_dim = self.operand_dims[0][1];
+                let shape = AttentionShape {
+                    heads: *heads,
+                    kv_heads: *kv_heads,
+                    head_dim,
+                    scale: *scale,
+                    window: *window,
+                };
+                let qkv = ctx.f32s(&self.operands[0]);
+                let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
+                let stride = qw + 2 * kvw;
+                let rows = Rows {
+                    q: qkv,
+                    k: qkv,
+                    v: qkv,
+                    q_stride: stride,
+                    kv_stride: stride,
+                    q_at: 0,
+                    k_at: qw,
+                    v_at: qw + kvw,
+                };
+                attention(
+                    &rows,
+                    positions,
+                    caches.entry(*layer).or_default(),
+                    &shape,
+                    pool,
+                    out,
+                );
+            }
+            Op::NormMatMul { .. }
+            | Op::MatMul
+            | Op::QkvRope { .. }
+            | Op::GatedFfn { .. }
+            | Op::MatMulResidual { .. } => self.run_matmuls(ctx, positions, pool, scratch, out),
+        }
+        Ok(())
+    }
+}
+
+/// Where one launch's matmul writes: `out[t * stride + col + r]`, with the epilogue's extra operand.
+struct Target {
+    out: *mut f32,
+    stride: usize,
+    extra: *const f32,
+    extra_stride: usize,
+}
+
+impl<'p> Step<'p> {
+    fn eps(&self) -> f32 {
+        match self.op {
+            Op::NormMatMul { eps } | Op::QkvRope { eps, .. } | Op::GatedFfn { eps, .. } => eps,
+            _ => 0.0,
+        }
+    }
+
+    /// The matmul family: quantize the input once per activation format, run each call on the pool, then the
+    /// op's own finishing work (RoPE, QK-norm, post-norm, an unfused gate).
+    fn run_matmuls(
+        &self,
+        ctx: &Ctx,
+        positions: &[i32],
+        pool: &Pool,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let x = self.f32_operand(ctx, 0);
+        let rows = ctx.rows;
+        let k = x.len() / rows;
+        let gain = if self.norm {
+            Some(self.f32_operand(ctx, 1))
+        } else {
+            None
+        };
+        scratch
+            .quantized
+            .iter_mut()
+            .for_each(|(_, buf)| buf.clear());
+        let n_out = out.len() / rows;
+        let mut temp = std::mem::take(&mut scratch.temp);
+        for (ci, call) in self.calls.iter().enumerate() {
+            let n = call.w.shape[0];
+            let target = self.target(ci, call, ctx, out, n_out, n, &mut temp);
+            let w2 = match call.epilogue {
+                Epilogue::Gated(_) => self.weights[3],
+                _ => None,
+            };
+            match call.kernels {
+                Some((quantize, matmul)) => {
+                    let xq = quantized(
+                        scratch,
+                        call.act,
+                        quantize,
+                        x,
+                        gain,
+                        self.eps(),
+                        rows,
+                        k,
+                        pool,
+                    );
+                    let args = MatMulArgs {
+                        w: call.w.data.as_ptr(),
+                        w2: w2.map_or(std::ptr::null(), |w| w.data.as_ptr()),
+                        x: xq.as_ptr(),
+                        x_stride: call.act.row_bytes(k) as u64,
+                        out: target.out,
+                        out_stride: target.stride as u64,
+                        extra: target.extra,
+                        extra_stride: target.extra_stride as u64,
+                        row_begin: 0,
+                        row_end: 0,
+                        tokens: rows as u64,
+                    };
+                    let args = Shared(args);
+                    let interleave = call.interleave;
+                    pool.run(&|i| {
+                        let (begin, end) = split(n, interleave, i, pool.threads());
+                        if begin < end {
+                            let mut a = *args.get();
+                            a.row_begin = begin as u64;
+                            a.row_end = end as u64;
+                            // SAFETY: `a` points at live buffers sized for `rows` tokens and `n` rows; threads
+                            // write disjoint rows.
+                            unsafe { matmul(&a as *const MatMulArgs as *const u8) };
+                        }
+                    });
+                }
+                None => reference_call(call, w2, x, gain, self.eps(), rows, k, &target),
+            }
+        }
+        self.finish(ctx, positions, out, &temp, rows);
+        scratch.temp = temp;
+    }
+
+    /// Where call `ci` writes.
+    #[allow(clippy::too_many_arguments)]
+    fn target(
+        &self,
+        ci: usize,
+        call: &Call,
+        ctx: &Ctx,
+        out: &mut [f32],
+        n_out: usize,
+        n: usize,
+        temp: &mut Vec<f32>,
+    ) -> Target {
+        let out = out.as_mut_ptr();
+        let to_out = |col: usize, extra: *const f32, extra_stride: usize| Target {
+            // SAFETY: `col + n <= n_out`, so every row stays inside `out`.
+            out: unsafe { out.add(col) },
+            stride: n_out,
+            extra,
+            extra_stride,
+        };
+        let to_temp = |temp: &mut Vec<f32>| {
+            temp.resize(ctx.rows * n, 0.0);
+            Target {
+                out: temp.as_mut_ptr(),
+                stride: n,
+                extra: std::ptr::null(),
+                extra_stride: 0,
+            }
+        };
+        match &self.op {
+            Op::QkvRope {
+                heads,
+                kv_heads,
+                head_dim,
+                bias,
+                ..
+            } => {
+                let col = [0, heads * head_dim, (heads + kv_heads) * head_dim][ci];
+                let bias = if *bias {
+                    self.floats[6 + ci]
+                        .as_ref()
+                        .map_or(std::ptr::null(), |b| b.as_ptr())
+                } else {
+                    std::ptr::null()
+                };
+                to_out(col, bias, 0)
+            }
+            Op::GatedFfn { .. } if ci == 1 => to_temp(temp),
+            Op::MatMulResidual { post_norm: Some(_) } => to_temp(temp),
+            Op::MatMulResidual { post_norm: None } => {
+                let residual = self.f32_operand(ctx, 2);
+                to_out(0, residual.as_ptr(), n_out)
+            }
+            _ => {
+                let _ = call;
+                to_out(0, std::ptr::null(), 0)
+            }
+        }
+    }
+
+    /// Work after the matmuls.
+    fn finish(&self, ctx: &Ctx, positions: &[i32], out: &mut [f32], temp: &[f32], rows: usize) {
+        match &self.op {
+            Op::QkvRope {
+                heads,
+                kv_heads,
+                head_dim,
+                rope,
+                bias,
+                qk_norm,
+                ..
+            } => {
+                let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+                let width = qw + 2 * kw;
+                if let Some(eps) = qk_norm {
+                    let first = if *bias { 9 } else { 6 };
+                    let (qn, kn) = (
+                        self.f32_operand(ctx, first),
+                        self.f32_operand(ctx, first + 1),
+                    );
+                    for token in out.chunks_exact_mut(width) {
+                        ops::rms_norm_in_place(&mut token[..qw], qn, *eps);
+                        ops::rms_norm_in_place(&mut token[qw..qw + kw], kn, *eps);
+                    }
+                }
+                let table = RopeTable::new(rope, &positions[..rows.min(positions.len())]);
+                for (t, token) in out.chunks_exact_mut(width).enumerate() {
+                    table.apply(&mut token[..qw + kw], *head_dim, t, rope.style);
+                }
+            }
+            Op::GatedFfn { act, .. } if self.calls.len() == 2 => {
+                let f = activation(*act);
+                for (o, &u) in out.iter_mut().zip(temp) {
+                    *o = f(*o) * u;
+                }
+            }
+            Op::MatMulResidual {
+                post_norm: Some(eps),
+            } => {
+                let (g, residual) = (self.f32_operand(ctx, 2), self.f32_operand(ctx, 3));
+                let n = g.len();
+                for ((o, y), r) in out
+                    .chunks_exact_mut(n)
+                    .zip(temp.chunks_exact(n))
+                    .zip(residual.chunks_exact(n))
+                {
+                    let scale = ops::rms_scale(y, *eps);
+                    for (((o, &y), &g), &r) in o.iter_mut().zip(y).zip(g).zip(r) {
+                        *o = r + y * scale * g;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn activation(act: Activation) -> fn(f32) -> f32 {
+    match act {
+        Activation::Silu => reference::silu,
+        Activation::Gelu => reference::gelu,
+    }
+}
+
+/// `x` quantized to `act`, computed once per launch and format.
+#[allow(clippy::too_many_arguments)]
+fn quantized<'s>(
+    scratch: &'s mut Scratch,
+    act: ActFormat,
+    quantize: KernelFn,
+    x: &[f32],
+    gain: Option<&[f32]>,
+    eps: f32,
+    rows: usize,
+    k: usize,
+    pool: &Pool,
+) -> &'s [u8] {
+    let at = match scratch.quantized.iter().position(|(a, _)| *a == act) {
+        Some(at) => at,
+        None => {
+            scratch.quantized.push((act, Vec::new()));
+            scratch.quantized.len() - 1
+        }
+    };
+    let buf = &mut scratch.quantized[at].1;
+    if buf.is_empty() {
+        let row_bytes = act.row_bytes(k);
+        buf.resize(rows * row_bytes, 0);
+        let args = Shared(QuantizeArgs {
+            x: x.as_ptr(),
+            x_stride: k as u64,
+            gain: gain.map_or(std::ptr::null(), |g| g.as_ptr()),
+            out: buf.as_mut_ptr(),
+            out_stride: row_bytes as u64,
+            rows: rows as u64,
+            eps,
+        });
+        let run = |begin: usize, end: usize| {
+            let mut a = *args.get();
+            // SAFETY: rows `begin..end` of `x` and of `buf` exist; threads take disjoint rows.
+            unsafe {
+                a.x = a.x.add(begin * k);
+                a.out = a.out.add(begin * row_bytes);
+                a.rows = (end - begin) as u64;
+                quantize(&a as *const QuantizeArgs as *const u8);
+            }
+        };
+        if rows < 2 * pool.threads() {
+            run(0, rows);
+        } else {
+            pool.run(&|i| {
+                let (begin, end) = split(rows, 1, i, pool.threads());
+                run(begin, end);
+            });
+        }
+    }
+    &scratch.quantized[at].1
+}
+
+/// A matmul without generated code: the reference kernel, then the epilogue in Rust.
+#[allow(clippy::too_many_arguments)]
+fn reference_call(
+    call: &Call,
+    w2: Option<WeightView>,
+    x: &[f32],
+    gain: Option<&[f32]>,
+    eps: f32,
+    rows: usize,
+    k: usize,
+    target: &Target,
+) {
+    let h = match gain {
+        Some(g) => {
+            let mut h = x.to_vec();
+            ops::rms_norm_in_place(&mut h, g, eps);
+            std::borrow::Cow::Owned(h)
+        }
+        None => std::borrow::Cow::Borrowed(x),
+    };
+    let acc = reference::matmul(&h, k, &call.w);
+    let acc2 = w2.map(|w| reference::matmul(&h, k, &w));
+    let n = call.w.shape[0];
+    for t in 0..rows {
+        for j in 0..n {
+            let v = acc[t * n + j];
+            // SAFETY: `target` addresses `rows` rows of at least `n` values (see `Step::target`).
+            unsafe {
+                let value = match call.epilogue {
+                    Epilogue::Store => v,
+                    Epilogue::Bias => v + *target.extra.add(j),
+                    Epilogue::Residual => *target.extra.add(t * target.extra_stride + j) + v,
+                    Epilogue::Gated(act) => {
+                        activation(act)(v) * acc2.as_ref().expect("gated")[t * n + j]
+                    }
+                };
+                *target.out.add(t * target.stride + j) = value;
+            }
+        }
+    }
+}
+
+/// RoPE over rows of `[heads, head_dim]`, in place.
+fn rope_rows(x: &mut [f32], head_dim: usize, rope: &RopeParams, positions: &[i32]) {
+    let table = RopeTable::new(rope, positions);
+    let per_token = x.len() / positions.len();
+    for (t, token) in x.chunks_exact_mut(per_token).enumerate() {
+        table.apply(token, head_dim, t, rope.style);
+    }
+}
+
+/// Where each token's q, k and v heads lie.
+struct Rows<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    q_stride: usize,
+    kv_stride: usize,
+    q_at: usize,
+    k_at: usize,
+    v_at: usize,
+}
+
+/// Appends the step's keys and values to the cache, then attends every (token, head) pair, spread over the pool.
+fn attention(
+    rows: &Rows,
+    positions: &[i32],
+    cache: &mut KvCache,
+    s: &AttentionShape,
+    pool: &Pool,
+    out: &mut [f32],
+) {
+    let (hd, kvw) = (s.head_dim, s.kv_heads * s.head_dim);
+    for (t, &pos) in positions.iter().enumerate() {
+        let k = &rows.k[t * rows.kv_stride + rows.k_at..][..kvw];
+        let v = &rows.v[t * rows.kv_stride + rows.v_at..][..kvw];
+        cache.write(pos as usize, k, v);
+    }
+    let cache = &*cache;
+    let group = s.heads / s.kv_heads;
+    let pairs = positions.len() * s.heads;
+    let out_ptr = Shared(out.as_mut_ptr());
+    pool.run(&|i| {
+        let mut scores = Vec::new();
+        let (begin, end) = split(pairs, 1, i, pool.threads());
+        for pair in begin..end {
+            let (t, h) = (pair / s.heads, pair % s.heads);
+            let q = &rows.q[t * rows.q_stride + rows.q_at + h * hd..][..hd];
+            // SAFETY: each (token, head) pair owns its `head_dim` outputs.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(pair * hd), hd) };
+            ops::attend(
+                q,
+                cache,
+                h / group,
+                positions[t] as usize,
+                s,
+                &mut scores,
+                o,
+            );
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_matches_the_reference() {
+        let (heads, kv_heads, hd, t) = (9, 3, 64, 7);
+        let s = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            scale: 0.125,
+            window: None,
+        };
+        let stride = (heads + 2 * kv_heads) * hd;
+        let qkv: Vec<f32> = (0..t * stride)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let positions: Vec<i32> = (0..t as i32).collect();
+        let rows = Rows {
+            q: &qkv,
+            k: &qkv,
+            v: &qkv,
+            q_stride: stride,
+            kv_stride: stride,
+            q_at: 0,
+            k_at: heads * hd,
+            v_at: (heads + kv_heads) * hd,
+        };
+        let mut out = vec![0f32; t * heads * hd];
+        attention(
+            &rows,
+            &positions,
+            &mut KvCache::default(),
+            &s,
+            &Pool::new(1),
+            &mut out,
+        );
+        let (q, k, v) = crate::reference::fused_unpack(&qkv, heads, kv_heads, hd);
+        let rs = reference::AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            scale: 0.125,
+            window: None,
+        };
+        let expected = reference::attention(&q, &k, &v, &positions, &mut Default::default(), &rs);
+        let diff = out
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "{diff}");
+    }
+}

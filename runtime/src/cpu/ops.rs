@@ -1,0 +1,138 @@
+//! The CPU executor's small ops, in Rust: RMSNorm, RoPE, attention over the KV cache, elementwise ops. They move
+//! a few KB per token, next to the megabytes of weights the generated matmuls stream.
+
+use kiln_ir::dequant::dot_f32 as dot;
+use kiln_ir::{RopeParams, RopeStyle};
+
+/// `x * w / rms(x)` over each row of `w.len()` values, in place.
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(w.len()) {
+        let scale = rms_scale(row, eps);
+        for (v, g) in row.iter_mut().zip(w) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` with the sum of squares in f64, as ggml computes it: each square is exact in
+/// f64, so the sum's order hardly matters, and normalized activations round to the same Q8 codes as llama.cpp's
+/// (an f32 sum flips codes of outlier tokens, which moves logits by tenths).
+pub fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    let mean = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
+    1.0 / (mean as f32 + eps).sqrt()
+}
+
+/// `out += w * v`
+pub fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += w * x;
+    }
+}
+
+/// cos/sin of each pair's angle at each position of a step: `[positions, dims / 2]` each.
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    pub fn new(rope: &RopeParams, positions: &[i32]) -> Self {
+        let half = rope.dims / 2;
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
+            for i in 0..half {
+                let theta = pos as f64
+                    * rope.freq_scale as f64
+                    * (rope.base as f64).powf(-2.0 * i as f64 / rope.dims as f64);
+                let (s, c) = theta.sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        RopeTable { cos, sin, half }
+    }
+
+    /// Rotates the heads of one token (`head_dim` values each) at the table's `t`-th position.
+    pub fn apply(&self, heads: &mut [f32], head_dim: usize, t: usize, style: RopeStyle) {
+        let (cos, sin) = (
+            &self.cos[t * self.half..][..self.half],
+            &self.sin[t * self.half..][..self.half],
+        );
+        for head in heads.chunks_exact_mut(head_dim) {
+            for i in 0..self.half {
+                let (a, b) = match style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + self.half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// One layer's keys and values, `[position, kv_heads * head_dim]`, grown as positions are written.
+#[derive(Default)]
+pub struct KvCache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl KvCache {
+    pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
+        let at = pos * k.len();
+        if self.k.len() < at + k.len() {
+            let len = (at + k.len()).max(2 * self.k.len());
+            self.k.resize(len, 0.0);
+            self.v.resize(len, 0.0);
+        }
+        self.k[at..at + k.len()].copy_from_slice(k);
+        self.v[at..at + v.len()].copy_from_slice(v);
+    }
+
+    pub fn bytes(&self) -> usize {
+        4 * (self.k.len() + self.v.len())
+    }
+}
+
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+/// Attends one query head at position `pos` to the cached keys at or before it (within the window), writing
+/// `head_dim` values to `out`. `scores` is scratch.
+pub fn attend(
+    q: &[f32],
+    cache: &KvCache,
+    kv_head: usize,
+    pos: usize,
+    s: &AttentionShape,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = s.head_dim;
+    let kv_width = s.kv_heads * hd;
+    let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    scores.clear();
+    scores.extend(
+        (first..=pos).map(|j| dot(q, &cache.k[j * kv_width + kv_head * hd..][..hd]) * s.scale),
+    );
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    out.fill(0.0);
+    let inv = 1.0 / sum;
+    for (j, &p) in (first..=pos).zip(scores.iter()) {
+        axpy(out, p * inv, &cache.v[j * kv_width + kv_head * hd..][..hd]);
+    }
+}

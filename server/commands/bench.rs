@@ -1,0 +1,151 @@
+//! `kiln bench PLAN`: prefill and decode throughput, time to first token and peak memory, like llama-bench.
+
+use super::EngineArgs;
+use crate::model::Model;
+use anyhow::Result;
+use clap::Args;
+use kiln_runtime::Engine;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    pub model: PathBuf,
+    /// Prompt lengths to time prefill at.
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 512])]
+    pub prefill: Vec<usize>,
+    /// Tokens to decode one at a time.
+    #[arg(long, default_value_t = 128)]
+    pub decode: usize,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Serialize)]
+struct Report {
+    prefill_tok_s: BTreeMap<String, f64>,
+    decode_tok_s: f64,
+    ttft_ms: f64,
+    peak_rss_bytes: u64,
+    threads: usize,
+}
+
+/// Token ids for a synthetic prompt: ordinary vocabulary entries, no special tokens.
+fn prompt(len: usize, vocab: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| (1000 + 37 * i) as u32 % vocab as u32)
+        .collect()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    anyhow::ensure!(args.repeat >= 1, "--repeat must be at least 1");
+    anyhow::ensure!(args.decode >= 1, "--decode must be at least 1");
+    let model = Model::open(&args.model)?;
+    let longest = args.prefill.iter().copied().max().unwrap_or(0);
+    let ctx = longest.max(16 + args.decode);
+    let mut engine = model.executor(ctx, &args.engine)?;
+    let threads = match args.engine.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let vocab = engine.vocab_size();
+    // Warm-up: fault in the weights and size the buffers.
+    engine.forward_last(&prompt(16, vocab), 0)?;
+
+    let mut prefill_tok_s = BTreeMap::new();
+    let mut ttft_ms = 0.0;
+    for &len in &args.prefill {
+        anyhow::ensure!(len >= 1, "prefill lengths must be at least 1");
+        let tokens = prompt(len, vocab);
+        let mut times = Vec::new();
+        for _ in 0..args.repeat {
+            let started = Instant::now();
+            engine.forward_last(&tokens, 0)?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+        let t = median(times);
+        eprintln!("prefill {len:>4} tokens: {:8.1} tok/s", len as f64 / t);
+        prefill_tok_s.insert(len.to_string(), len as f64 / t);
+        if len == args.prefill[0] {
+            ttft_ms = t * 1e3;
+        }
+    }
+
+    let mut rates = Vec::new();
+    for _ in 0..args.repeat {
+        let start = decode_rate(engine.as_mut(), args.decode, vocab)?;
+        rates.push(start);
+    }
+    let decode_tok_s = median(rates);
+    eprintln!("decode {:>5} tokens: {decode_tok_s:8.1} tok/s", args.decode);
+
+    let report = Report {
+        prefill_tok_s,
+        decode_tok_s,
+        ttft_ms,
+        peak_rss_bytes: peak_rss_bytes(),
+        threads,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{:<28} {:>12}", "measure", "value");
+        for (len, v) in &report.prefill_tok_s {
+            println!("{:<28} {v:>12.1}", format!("prefill {len} (tok/s)"));
+        }
+        println!(
+            "{:<28} {:>12.1}",
+            format!("decode {} (tok/s)", args.decode),
+            report.decode_tok_s
+        );
+        println!(
+            "{:<28} {:>12.1}",
+            format!("ttft, {} tokens (ms)", args.prefill.first().unwrap_or(&0)),
+            report.ttft_ms
+        );
+        println!(
+            "{:<28} {:>12.1}",
+            "peak RSS (MiB)",
+            report.peak_rss_bytes as f64 / (1 << 20) as f64
+        );
+        println!("{:<28} {:>12}", "threads", report.threads);
+    }
+    Ok(())
+}
+
+/// Decodes `n` tokens one at a time after a short prompt, feeding back the argmax; returns tokens per second.
+fn decode_rate(engine: &mut dyn Engine, n: usize, vocab: usize) -> Result<f64> {
+    let first = prompt(8, vocab);
+    let mut logits = engine.forward_last(&first, 0)?;
+    let started = Instant::now();
+    for pos in first.len()..first.len() + n {
+        let next = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap_or(0) as u32;
+        logits = engine.forward_last(&[next], pos)?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The process's peak resident set size.
+fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage.ru_maxrss as u64 * 1024
+    }
+}
