@@ -27,10 +27,12 @@ pub trait BlockDot {
     fn elems(&self) -> usize;
     /// Bytes of one stored weight block.
     fn block_bytes(&self) -> usize;
-    /// Values read once per activation block and shared by every row of a group.
+    /// Values of one activation block, loaded once and shared by every row that meets it.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value>;
+    /// Values of one weight block (codes unpacked, scales loaded), shared by every token that meets it.
+    fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value>;
     /// Adds `dot(w block, x block)` to `acc`.
-    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, shared: &[Value], acc: RowAcc);
+    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc);
 }
 
 /// The generator for `format` stored in `layout`, or `None` where kiln has none (the executor then runs the
@@ -142,8 +144,8 @@ impl BlockDot for Block32 {
         vec![dx, dxsum, c0, c1]
     }
 
-    fn accumulate(&self, kb: &mut Kb, w: Value, _x: Value, shared: &[Value], acc: RowAcc) {
-        let (dx, dxsum, c0, c1) = (shared[0], shared[1], shared[2], shared[3]);
+    /// `[codes 0..16, codes 16..32, d, m]`
+    fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
         let (mut lo, mut hi) = if self.bytes {
             let flip = kb.i8x16(0x80);
             let a = kb.load(I8X16, w, self.qs_at);
@@ -161,16 +163,7 @@ impl BlockDot for Block32 {
             lo = kb.b.ins().bor(lo, h0);
             hi = kb.b.ins().bor(hi, h1);
         }
-        let zero = kb.i32x4(0);
-        let isum = kb.dot_u8i8(zero, c0, lo);
-        let isum = kb.dot_u8i8(isum, c1, hi);
         let d = kb.load(F32, w, 0);
-        let ddx = kb.b.ins().fmul(d, dx);
-        let ddx = kb.b.ins().splat(F32X4, ddx);
-        let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
-        let v = kb.b.use_var(acc.v);
-        let v = kb.b.ins().fma(fsum, ddx, v);
-        kb.b.def_var(acc.v, v);
         let m = match self.min_at {
             Some(at) => kb.load(F32, w, at),
             None => {
@@ -178,6 +171,21 @@ impl BlockDot for Block32 {
                 kb.b.ins().fmul(d, k)
             }
         };
+        vec![lo, hi, d, m]
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
+        let (lo, hi, d, m) = (w[0], w[1], w[2], w[3]);
+        let (dx, dxsum, c0, c1) = (x[0], x[1], x[2], x[3]);
+        let zero = kb.i32x4(0);
+        let isum = kb.dot_u8i8(zero, c0, lo);
+        let isum = kb.dot_u8i8(isum, c1, hi);
+        let ddx = kb.b.ins().fmul(d, dx);
+        let ddx = kb.b.ins().splat(F32X4, ddx);
+        let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
+        let v = kb.b.use_var(acc.v);
+        let v = kb.b.ins().fma(fsum, ddx, v);
+        kb.b.def_var(acc.v, v);
         let s = kb.b.use_var(acc.s);
         let s = kb.b.ins().fma(m, dxsum, s);
         kb.b.def_var(acc.s, s);
@@ -236,11 +244,14 @@ impl BlockDot for Float {
         (0..4).map(|i| kb.load(F32X4, x, 16 * i)).collect()
     }
 
-    fn accumulate(&self, kb: &mut Kb, w: Value, _x: Value, shared: &[Value], acc: RowAcc) {
+    fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+        (0..4).map(|i| self.load4(kb, w, i)).collect()
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
         let mut v = kb.b.use_var(acc.v);
-        for (i, &x) in shared.iter().enumerate() {
-            let wi = self.load4(kb, w, i);
-            v = kb.b.ins().fma(wi, x, v);
+        for (&wi, &xi) in w.iter().zip(x) {
+            v = kb.b.ins().fma(wi, xi, v);
         }
         kb.b.def_var(acc.v, v);
     }

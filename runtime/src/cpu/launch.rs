@@ -715,8 +715,8 @@ fn attention(
     let out_ptr = Shared(out.as_mut_ptr());
     pool.run(&|i| {
         let mut scores = Vec::new();
-        let (begin, end) = split(pairs, 1, i, pool.threads());
-        for pair in begin..end {
+        // Strided, not in ranges: later tokens attend to more keys, and ranges would leave one thread the heavy end.
+        for pair in (i..pairs).step_by(pool.threads()) {
             let (t, h) = (pair / s.heads, pair % s.heads);
             let q = &rows.q[t * rows.q_stride + rows.q_at + h * hd..][..hd];
             // SAFETY: each (token, head) pair owns its `head_dim` outputs.
