@@ -1,0 +1,59 @@
+//! The CLIF of one kernel per format and per epilogue, as generated (before Cranelift's optimizations), so any
+//! change to code generation shows up in review. Bless changes with `INSTA_UPDATE=always` (or `cargo insta`).
+
+use kiln_codegen_cpu::{generate, host_isa};
+use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, FloatRound};
+use kiln_ir::layout::Layout;
+use kiln_ir::{Activation, QuantFormat};
+
+fn clif(function: CpuFunction) -> String {
+    generate(&function, &host_isa().unwrap()).unwrap().display().to_string()
+}
+
+const X4: Layout = Layout {
+    f32_scales: true,
+    interleave: 4,
+};
+
+#[test]
+fn matmul_per_format() {
+    for format in [
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
+        QuantFormat::Q8_0,
+    ] {
+        let f = CpuFunction::MatMul { format, layout: X4, k: 64, epilogue: Epilogue::Store };
+        insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
+    }
+    for format in [QuantFormat::F32, QuantFormat::F16, QuantFormat::BF16] {
+        let f = CpuFunction::MatMul { format, layout: Layout::GGUF, k: 32, epilogue: Epilogue::Store };
+        insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
+    }
+}
+
+#[test]
+fn matmul_per_epilogue() {
+    for epilogue in [
+        Epilogue::Bias,
+        Epilogue::Residual,
+        Epilogue::Gated(Activation::Silu),
+        Epilogue::Gated(Activation::Gelu),
+    ] {
+        let f = CpuFunction::MatMul { format: QuantFormat::Q8_0, layout: X4, k: 32, epilogue };
+        insta::assert_snapshot!(format!("epilogue_{}", epilogue.name()), clif(f));
+    }
+}
+
+#[test]
+fn activation_quantizers() {
+    for (act, norm) in [
+        (ActFormat::Q8_0, true),
+        (ActFormat::Q8K, false),
+        (ActFormat::F32 { round: FloatRound::F16 }, false),
+    ] {
+        let f = CpuFunction::Quantize { act, k: 256, norm };
+        insta::assert_snapshot!(format!("quantize_{}_norm_{norm}", act.name()), clif(f));
+    }
+}
