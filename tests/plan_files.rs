@@ -194,17 +194,8 @@ fn plan_for_another_target_is_refused() {
         model: lowered.info,
     };
     let c = kiln_compiler::passes::compile(lowered.graph, &meta.target, |_, _, _| {}).unwrap();
-    kiln_compiler::plan_writer::write_plan(
-        &path,
-        &meta,
-        &c.graph,
-        &c.schedule,
-        &c.layouts,
-        &Default::default(),
-        &gguf,
-        |_, _| {},
-    )
-    .unwrap();
+    kiln_compiler::plan_writer::write_plan(&path, &meta, &c, &Default::default(), &gguf, |_, _| {})
+        .unwrap();
     let err = load_error(&path);
     assert!(
         err.contains("the plan was compiled for cpu (riscv64), which this host cannot run: this host is x86_64; compile it here with `kiln compile MODEL.gguf --target native`")

@@ -7,7 +7,10 @@ use kiln_ir::layout::Layout;
 use kiln_ir::{Activation, QuantFormat};
 
 fn clif(function: CpuFunction) -> String {
-    generate(&function, &host_isa().unwrap()).unwrap().display().to_string()
+    generate(&function, &host_isa().unwrap())
+        .unwrap()
+        .display()
+        .to_string()
 }
 
 const X4: Layout = Layout {
@@ -24,11 +27,21 @@ fn matmul_per_format() {
         QuantFormat::Q5_1,
         QuantFormat::Q8_0,
     ] {
-        let f = CpuFunction::MatMul { format, layout: X4, k: 64, epilogue: Epilogue::Store };
+        let f = CpuFunction::MatMul {
+            format,
+            layout: X4,
+            k: 64,
+            epilogue: Epilogue::Store,
+        };
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
     }
     for format in [QuantFormat::F32, QuantFormat::F16, QuantFormat::BF16] {
-        let f = CpuFunction::MatMul { format, layout: Layout::GGUF, k: 32, epilogue: Epilogue::Store };
+        let f = CpuFunction::MatMul {
+            format,
+            layout: Layout::GGUF,
+            k: 32,
+            epilogue: Epilogue::Store,
+        };
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
     }
 }
@@ -41,7 +54,12 @@ fn matmul_per_epilogue() {
         Epilogue::Gated(Activation::Silu),
         Epilogue::Gated(Activation::Gelu),
     ] {
-        let f = CpuFunction::MatMul { format: QuantFormat::Q8_0, layout: X4, k: 32, epilogue };
+        let f = CpuFunction::MatMul {
+            format: QuantFormat::Q8_0,
+            layout: X4,
+            k: 32,
+            epilogue,
+        };
         insta::assert_snapshot!(format!("epilogue_{}", epilogue.name()), clif(f));
     }
 }
@@ -51,7 +69,12 @@ fn activation_quantizers() {
     for (act, norm) in [
         (ActFormat::Q8_0, true),
         (ActFormat::Q8K, false),
-        (ActFormat::F32 { round: FloatRound::F16 }, false),
+        (
+            ActFormat::F32 {
+                round: FloatRound::F16,
+            },
+            false,
+        ),
     ] {
         let f = CpuFunction::Quantize { act, k: 256, norm };
         insta::assert_snapshot!(format!("quantize_{}_norm_{norm}", act.name()), clif(f));

@@ -1,14 +1,12 @@
 //! Writes plan files (format: `kiln_ir::plan`).
 
-use crate::passes::Layouts;
+use crate::passes::Compiled;
 use kiln_ir::layout::Layout;
 use kiln_ir::plan::{
     self, CodeEntry, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES,
     HEADER_BYTES,
 };
-use kiln_ir::schedule::Schedule;
 use kiln_ir::weights::WeightSource;
-use kiln_ir::Graph;
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -63,13 +61,16 @@ impl PlanCode {
 pub fn write_plan(
     path: &Path,
     meta: &PlanMeta,
-    graph: &Graph,
-    schedule: &Schedule,
-    layouts: &Layouts,
+    compiled: &Compiled,
     code: &PlanCode,
     weights: &dyn WeightSource,
     mut on_weight_bytes: impl FnMut(u64, u64),
 ) -> Result<PlanSummary, PlanWriteError> {
+    let Compiled {
+        graph,
+        layouts,
+        schedule,
+    } = compiled;
     let mut index = Vec::with_capacity(graph.weights().len());
     let mut cursor = 0;
     for decl in graph.weights() {

@@ -108,9 +108,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let summary = write_plan(
         &args.output,
         &meta,
-        &compiled.graph,
-        &compiled.schedule,
-        &compiled.layouts,
+        &compiled,
         &code,
         &gguf,
         |done, total| {
