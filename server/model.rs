@@ -104,7 +104,7 @@ impl Model {
             ctx
         };
         match &self.source {
-            Source::Plan(plan) if !engine.reference => {
+            Source::Plan(plan) if engine.compiled => {
                 let threads = match engine.threads {
                     0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                     n => n,

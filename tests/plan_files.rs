@@ -44,7 +44,9 @@ fn inspect_shows_sections_and_ir() {
     let Some(plan) = smollm2_plan() else { return };
     let out = kiln_ok(&["inspect", plan.to_str().unwrap()]);
     for want in [
-        "kiln plan, format version 1",
+        "kiln plan, format version 2",
+        "kernels",
+        "code",
         "target       cpu (",
         "meta",
         "graph",
@@ -169,10 +171,10 @@ fn other_format_version_is_refused_with_advice() {
     };
     let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.seek(SeekFrom::Start(8)).unwrap();
-    f.write_all(&2u32.to_le_bytes()).unwrap();
+    f.write_all(&3u32.to_le_bytes()).unwrap();
     drop(f);
     let err = load_error(&path);
-    assert!(err.contains("plan format version 2, but this kiln reads version 1: recompile the model with this kiln"), "{err}");
+    assert!(err.contains("plan format version 3, but this kiln reads version 2: recompile the model with this kiln"), "{err}");
     std::fs::remove_file(path).unwrap();
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{greedy_json, ids, kiln_ok, model, reference, smollm2_plan};
+use common::{ids, kiln_ok, model, reference, smollm2_plan};
 
 #[test]
 fn tokenizer_gives_llama_cpp_ids() {
@@ -24,10 +24,19 @@ fn tokenizer_gives_llama_cpp_ids() {
 /// generated position (same ids in the same order, logits within 0.3 of llama.cpp with full-precision attention;
 /// ranks 4-6 are a near-tie in the reference, so not compared), and at least the first 14 greedy ids (step 14 is a
 /// near-tie in the reference). Returns how many greedy ids match.
-fn check_greedy(path: &std::path::Path) -> usize {
+fn check_greedy(path: &std::path::Path, extra: &[&str]) -> usize {
     let reference = reference();
     let greedy = &reference["greedy"][0];
-    let out = greedy_json(path, greedy["n"].as_u64().unwrap() as usize);
+    let n = greedy["n"].as_u64().unwrap().to_string();
+    let mut args = vec![
+        "run",
+        path.to_str().unwrap(),
+        "-p",
+        greedy["prompt"].as_str().unwrap(),
+    ];
+    args.extend(["-n", &n, "--temp", "0", "--json"]);
+    args.extend(extra);
+    let out = kiln_ok(&args);
     let out: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(ids(&out["prompt_ids"]), ids(&greedy["prompt_ids"]));
     let ours = out["top_logits"].as_array().unwrap();
@@ -61,7 +70,7 @@ fn check_greedy(path: &std::path::Path) -> usize {
 #[test]
 fn greedy_run_matches_llama_cpp() {
     let Some(path) = model("smollm2") else { return };
-    check_greedy(&path);
+    check_greedy(&path, &[]);
 }
 
 /// The compiled plan's generated kernels, to the same standard (they follow llama.cpp up to step 19, a near-tie
@@ -69,7 +78,7 @@ fn greedy_run_matches_llama_cpp() {
 #[test]
 fn compiled_plan_greedy_run_matches_llama_cpp() {
     let Some(plan) = smollm2_plan() else { return };
-    check_greedy(&plan);
+    check_greedy(&plan, &["--compiled"]);
 }
 
 #[test]

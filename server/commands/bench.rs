@@ -25,6 +25,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Time the reference interpreter instead of the plan's generated code.
+    #[arg(long)]
+    pub reference: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -56,7 +59,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let model = Model::open(&args.model)?;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     let ctx = longest.max(16 + args.decode);
-    let mut engine = model.executor(ctx, &args.engine)?;
+    // Bench measures the generated code unless asked for the reference.
+    let engine_args = EngineArgs {
+        compiled: !args.reference,
+        ..args.engine.clone()
+    };
+    let mut engine = model.executor(ctx, &engine_args)?;
     let threads = match args.engine.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
