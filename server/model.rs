@@ -105,11 +105,7 @@ impl Model {
         };
         match &self.source {
             Source::Plan(plan) if engine.compiled => {
-                let threads = match engine.threads {
-                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    n => n,
-                };
-                let executor = CpuExecutor::new(plan, threads, ctx)?;
+                let executor = CpuExecutor::new(plan, engine.threads(), ctx)?;
                 if executor.fallbacks() > 0 {
                     tracing::warn!(
                         launches = executor.fallbacks(),

@@ -41,6 +41,15 @@ pub struct RopeParams {
     pub style: RopeStyle,
 }
 
+impl RopeParams {
+    /// The angle pair `pair` of a head is rotated by at position `pos`.
+    pub fn angle(&self, pos: i32, pair: usize) -> f64 {
+        pos as f64
+            * self.freq_scale as f64
+            * (self.base as f64).powf(-2.0 * pair as f64 / self.dims as f64)
+    }
+}
+
 /// The gate activation of a gated FFN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Activation {

@@ -22,6 +22,28 @@ pub enum ExecError {
     EmptyInput,
 }
 
+/// Checks a step of `tokens` at `start..` against a sequence with `cached` positions in a context of `max`.
+pub fn check_step(
+    tokens: &[u32],
+    start: usize,
+    cached: usize,
+    max: usize,
+) -> Result<(), ExecError> {
+    if tokens.is_empty() {
+        return Err(ExecError::EmptyInput);
+    }
+    if start > cached {
+        return Err(ExecError::PositionGap { start, cached });
+    }
+    if start + tokens.len() > max {
+        return Err(ExecError::ContextFull {
+            need: start + tokens.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
 /// Logits for each token of a step, row-major `[rows, vocab]`.
 pub struct Logits {
     pub vocab: usize,

@@ -65,10 +65,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ..args.engine.clone()
     };
     let mut engine = model.executor(ctx, &engine_args)?;
-    let threads = match args.engine.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
     let vocab = engine.vocab_size();
     // Warm-up: fault in the weights and size the buffers.
     engine.forward_last(&prompt(16, vocab), 0)?;
@@ -105,7 +101,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         decode_tok_s,
         ttft_ms,
         peak_rss_bytes: peak_rss_bytes(),
-        threads,
+        threads: engine_args.threads(),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

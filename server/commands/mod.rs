@@ -27,6 +27,16 @@ pub struct EngineArgs {
     pub compiled: bool,
 }
 
+impl EngineArgs {
+    /// The threads to run on: `--threads`, or one per core.
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 /// Writes generated tokens to stdout as text as they come, holding back incomplete UTF-8 sequences.
 pub struct TokenPrinter<'t> {
     tokenizer: &'t Tokenizer,

@@ -47,33 +47,44 @@ impl Ctx {
         }
     }
 
-    pub fn f32s(&self, slot: &Slot) -> &[f32] {
+    /// A slot's values (f32 or i32: both 4 bytes, and every slot is 4-byte aligned).
+    fn slice<T: Arena4>(&self, slot: &Slot) -> &[T] {
         let (p, len) = self.region(slot);
         // SAFETY: slots are 4-byte aligned regions of the arena; values live together never overlap (the
         // schedule verifier checks it), so a launch's inputs and output are disjoint.
-        unsafe { std::slice::from_raw_parts(p as *const f32, len / 4) }
+        unsafe { std::slice::from_raw_parts(p as *const T, len / 4) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn slice_mut<T: Arena4>(&self, slot: &Slot) -> &mut [T] {
+        let (p, len) = self.region(slot);
+        // SAFETY: as for `slice`; the output slot is written by this launch alone.
+        unsafe { std::slice::from_raw_parts_mut(p as *mut T, len / 4) }
+    }
+
+    pub fn f32s(&self, slot: &Slot) -> &[f32] {
+        self.slice(slot)
     }
 
     #[allow(clippy::mut_from_ref)]
     pub fn f32s_mut(&self, slot: &Slot) -> &mut [f32] {
-        let (p, len) = self.region(slot);
-        // SAFETY: as for `f32s`; the output slot is written by this launch alone.
-        unsafe { std::slice::from_raw_parts_mut(p as *mut f32, len / 4) }
+        self.slice_mut(slot)
     }
 
     pub fn i32s(&self, slot: &Slot) -> &[i32] {
-        let (p, len) = self.region(slot);
-        // SAFETY: as for `f32s`.
-        unsafe { std::slice::from_raw_parts(p as *const i32, len / 4) }
+        self.slice(slot)
     }
 
     #[allow(clippy::mut_from_ref)]
     pub fn i32s_mut(&self, slot: &Slot) -> &mut [i32] {
-        let (p, len) = self.region(slot);
-        // SAFETY: as for `f32s_mut`.
-        unsafe { std::slice::from_raw_parts_mut(p as *mut i32, len / 4) }
+        self.slice_mut(slot)
     }
 }
+
+/// The 4-byte plain types the arena holds.
+trait Arena4: Copy {}
+impl Arena4 for f32 {}
+impl Arena4 for i32 {}
 
 /// Buffers reused across launches.
 #[derive(Default)]
@@ -178,9 +189,7 @@ impl<'p> Step<'p> {
                     epilogue,
                     act: ActFormat::for_weight(mw.format),
                     w,
-                    kernels: quantize
-                        .zip(matmul)
-                        .filter(|_| std::env::var("KILN_NO_KERNELS").is_err()),
+                    kernels: quantize.zip(matmul),
                     interleave: mw.layout.interleave,
                 });
             }
@@ -400,7 +409,7 @@ impl<'p> Step<'p> {
         let mut temp = std::mem::take(&mut scratch.temp);
         for (ci, call) in self.calls.iter().enumerate() {
             let n = call.w.shape[0];
-            let target = self.target(ci, call, ctx, out, n_out, n, &mut temp);
+            let target = self.target(ci, ctx, out, n_out, n, &mut temp);
             let w2 = match call.epilogue {
                 Epilogue::Gated(_) => self.weights[3],
                 _ => None,
@@ -448,7 +457,7 @@ impl<'p> Step<'p> {
                 None => reference_call(call, w2, x, gain, self.eps(), rows, k, &target),
             }
         }
-        self.finish(ctx, positions, out, &temp, rows);
+        self.finish(ctx, positions, out, &temp);
         scratch.temp = temp;
     }
 
@@ -457,7 +466,6 @@ impl<'p> Step<'p> {
     fn target(
         &self,
         ci: usize,
-        call: &Call,
         ctx: &Ctx,
         out: &mut [f32],
         n_out: usize,
@@ -505,15 +513,12 @@ impl<'p> Step<'p> {
                 let residual = self.f32_operand(ctx, 2);
                 to_out(0, residual.as_ptr(), n_out)
             }
-            _ => {
-                let _ = call;
-                to_out(0, std::ptr::null(), 0)
-            }
+            _ => to_out(0, std::ptr::null(), 0),
         }
     }
 
     /// Work after the matmuls.
-    fn finish(&self, ctx: &Ctx, positions: &[i32], out: &mut [f32], temp: &[f32], rows: usize) {
+    fn finish(&self, ctx: &Ctx, positions: &[i32], out: &mut [f32], temp: &[f32]) {
         match &self.op {
             Op::QkvRope {
                 heads,
@@ -537,7 +542,7 @@ impl<'p> Step<'p> {
                         ops::rms_norm_in_place(&mut token[qw..qw + kw], kn, *eps);
                     }
                 }
-                let table = RopeTable::new(rope, &positions[..rows.min(positions.len())]);
+                let table = RopeTable::new(rope, positions);
                 for (t, token) in out.chunks_exact_mut(width).enumerate() {
                     table.apply(&mut token[..qw + kw], *head_dim, t, rope.style);
                 }
@@ -558,7 +563,7 @@ impl<'p> Step<'p> {
                     .zip(temp.chunks_exact(n))
                     .zip(residual.chunks_exact(n))
                 {
-                    let scale = ops::rms_scale(y, *eps);
+                    let scale = reference::rms_scale(y, *eps);
                     for (((o, &y), &g), &r) in o.iter_mut().zip(y).zip(g).zip(r) {
                         *o = r + y * scale * g;
                     }

@@ -10,7 +10,7 @@ mod launch;
 mod ops;
 pub mod pool;
 
-use crate::engine::{Engine, ExecError, Logits};
+use crate::engine::{check_step, Engine, ExecError, Logits};
 use crate::plan::PlanFile;
 use code::NativeCode;
 use kiln_ir::schedule::Slot;
@@ -87,38 +87,15 @@ impl<'p> CpuExecutor<'p> {
         })
     }
 
-    pub fn threads(&self) -> usize {
-        self.pool.threads()
-    }
-
     /// Launches that run reference code because the plan has no generated function for them.
     pub fn fallbacks(&self) -> usize {
         self.steps.iter().filter(|s| s.is_fallback()).count()
     }
 
-    /// Bytes held by the KV cache.
-    pub fn kv_bytes(&self) -> usize {
-        self.caches.values().map(KvCache::bytes).sum()
-    }
-
     /// Runs the schedule for `tokens` at `start..`; with `last_only`, the final launch (the LM head) computes only
     /// the last token's row. Returns the logits rows computed.
     fn run(&mut self, tokens: &[u32], start: usize, last_only: bool) -> Result<Logits, ExecError> {
-        if tokens.is_empty() {
-            return Err(ExecError::EmptyInput);
-        }
-        if start > self.cached {
-            return Err(ExecError::PositionGap {
-                start,
-                cached: self.cached,
-            });
-        }
-        if start + tokens.len() > self.max_context {
-            return Err(ExecError::ContextFull {
-                need: start + tokens.len(),
-                max: self.max_context,
-            });
-        }
+        check_step(tokens, start, self.cached, self.max_context)?;
         let t = tokens.len();
         let units = (t * self.arena_bytes_per_token).div_ceil(4);
         if self.arena.len() < units {

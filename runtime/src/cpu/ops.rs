@@ -1,25 +1,18 @@
 //! The CPU executor's small ops, in Rust: RMSNorm, RoPE, attention over the KV cache, elementwise ops. They move
 //! a few KB per token, next to the megabytes of weights the generated matmuls stream.
 
+use crate::reference::kernels as reference;
 use kiln_ir::dequant::dot_f32 as dot;
 use kiln_ir::{RopeParams, RopeStyle};
 
 /// `x * w / rms(x)` over each row of `w.len()` values, in place.
 pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(w.len()) {
-        let scale = rms_scale(row, eps);
+        let scale = reference::rms_scale(row, eps);
         for (v, g) in row.iter_mut().zip(w) {
             *v = *v * scale * g;
         }
     }
-}
-
-/// `1 / sqrt(mean(x^2) + eps)` with the sum of squares in f64, as ggml computes it: each square is exact in
-/// f64, so the sum's order hardly matters, and normalized activations round to the same Q8 codes as llama.cpp's
-/// (an f32 sum flips codes of outlier tokens, which moves logits by tenths).
-pub fn rms_scale(row: &[f32], eps: f32) -> f32 {
-    let mean = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
-    1.0 / (mean as f32 + eps).sqrt()
 }
 
 /// `out += w * v`
@@ -43,10 +36,7 @@ impl RopeTable {
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &pos in positions {
             for i in 0..half {
-                let theta = pos as f64
-                    * rope.freq_scale as f64
-                    * (rope.base as f64).powf(-2.0 * i as f64 / rope.dims as f64);
-                let (s, c) = theta.sin_cos();
+                let (s, c) = rope.angle(pos, i).sin_cos();
                 cos.push(c as f32);
                 sin.push(s as f32);
             }
@@ -91,10 +81,6 @@ impl KvCache {
         }
         self.k[at..at + k.len()].copy_from_slice(k);
         self.v[at..at + v.len()].copy_from_slice(v);
-    }
-
-    pub fn bytes(&self) -> usize {
-        4 * (self.k.len() + self.v.len())
     }
 }
 

@@ -36,16 +36,22 @@ pub fn matmul(x: &[f32], k: usize, w: &WeightView) -> Vec<f32> {
     out
 }
 
-/// RMSNorm over rows of `w.len()`: `x / sqrt(mean(x^2) + eps) * w`, with the sum in f64 as ggml does.
+/// RMSNorm over rows of `w.len()`: `x / sqrt(mean(x^2) + eps) * w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let d = w.len();
     let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(d) {
-        let mean = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
-        let scale = 1.0 / (mean as f32 + eps).sqrt();
+    for row in x.chunks_exact(w.len()) {
+        let scale = rms_scale(row, eps);
         out.extend(row.iter().zip(w).map(|(&v, &g)| v * scale * g));
     }
     out
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` with the sum of squares in f64, as ggml computes it: each square is exact in
+/// f64, so the sum's order hardly matters, and normalized activations round to the same Q8 codes as llama.cpp's
+/// (an f32 sum flips codes of outlier tokens, which moves logits by tenths).
+pub fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    let mean = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
+    1.0 / (mean as f32 + eps).sqrt()
 }
 
 /// Elementwise `a op b`, with `b` repeated over `a` when it is shorter (a bias or per-channel weight).
@@ -67,20 +73,12 @@ pub fn gelu(x: f32) -> f32 {
 
 /// Rotates `x[t, heads, head_dim]` in place by each token's position.
 pub fn rope(x: &mut [f32], head_dim: usize, positions: &[i32], rope: &RopeParams) {
-    let RopeParams {
-        base,
-        dims,
-        freq_scale,
-        style,
-    } = *rope;
+    let RopeParams { dims, style, .. } = *rope;
     let per_token = x.len() / positions.len();
     for (token, &pos) in x.chunks_exact_mut(per_token).zip(positions) {
         for head in token.chunks_exact_mut(head_dim) {
             for i in 0..dims / 2 {
-                let theta = pos as f64
-                    * freq_scale as f64
-                    * (base as f64).powf(-2.0 * i as f64 / dims as f64);
-                let (sin, cos) = theta.sin_cos();
+                let (sin, cos) = rope.angle(pos, i).sin_cos();
                 let (a, b) = match style {
                     RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                     RopeStyle::Neox => (i, i + dims / 2),

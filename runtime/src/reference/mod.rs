@@ -9,7 +9,7 @@ mod fused;
 pub(crate) use fused::unpack_qkv as fused_unpack;
 pub(crate) mod kernels;
 
-use crate::engine::{Engine, ExecError, Logits};
+use crate::engine::{check_step, Engine, ExecError, Logits};
 use kernels::{AttentionShape, LayerCache};
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, Operand};
@@ -277,21 +277,7 @@ fn eval(
 
 impl Engine for ReferenceExecutor<'_> {
     fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError> {
-        if tokens.is_empty() {
-            return Err(ExecError::EmptyInput);
-        }
-        if start > self.cached {
-            return Err(ExecError::PositionGap {
-                start,
-                cached: self.cached,
-            });
-        }
-        if start + tokens.len() > self.max_context {
-            return Err(ExecError::ContextFull {
-                need: start + tokens.len(),
-                max: self.max_context,
-            });
-        }
+        check_step(tokens, start, self.cached, self.max_context)?;
         let positions: Vec<i32> = (start..start + tokens.len()).map(|p| p as i32).collect();
         let mut values: Vec<Option<Value>> = (0..self.graph.len()).map(|_| None).collect();
         let Self {
