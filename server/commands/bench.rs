@@ -25,11 +25,12 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Threads for the generated kernels (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// Time the reference interpreter instead of the plan's generated code.
     #[arg(long)]
     pub reference: bool,
-    #[command(flatten)]
-    pub engine: EngineArgs,
 }
 
 #[derive(Serialize)]
@@ -59,10 +60,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let model = Model::open(&args.model)?;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     let ctx = longest.max(16 + args.decode);
-    // Bench measures the generated code unless asked for the reference.
     let engine_args = EngineArgs {
+        threads: args.threads,
         compiled: !args.reference,
-        ..args.engine.clone()
     };
     let mut engine = model.executor(ctx, &engine_args)?;
     let vocab = engine.vocab_size();
