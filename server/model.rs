@@ -95,7 +95,7 @@ impl Model {
     }
 
     /// An executor over this model's weights, for sequences of up to `ctx` positions (0: the model's trained
-    /// context length, capped at 4096 to keep the KV cache small): a plan's compiled code, or the reference
+    /// context length, capped at 4096 to keep the KV cache small): a plan's generated code, or the reference
     /// interpreter for GGUF files and when asked for.
     pub fn executor(&self, ctx: usize, engine: &EngineArgs) -> Result<Box<dyn Engine + '_>> {
         let ctx = if ctx == 0 {
@@ -104,7 +104,7 @@ impl Model {
             ctx
         };
         match &self.source {
-            Source::Plan(plan) if engine.compiled => {
+            Source::Plan(plan) if !engine.reference => {
                 let executor = CpuExecutor::new(plan, engine.threads(), ctx)?;
                 if executor.fallbacks() > 0 {
                     tracing::warn!(

@@ -11,11 +11,14 @@ fn plan_runs_exactly_like_the_gguf() {
     let (Some(gguf), Some(plan)) = (model("smollm2"), smollm2_plan()) else {
         return;
     };
-    let run = |path: &Path| common::greedy_json(path, 16);
-    // Same ids and the same logits, bit for bit (the JSON prints every f32 exactly).
-    assert_eq!(run(&plan), run(&gguf));
-    let ppl = |path: &Path| {
-        kiln_ok(&[
+    // The plan on the reference interpreter (a plan runs its generated code by default, a GGUF never does): same
+    // ids and the same logits, bit for bit (the JSON prints every f32 exactly).
+    assert_eq!(
+        common::greedy_json(&plan, 16, &["--reference"]),
+        common::greedy_json(&gguf, 16, &[])
+    );
+    let ppl = |path: &Path, extra: &[&str]| {
+        let mut args = vec![
             "perplexity",
             path.to_str().unwrap(),
             "--file",
@@ -25,9 +28,11 @@ fn plan_runs_exactly_like_the_gguf() {
             "--chunks",
             "2",
             "--json",
-        ])
+        ];
+        args.extend(extra);
+        kiln_ok(&args)
     };
-    assert_eq!(ppl(&plan), ppl(&gguf));
+    assert_eq!(ppl(&plan, &["--reference"]), ppl(&gguf, &[]));
     let tokens = |path: &Path| {
         kiln_ok(&[
             "tokenize",

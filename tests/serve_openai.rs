@@ -11,7 +11,7 @@ fn openai_client_gets_what_kiln_run_gets() {
     let Some(plan) = common::smollm2_plan() else {
         return;
     };
-    let run = common::greedy_json(&plan, 16);
+    let run = common::greedy_json(&plan, 16, &[]);
     let expected: serde_json::Value = serde_json::from_str(&run).unwrap();
 
     let mut server = Server::start(&[], plan.to_str().unwrap(), &[], &[]);
@@ -27,6 +27,7 @@ fn openai_client_gets_what_kiln_run_gets() {
             &format!("{address}/v1"),
             "m",
             expected["text"].as_str().unwrap(),
+            common::llama_cpp_chat()["agreed_prefix"].as_str().unwrap(),
         ])
         .output()
         .unwrap();

@@ -25,12 +25,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Threads for the generated kernels (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Time the reference interpreter instead of the plan's generated code.
-    #[arg(long)]
-    pub reference: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 #[derive(Serialize)]
@@ -60,11 +56,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let model = Model::open(&args.model)?;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     let ctx = longest.max(16 + args.decode);
-    let engine_args = EngineArgs {
-        threads: args.threads,
-        compiled: !args.reference,
-    };
-    let mut engine = model.executor(ctx, &engine_args)?;
+    let mut engine = model.executor(ctx, &args.engine)?;
     let vocab = engine.vocab_size();
     // Warm-up: fault in the weights and size the buffers.
     engine.forward_last(&prompt(16, vocab), 0)?;
@@ -101,7 +93,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         decode_tok_s,
         ttft_ms,
         peak_rss_bytes: peak_rss_bytes(),
-        threads: engine_args.threads(),
+        threads: args.engine.threads(),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

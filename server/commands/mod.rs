@@ -17,14 +17,13 @@ use std::io::Write;
 /// How a model is executed: shared by every command that runs one.
 #[derive(Args, Clone, Debug, Default)]
 pub struct EngineArgs {
-    /// Threads for a plan's compiled kernels (0: one per core).
+    /// Threads for a plan's generated code (0: one per core). The reference interpreter uses one per core.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Run a plan's generated code instead of the reference interpreter. Experimental: it is fast (see
-    /// `kiln bench`) but drifts from the reference on longer prompts (a bug under investigation), so it is not
-    /// yet the default. GGUF files always run on the reference interpreter.
+    /// Run a plan on the reference interpreter (plain f32 arithmetic, one thread) instead of its generated code:
+    /// slow, but the yardstick the generated code is tested against. GGUF files always run on it.
     #[arg(long)]
-    pub compiled: bool,
+    pub reference: bool,
 }
 
 impl EngineArgs {

@@ -75,6 +75,13 @@ pub fn kiln_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
+/// llama.cpp's greedy answer on SmolLM2's chat prompt (`tests/fixtures/llama_cpp_chat.json`).
+pub fn llama_cpp_chat() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_cpp_chat.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
 pub fn reference() -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(REFERENCE);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -213,17 +220,21 @@ pub fn smollm2_plan() -> Option<PathBuf> {
     .clone()
 }
 
-/// `kiln run PATH -p "The capital of France is" -n N --temp 0 --json`: the reference prompt, greedy, as JSON text.
-pub fn greedy_json(path: &Path, n: usize) -> String {
-    kiln_ok(&[
+/// `kiln run PATH -p "The capital of France is" -n N --temp 0 --json [EXTRA...]`: the reference prompt, greedy,
+/// as JSON text.
+pub fn greedy_json(path: &Path, n: usize, extra: &[&str]) -> String {
+    let n = n.to_string();
+    let mut args = vec![
         "run",
         path.to_str().expect("utf-8 path"),
         "-p",
         "The capital of France is",
         "-n",
-        &n.to_string(),
+        &n,
         "--temp",
         "0",
         "--json",
-    ])
+    ];
+    args.extend(extra);
+    kiln_ok(&args)
 }
