@@ -83,15 +83,59 @@ fn compare(name: &str, prompt: &[u32], steps: usize) -> Vec<Agreement> {
 /// tokens.
 #[test]
 fn smollm2_compiled_logits_match_the_reference() {
-    let steps = compare("smollm2", &[504, 3575, 282, 4649, 314], 3);
+    check("smollm2", &[504, 3575, 282, 4649, 314]);
+}
+
+fn check(name: &str, prompt: &[u32]) {
+    let steps = compare(name, prompt, 3);
     for (i, a) in steps.iter().enumerate() {
         eprintln!(
-            "step {i}: top-1 logit |diff| {:.4}, top-5 logprob |diff| {:.4}, same top 5: {}",
+            "{name} step {i}: top-1 logit |diff| {:.4}, top-5 logprob |diff| {:.4}, same top 5: {}",
             a.top1_diff, a.top5_logprob_diff, a.same_top5
         );
         assert!(
             a.top1_diff < 0.15 && a.top5_logprob_diff < 0.3 && a.same_top5,
-            "step {i}"
+            "{name} step {i}"
         );
     }
+}
+
+/// Perplexity of the generated code and of the reference interpreter on the same plan (8 chunks of 128 tokens of
+/// the GPL): within 1% of each other.
+fn perplexities_agree(name: &str) {
+    let Some(plan) = compile(name) else { return };
+    let ppl = |extra: &[&str]| {
+        let mut args = vec![
+            "perplexity",
+            plan.to_str().unwrap(),
+            "--file",
+            "/usr/share/common-licenses/GPL-3",
+            "--ctx",
+            "128",
+            "--chunks",
+            "8",
+            "--json",
+        ];
+        args.extend(extra);
+        let out: serde_json::Value = serde_json::from_str(&common::kiln_ok(&args)).unwrap();
+        out["ppl"].as_f64().unwrap()
+    };
+    let (compiled, reference) = (ppl(&[]), ppl(&["--reference"]));
+    eprintln!("{name}: perplexity {compiled:.4} compiled, {reference:.4} reference");
+    assert!(
+        (compiled / reference - 1.0).abs() < 0.01,
+        "{name}: {compiled} vs {reference}"
+    );
+}
+
+/// Qwen2.5's q5_0, q8_0, q4_k and q6_k matmuls, with biases on Q, K and V.
+#[test]
+fn qwen2_compiled_perplexity_matches_the_reference() {
+    perplexities_agree("qwen2");
+}
+
+/// Gemma 3's q5_0, q8_0, q4_k and q6_k matmuls, GELU, post-norms, sliding-window layers.
+#[test]
+fn gemma3_compiled_perplexity_matches_the_reference() {
+    perplexities_agree("gemma3");
 }

@@ -4,7 +4,7 @@
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32X4, I16, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    BlockArg, Endianness, Function, InstBuilder, MemFlagsData, Type, Value,
+    BlockArg, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Type, Value,
 };
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -80,6 +80,13 @@ impl<'a> Kb<'a> {
         self.b.ins().splat(I8X16, s)
     }
 
+    /// A vector constant of 16 bytes.
+    pub fn bytes16(&mut self, bytes: [u8; 16]) -> Value {
+        let data = ConstantData::from(bytes.to_vec());
+        let handle = self.b.func.dfg.constants.insert(data);
+        self.b.ins().vconst(I8X16, handle)
+    }
+
     pub fn i32x4(&mut self, v: i32) -> Value {
         let s = self.b.ins().iconst(I32, v as i64);
         self.b.ins().splat(I32X4, s)
@@ -152,6 +159,16 @@ impl<'a> Kb<'a> {
         let hi = ins(self, false);
         let sum = self.b.ins().iadd_pairwise(lo, hi);
         self.b.ins().iadd(sum, acc)
+    }
+
+    /// `[a0*b0 + a1*b1, a2*b2 + a3*b3, ...]` of two `i16x8` as `i32x4`: written as the tree Cranelift folds into
+    /// one `pmaddwd`.
+    pub fn dot_i16(&mut self, a: Value, b: Value) -> Value {
+        let (al, bl) = (self.b.ins().swiden_low(a), self.b.ins().swiden_low(b));
+        let (ah, bh) = (self.b.ins().swiden_high(a), self.b.ins().swiden_high(b));
+        let lo = self.b.ins().imul(al, bl);
+        let hi = self.b.ins().imul(ah, bh);
+        self.b.ins().iadd_pairwise(lo, hi)
     }
 
     /// The four lanes of an `f32x4` added.

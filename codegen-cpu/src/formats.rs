@@ -5,9 +5,10 @@
 //! `w = d * code + m` gives `dot = d * dx * sum(code * qx) + m * dx * sum(qx)`.
 
 use crate::builder::Kb;
+use crate::kquants::{ScaleMinK, Q6K};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8X16};
-use cranelift_codegen::ir::{ConstantData, InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::layout::Layout;
@@ -42,19 +43,11 @@ pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot
     let quant = |d: Box<dyn BlockDot>| layout.f32_scales.then_some(d);
     match format {
         F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => quant(Box::new(Block32::of(format))),
+        F::Q4_K | F::Q5_K => quant(Box::new(ScaleMinK::of(format))),
+        F::Q6_K => quant(Box::new(Q6K)),
         F::F32 | F::F16 | F::BF16 if layout == Layout::GGUF => Some(Box::new(Float(format))),
         _ => None,
     }
-}
-
-/// A vector constant of 16 bytes.
-fn bytes16(kb: &mut Kb, bytes: [u8; 16]) -> Value {
-    let handle =
-        kb.b.func
-            .dfg
-            .constants
-            .insert(ConstantData::from(bytes.to_vec()));
-    kb.b.ins().vconst(I8X16, handle)
 }
 
 /// The formats with blocks of 32: 4-bit or 8-bit codes, an optional 5th bit, a scale and an optional minimum.
@@ -103,13 +96,13 @@ impl Block32 {
         let byte = (first_bit / 8) as u8;
         let mut index = [byte; 16];
         index[8..].fill(byte + 1);
-        let index = bytes16(kb, index);
+        let index = kb.bytes16(index);
         let spread = kb.b.ins().swizzle(bytes, index);
         let mut masks = [0u8; 16];
         for (i, m) in masks.iter_mut().enumerate() {
             *m = 1 << (i % 8);
         }
-        let masks = bytes16(kb, masks);
+        let masks = kb.bytes16(masks);
         let bits = kb.b.ins().band(spread, masks);
         let set = kb.b.ins().icmp(IntCC::Equal, bits, masks);
         let high = kb.i8x16(0x10);

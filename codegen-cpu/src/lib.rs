@@ -7,6 +7,7 @@
 mod builder;
 mod formats;
 mod isa;
+mod kquants;
 mod math;
 mod matmul;
 mod quantize;

@@ -35,6 +35,19 @@ fn matmul_per_format() {
         };
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
     }
+    // The k-quants' blocks are 256 values: one row, to keep the snapshot readable.
+    for format in [QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K] {
+        let f = CpuFunction::MatMul {
+            format,
+            layout: Layout {
+                f32_scales: true,
+                interleave: 1,
+            },
+            k: 256,
+            epilogue: Epilogue::Store,
+        };
+        insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
+    }
     for format in [QuantFormat::F32, QuantFormat::F16, QuantFormat::BF16] {
         let f = CpuFunction::MatMul {
             format,

@@ -1,95 +1,15 @@
 //! Every generated kernel against the reference math, on random inputs over many shapes: compiled for the host,
 //! mapped executable by the runtime's loader, called through the ABI the executor uses.
 
-use half::f16;
-use kiln_codegen_cpu::{compile, host_isa, CpuIsa};
+mod common;
+
+use common::{reference, Loaded, MatMul};
+use kiln_codegen_cpu::{host_isa, CpuIsa};
 use kiln_ir::activation::ActivationFormat;
-use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, MatMulArgs, QuantizeArgs};
-use kiln_ir::dequant::dot_f32;
+use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, QuantizeArgs};
 use kiln_ir::layout::{f16_fields, Layout};
-use kiln_ir::plan::CodeEntry;
-use kiln_ir::weights::WeightView;
 use kiln_ir::{Activation, QuantFormat};
-use kiln_runtime::cpu::code::NativeCode;
 use rand::{Rng, SeedableRng};
-
-/// One function compiled and mapped.
-struct Loaded {
-    code: NativeCode,
-    function: CpuFunction,
-}
-
-impl Loaded {
-    fn new(isa: &CpuIsa, function: CpuFunction) -> Self {
-        let compiled = compile(&function, isa).unwrap();
-        let entry = CodeEntry {
-            function: function.clone(),
-            offset: 0,
-            len: compiled.code.len(),
-            clif: String::new(),
-        };
-        Loaded {
-            code: NativeCode::load(&[entry], &compiled.code).unwrap(),
-            function,
-        }
-    }
-
-    fn call<T>(&self, args: &T) {
-        let f = self.code.get(&self.function).unwrap();
-        unsafe { f(args as *const T as *const u8) }
-    }
-}
-
-/// Random GGUF bytes for `rows` rows of `k` values: random codes, scales and minimums small and positive-ish.
-fn random_weight(rng: &mut impl Rng, format: QuantFormat, rows: usize, k: usize) -> Vec<u8> {
-    let blocks = rows * k / format.block_elems();
-    let mut bytes: Vec<u8> = (0..blocks * format.block_bytes())
-        .map(|_| rng.gen())
-        .collect();
-    if matches!(
-        format,
-        QuantFormat::F32 | QuantFormat::F16 | QuantFormat::BF16
-    ) {
-        let values: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        return match format {
-            QuantFormat::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            QuantFormat::F16 => values
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect(),
-            _ => values
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect(),
-        };
-    }
-    for block in bytes.chunks_exact_mut(format.block_bytes()) {
-        for &f in f16_fields(format) {
-            let v = f16::from_f32(rng.gen_range(-0.02..0.02));
-            block[f..f + 2].copy_from_slice(&v.to_le_bytes());
-        }
-    }
-    bytes
-}
-
-/// `dot(dequantize(W[r]), round_trip(x[t]))`: the reference `matmul`.
-fn reference(w: &WeightView, x: &[f32], k: usize) -> Vec<f32> {
-    let n = w.shape[0];
-    let mut rounded = x.to_vec();
-    let act = ActivationFormat::for_weight(w.format);
-    rounded
-        .chunks_exact_mut(k)
-        .for_each(|row| act.round_trip(row));
-    let mut row = vec![0f32; k];
-    let mut out = vec![0f32; rounded.len() / k * n];
-    for r in 0..n {
-        w.dequantize_row(r, &mut row);
-        for (t, xt) in rounded.chunks_exact(k).enumerate() {
-            out[t * n + r] = dot_f32(&row, xt);
-        }
-    }
-    out
-}
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
@@ -110,74 +30,16 @@ struct Case {
 
 /// Runs one matmul case; returns the largest error relative to the output's scale.
 fn run_case(isa: &CpuIsa, rng: &mut impl Rng, c: &Case) -> f32 {
-    let shape = [c.n, c.k];
-    let gguf = random_weight(rng, c.format, c.n, c.k);
-    let gguf2 = random_weight(rng, c.format, c.n, c.k);
-    let stored = c.layout.repack(c.format, &shape, &gguf);
-    let stored2 = c.layout.repack(c.format, &shape, &gguf2);
-    let view = |data| WeightView {
-        format: c.format,
-        layout: c.layout,
-        shape: &shape,
-        data,
-    };
-    let x: Vec<f32> = (0..c.tokens * c.k)
-        .map(|_| rng.gen_range(-2.0..2.0))
-        .collect();
-    let extra: Vec<f32> = (0..c.tokens * c.n)
-        .map(|_| rng.gen_range(-1.0..1.0))
-        .collect();
-
-    let act = ActFormat::for_weight(c.format);
-    let quantize = Loaded::new(
-        isa,
-        CpuFunction::Quantize {
-            act,
-            k: c.k,
-            norm: false,
-        },
-    );
-    let row_bytes = act.row_bytes(c.k);
-    let mut xq = vec![0u8; c.tokens * row_bytes];
-    quantize.call(&QuantizeArgs {
-        x: x.as_ptr(),
-        x_stride: c.k as u64,
-        gain: std::ptr::null(),
-        out: xq.as_mut_ptr(),
-        out_stride: row_bytes as u64,
-        rows: c.tokens as u64,
-        eps: 0.0,
-    });
-    let matmul = Loaded::new(
-        isa,
-        CpuFunction::MatMul {
-            format: c.format,
-            layout: c.layout,
-            k: c.k,
-            epilogue: c.epilogue,
-        },
-    );
-    let mut out = vec![f32::NAN; c.tokens * c.n];
+    let mut m = MatMul::new(isa, rng, c.format, c.layout, c.n, c.k, c.tokens, c.epilogue);
+    m.quantize();
     // Two calls over halves of the rows, as two threads would make them.
     let half = c.n / 2 / c.layout.interleave * c.layout.interleave;
-    for (begin, end) in [(0, half), (half, c.n)] {
-        matmul.call(&MatMulArgs {
-            w: stored.as_ptr(),
-            w2: stored2.as_ptr(),
-            x: xq.as_ptr(),
-            x_stride: row_bytes as u64,
-            out: out.as_mut_ptr(),
-            out_stride: c.n as u64,
-            extra: extra.as_ptr(),
-            extra_stride: c.n as u64,
-            row_begin: begin as u64,
-            row_end: end as u64,
-            tokens: c.tokens as u64,
-        });
-    }
+    m.run(0, half);
+    m.run(half, c.n);
 
-    let acc = reference(&view(&stored), &x, c.k);
-    let acc2 = reference(&view(&stored2), &x, c.k);
+    let acc = reference(&m.view(&m.w), &m.x, c.k);
+    let acc2 = reference(&m.view(&m.w2), &m.x, c.k);
+    let extra = &m.extra;
     let expected: Vec<f32> = (0..c.tokens * c.n)
         .map(|i| match c.epilogue {
             Epilogue::Store => acc[i],
@@ -188,18 +50,22 @@ fn run_case(isa: &CpuIsa, rng: &mut impl Rng, c: &Case) -> f32 {
         })
         .collect();
     let scale = expected.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-    out.iter()
+    m.out
+        .iter()
         .zip(&expected)
         .map(|(a, b)| (a - b).abs() / scale)
         .fold(0.0, f32::max)
 }
 
-const FORMATS: [QuantFormat; 8] = [
+const FORMATS: [QuantFormat; 11] = [
     QuantFormat::Q4_0,
     QuantFormat::Q4_1,
     QuantFormat::Q5_0,
     QuantFormat::Q5_1,
     QuantFormat::Q8_0,
+    QuantFormat::Q4_K,
+    QuantFormat::Q5_K,
+    QuantFormat::Q6_K,
     QuantFormat::F32,
     QuantFormat::F16,
     QuantFormat::BF16,
@@ -231,13 +97,19 @@ fn matmuls_match_the_reference_over_formats_shapes_and_epilogues() {
     ];
     for format in FORMATS {
         for layout in layouts_of(format) {
-            for (n, k, tokens) in [
+            let shapes = [
                 (4, 32, 1),
                 (8, 64, 3),
                 (12, 96, 5),
                 (36, 576, 2),
                 (8, 256, 7),
-            ] {
+                (12, 768, 3),
+            ];
+            // Every shape with whole blocks (the k-quants' blocks are 256 values).
+            for (n, k, tokens) in shapes
+                .into_iter()
+                .filter(|&(_, k, _)| k % format.block_elems() == 0)
+            {
                 for epilogue in epilogues {
                     let case = Case {
                         format,

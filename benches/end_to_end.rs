@@ -1,0 +1,70 @@
+//! The whole model through the CPU executor: SmolLM2-135M Q4_1 compiled to a plan, then a 128-token prefill and
+//! single-token decode steps, on every core: `cargo bench --bench end_to_end`. `kiln bench PLAN` reports the same
+//! measurements for any plan, with llama-bench's methodology.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kiln_runtime::plan::PlanFile;
+use kiln_runtime::{CpuExecutor, Engine};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Ordinary vocabulary ids, no special tokens.
+fn prompt(len: usize) -> Vec<u32> {
+    (0..len).map(|i| 1000 + 37 * i as u32).collect()
+}
+
+fn end_to_end(c: &mut Criterion) {
+    let Some(gguf) = common::model("smollm2") else {
+        return;
+    };
+    let plan_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2-bench.plan");
+    common::kiln_ok(&[
+        "compile",
+        gguf.to_str().unwrap(),
+        "-o",
+        plan_path.to_str().unwrap(),
+    ]);
+    let plan = PlanFile::open(&plan_path).expect("the plan just written loads");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let context = 512;
+    let mut engine = CpuExecutor::new(&plan, threads, context).expect("the executor starts");
+
+    let mut group = c.benchmark_group("smollm2_q4_1");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+
+    let tokens = prompt(128);
+    group.throughput(Throughput::Elements(tokens.len() as u64));
+    group.bench_function("prefill_128", |b| {
+        b.iter(|| engine.forward_last(&tokens, 0).expect("prefill runs"))
+    });
+
+    // Decode steps after a 16-token prompt; the sequence restarts before it would outgrow the context.
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("decode", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            let mut position = context;
+            for _ in 0..iters {
+                if position == context {
+                    engine.forward_last(&prompt(16), 0).expect("prefill runs");
+                    position = 16;
+                }
+                let started = Instant::now();
+                engine.forward_last(&[1234], position).expect("decode runs");
+                spent += started.elapsed();
+                position += 1;
+            }
+            spent
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, end_to_end);
+criterion_main!(benches);

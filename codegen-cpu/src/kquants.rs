@@ -1,0 +1,317 @@
+//! The k-quants (Q4_K, Q5_K, Q6_K): super-blocks of 256 values with per-sub-block integer scales, against Q8_K
+//! activations. As in ggml, every product stays in integers until the block's two float scales:
+//! `dot = d * dx * sum_j(sc_j * sum(code * qx)) - dmin * dx * sum_j(mn_j * sum(qx))` (Q4_K, Q5_K) and
+//! `dot = d * dx * sum_g(sc_g * (sum(code * qx) - 32 * sum(qx)))` (Q6_K), with `sum(qx)` taken from the
+//! activations' stored group sums.
+//!
+//! A block's codes are 16 vectors: too many to hold in registers for four interleaved rows, so `unpack` hands
+//! over the block's address and `accumulate` streams it sub-block by sub-block, each meeting its activation codes
+//! in one `vpdpbusd` per 16 values.
+
+use crate::builder::Kb;
+use crate::formats::{BlockDot, RowAcc};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I64, I64X2, I8X16};
+use cranelift_codegen::ir::{InstBuilder, Value};
+use kiln_ir::cpu_abi::ActFormat;
+use kiln_ir::layout::Layout;
+use kiln_ir::QuantFormat;
+
+/// Bytes of an `f32s` block (the f16 fields widened to f32 and moved to the front).
+fn stored_block_bytes(format: QuantFormat) -> usize {
+    Layout {
+        f32_scales: true,
+        interleave: 1,
+    }
+    .block_bytes(format)
+}
+
+/// The activation codes `16 * group .. 16 * group + 16` of the Q8_K block at `x`.
+fn act_codes(kb: &mut Kb, x: Value, group: usize) -> Value {
+    kb.load(I8X16, x, ActFormat::Q8K.codes_at() + 16 * group)
+}
+
+/// The activations' 16 group sums as two `i16x8`.
+fn act_group_sums(kb: &mut Kb, x: Value) -> [Value; 2] {
+    [0, 16].map(|at| kb.load(I16X8, x, ActFormat::SUMS_AT + at))
+}
+
+/// `[sum(d[0]), sum(d[1]), sum(d[2]), sum(d[3])]` of four `i32x4` partial sums.
+fn lane_totals(kb: &mut Kb, d: &[Value]) -> Value {
+    let a = kb.b.ins().iadd_pairwise(d[0], d[1]);
+    let b = kb.b.ins().iadd_pairwise(d[2], d[3]);
+    kb.b.ins().iadd_pairwise(a, b)
+}
+
+/// Each byte of `v` shifted by `bits` (left when positive) and masked: the shift runs on 16-bit lanes, and the
+/// mask drops what crossed between bytes.
+fn shift_bytes(kb: &mut Kb, v: Value, bits: i64, mask: u8) -> Value {
+    let shifted = if bits == 0 {
+        v
+    } else {
+        let wide = kb.bitcast(I16X8, v);
+        let wide = if bits > 0 {
+            kb.b.ins().ishl_imm_s(wide, bits)
+        } else {
+            kb.b.ins().ushr_imm_s(wide, -bits)
+        };
+        kb.bitcast(I8X16, wide)
+    };
+    let mask = kb.i8x16(mask);
+    kb.b.ins().band(shifted, mask)
+}
+
+/// `acc += fcvt(ints) * scale` on the row's vector accumulator.
+fn add_scaled(kb: &mut Kb, acc: RowAcc, ints: Value, scale: Value) {
+    let f = kb.b.ins().fcvt_from_sint(F32X4, ints);
+    let scale = kb.b.ins().splat(F32X4, scale);
+    let v = kb.b.use_var(acc.v);
+    let v = kb.b.ins().fma(f, scale, v);
+    kb.b.def_var(acc.v, v);
+}
+
+/// `[x pointer, dx]`: the codes are loaded where they are used.
+fn prepare_q8k(kb: &mut Kb, x: Value) -> Vec<Value> {
+    let dx = kb.load(F32, x, 0);
+    vec![x, dx]
+}
+
+/// Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and minimums packed in 12 bytes, 4-bit codes (two
+/// sub-blocks per 32 bytes, low nibbles first) and, for Q5_K, a fifth bit per value in `qh` (bit `j` of byte `i`
+/// for value `i` of sub-block `j`). Stored: `[d f32][dmin f32][scales 12][qh 32 (Q5_K)][qs 128]`.
+pub struct ScaleMinK {
+    qh_at: Option<usize>,
+    qs_at: usize,
+    block_bytes: usize,
+}
+
+impl ScaleMinK {
+    const SCALES_AT: usize = 8;
+
+    pub fn of(format: QuantFormat) -> Self {
+        let qh_at = match format {
+            QuantFormat::Q4_K => None,
+            QuantFormat::Q5_K => Some(Self::SCALES_AT + 12),
+            _ => unreachable!("not a scale-and-minimum k-quant"),
+        };
+        ScaleMinK {
+            qh_at,
+            qs_at: qh_at.map_or(Self::SCALES_AT + 12, |at| at + 32),
+            block_bytes: stored_block_bytes(format),
+        }
+    }
+
+    /// The eight scales and the eight minimums, each as eight bytes in an i64 (ggml's `utmp` shuffle):
+    /// scales 0..4 and minimums 0..4 are the low 6 bits of bytes 0..4 and 4..8; scales and minimums 4..8 take
+    /// their low 4 bits from bytes 8..12 (low and high nibble) and their top 2 bits from the top of bytes 0..8.
+    fn scales_and_mins(kb: &mut Kb, w: Value) -> (Value, Value) {
+        let u: Vec<Value> = (0..3)
+            .map(|i| kb.load(I32, w, Self::SCALES_AT + 4 * i))
+            .collect();
+        let low6 = |kb: &mut Kb, v: Value| kb.b.ins().band_imm_s(v, 0x3F3F_3F3F);
+        let top2 = |kb: &mut Kb, v: Value| {
+            let t = kb.b.ins().ushr_imm_s(v, 6);
+            let t = kb.b.ins().band_imm_s(t, 0x0303_0303);
+            kb.b.ins().ishl_imm_s(t, 4)
+        };
+        let (sc_lo, mn_lo) = (low6(kb, u[0]), low6(kb, u[1]));
+        let sc_hi = kb.b.ins().band_imm_s(u[2], 0x0F0F_0F0F);
+        let t = top2(kb, u[0]);
+        let sc_hi = kb.b.ins().bor(sc_hi, t);
+        let mn_hi = kb.b.ins().ushr_imm_s(u[2], 4);
+        let mn_hi = kb.b.ins().band_imm_s(mn_hi, 0x0F0F_0F0F);
+        let t = top2(kb, u[1]);
+        let mn_hi = kb.b.ins().bor(mn_hi, t);
+        let join = |kb: &mut Kb, lo: Value, hi: Value| {
+            let lo = kb.b.ins().uextend(I64, lo);
+            let hi = kb.b.ins().uextend(I64, hi);
+            let hi = kb.b.ins().ishl_imm_s(hi, 32);
+            kb.b.ins().bor(lo, hi)
+        };
+        (join(kb, sc_lo, sc_hi), join(kb, mn_lo, mn_hi))
+    }
+
+    /// Eight bytes packed in an i64 as the low half of an `i8x16`.
+    fn bytes_vector(kb: &mut Kb, packed: Value) -> Value {
+        let v = kb.b.ins().scalar_to_vector(I64X2, packed);
+        kb.bitcast(I8X16, v)
+    }
+
+    /// The fifth bits of sub-block `j` from one 16-byte half of `qh`, as 0x10 or 0 per byte.
+    fn fifth_bits(kb: &mut Kb, qh: Value, j: usize) -> Value {
+        let bit = kb.i8x16(1 << j);
+        let set = kb.b.ins().band(qh, bit);
+        let set = kb.b.ins().icmp(IntCC::Equal, set, bit);
+        let high = kb.i8x16(0x10);
+        kb.b.ins().band(set, high)
+    }
+}
+
+impl BlockDot for ScaleMinK {
+    fn act(&self) -> ActFormat {
+        ActFormat::Q8K
+    }
+
+    fn elems(&self) -> usize {
+        256
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
+        prepare_q8k(kb, x)
+    }
+
+    fn unpack(&self, _kb: &mut Kb, w: Value) -> Vec<Value> {
+        vec![w]
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
+        let (w, x, dx) = (w[0], x[0], x[1]);
+        let qh = self
+            .qh_at
+            .map(|at| [kb.load(I8X16, w, at), kb.load(I8X16, w, at + 16)]);
+        let mut dots = Vec::with_capacity(8);
+        for pair in 0..4 {
+            let packed = [0, 16].map(|at| kb.load(I8X16, w, self.qs_at + 32 * pair + at));
+            for nibble in 0..2 {
+                let j = 2 * pair + nibble;
+                let mut dot = kb.i32x4(0);
+                for (half, &p) in packed.iter().enumerate() {
+                    let mut codes = shift_bytes(kb, p, -4 * nibble as i64, 0x0F);
+                    if let Some(qh) = qh {
+                        let fifth = Self::fifth_bits(kb, qh[half], j);
+                        codes = kb.b.ins().bor(codes, fifth);
+                    }
+                    let xq = act_codes(kb, x, 2 * j + half);
+                    dot = kb.dot_u8i8(dot, xq, codes);
+                }
+                dots.push(dot);
+            }
+        }
+        let (scales, mins) = Self::scales_and_mins(kb, w);
+        let scales = Self::bytes_vector(kb, scales);
+        let scales = kb.b.ins().uwiden_low(scales);
+        let sc_lo = kb.b.ins().uwiden_low(scales);
+        let sc_hi = kb.b.ins().uwiden_high(scales);
+        let lo = lane_totals(kb, &dots[..4]);
+        let hi = lane_totals(kb, &dots[4..]);
+        let lo = kb.b.ins().imul(lo, sc_lo);
+        let hi = kb.b.ins().imul(hi, sc_hi);
+        let sum = kb.b.ins().iadd(lo, hi);
+        let d = kb.load(F32, w, 0);
+        let ddx = kb.b.ins().fmul(d, dx);
+        add_scaled(kb, acc, sum, ddx);
+
+        // Minimums: each meets the sums of its sub-block's two activation groups, as i16 lanes
+        // `[m0, m0, m1, m1, ...]` against the group sums in one `pmaddwd` per eight groups.
+        let mins = Self::bytes_vector(kb, mins);
+        let sums = act_group_sums(kb, x);
+        let mut total = None;
+        for (half, &group_sums) in sums.iter().enumerate() {
+            let mut index = [0x80u8; 16];
+            for (lane, i) in index.iter_mut().step_by(2).enumerate() {
+                *i = (4 * half + lane / 2) as u8;
+            }
+            let index = kb.bytes16(index);
+            let paired = kb.b.ins().swizzle(mins, index);
+            let paired = kb.bitcast(I16X8, paired);
+            let part = kb.dot_i16(group_sums, paired);
+            total = Some(match total {
+                Some(t) => kb.b.ins().iadd(t, part),
+                None => part,
+            });
+        }
+        let dmin = kb.load(F32, w, 4);
+        let neg = kb.b.ins().fneg(dmin);
+        let scale = kb.b.ins().fmul(neg, dx);
+        add_scaled(kb, acc, total.expect("two halves"), scale);
+    }
+}
+
+/// Q6_K: 16 groups of 16 with signed 8-bit scales, 6-bit codes offset by 32: low 4 bits in `ql` (each half of
+/// the block reads 64 bytes twice, low nibbles first), top 2 bits in `qh` (each half reads 32 bytes four times,
+/// at shifts 0, 2, 4, 6). Stored: `[d f32][ql 128][qh 64][scales 16]`.
+pub struct Q6K;
+
+impl Q6K {
+    const QL_AT: usize = 4;
+    const QH_AT: usize = 4 + 128;
+    const SCALES_AT: usize = 4 + 128 + 64;
+}
+
+impl BlockDot for Q6K {
+    fn act(&self) -> ActFormat {
+        ActFormat::Q8K
+    }
+
+    fn elems(&self) -> usize {
+        256
+    }
+
+    fn block_bytes(&self) -> usize {
+        stored_block_bytes(QuantFormat::Q6_K)
+    }
+
+    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
+        prepare_q8k(kb, x)
+    }
+
+    fn unpack(&self, _kb: &mut Kb, w: Value) -> Vec<Value> {
+        vec![w]
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
+        let (w, x, dx) = (w[0], x[0], x[1]);
+        let mut dots = Vec::with_capacity(16);
+        for half in 0..2 {
+            let ql: Vec<Value> = (0..4)
+                .map(|q| kb.load(I8X16, w, Self::QL_AT + 64 * half + 16 * q))
+                .collect();
+            let qh: Vec<Value> = (0..2)
+                .map(|r| kb.load(I8X16, w, Self::QH_AT + 32 * half + 16 * r))
+                .collect();
+            for gi in 0..8 {
+                let low = shift_bytes(kb, ql[gi % 4], -4 * (gi / 4) as i64, 0x0F);
+                // The crumb at shift 2 * (gi / 2), moved to bits 4..6.
+                let high = shift_bytes(kb, qh[gi % 2], 4 - 2 * (gi / 2) as i64, 0x30);
+                let codes = kb.b.ins().bor(low, high);
+                let xq = act_codes(kb, x, 8 * half + gi);
+                let zero = kb.i32x4(0);
+                dots.push(kb.dot_u8i8(zero, xq, codes));
+            }
+        }
+        let scales = kb.load(I8X16, w, Self::SCALES_AT);
+        let scales16 = [
+            kb.b.ins().swiden_low(scales),
+            kb.b.ins().swiden_high(scales),
+        ];
+        let mut sum = None;
+        for (k, chunk) in dots.chunks_exact(4).enumerate() {
+            let totals = lane_totals(kb, chunk);
+            let s = scales16[k / 2];
+            let sc = if k % 2 == 0 {
+                kb.b.ins().swiden_low(s)
+            } else {
+                kb.b.ins().swiden_high(s)
+            };
+            let part = kb.b.ins().imul(totals, sc);
+            sum = Some(match sum {
+                Some(t) => kb.b.ins().iadd(t, part),
+                None => part,
+            });
+        }
+        // The offset: 32 * sum_g(sc_g * sum(qx in g)), one `pmaddwd` per eight groups.
+        let sums = act_group_sums(kb, x);
+        let a = kb.dot_i16(sums[0], scales16[0]);
+        let b = kb.dot_i16(sums[1], scales16[1]);
+        let offset = kb.b.ins().iadd(a, b);
+        let offset = kb.b.ins().ishl_imm_s(offset, 5);
+        let sum = kb.b.ins().isub(sum.expect("16 groups"), offset);
+        let d = kb.load(F32, w, 0);
+        let ddx = kb.b.ins().fmul(d, dx);
+        add_scaled(kb, acc, sum, ddx);
+    }
+}
