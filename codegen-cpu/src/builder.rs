@@ -87,6 +87,13 @@ impl<'a> Kb<'a> {
         self.b.ins().vconst(I8X16, handle)
     }
 
+    /// Bytes of `v` picked by `index` (an index with its top bit set gives 0). x86's `pshufb` directly: the
+    /// portable `swizzle` adds an instruction per use to zero out-of-range indices, which constant indices
+    /// never need.
+    pub fn pshufb(&mut self, v: Value, index: Value) -> Value {
+        self.b.ins().x86_pshufb(v, index)
+    }
+
     pub fn i32x4(&mut self, v: i32) -> Value {
         let s = self.b.ins().iconst(I32, v as i64);
         self.b.ins().splat(I32X4, s)

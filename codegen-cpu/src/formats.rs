@@ -97,7 +97,7 @@ impl Block32 {
         let mut index = [byte; 16];
         index[8..].fill(byte + 1);
         let index = kb.bytes16(index);
-        let spread = kb.b.ins().swizzle(bytes, index);
+        let spread = kb.pshufb(bytes, index);
         let mut masks = [0u8; 16];
         for (i, m) in masks.iter_mut().enumerate() {
             *m = 1 << (i % 8);

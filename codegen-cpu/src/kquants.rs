@@ -216,7 +216,7 @@ impl BlockDot for ScaleMinK {
                 *i = (4 * half + lane / 2) as u8;
             }
             let index = kb.bytes16(index);
-            let paired = kb.b.ins().swizzle(mins, index);
+            let paired = kb.pshufb(mins, index);
             let paired = kb.bitcast(I16X8, paired);
             let part = kb.dot_i16(group_sums, paired);
             total = Some(match total {
