@@ -3,7 +3,6 @@
 mod common;
 
 use common::Server;
-use std::io::{Read, Write};
 use std::process::Command;
 
 #[test]
@@ -52,25 +51,9 @@ fn openai_client_gets_what_kiln_run_gets() {
     assert!(status.success(), "kiln serve exited with {status}");
 }
 
-/// A plain HTTP/1.0 GET (the body only).
-fn http_get(url: &str) -> String {
-    let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest.split_once('/').expect("a path");
-    let mut stream = std::net::TcpStream::connect(host).unwrap();
-    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    body.to_string()
-}
-
 /// The metrics reflect the requests just made, and promtool finds nothing wrong but the `kiln:` prefix.
 fn check_metrics(url: &str) {
-    let text = http_get(url);
+    let text = common::http_get(url);
     let value = |name: &str| -> f64 {
         let line = text
             .lines()

@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: the real models, and running the `kiln` binary.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -174,7 +175,6 @@ impl Drop for Server {
 /// Pipes `input` through an external tool (`dot`, `promtool`) and returns its output. When the tool is not
 /// installed, the check is skipped with a loud message, except in CI (`CI` set), where `.ci/run` installs it.
 pub fn pipe_through(tool: &str, args: &[&str], input: &str, install: &str) -> Option<Output> {
-    use std::io::Write;
     use std::process::Stdio;
     let spawned = Command::new(tool)
         .args(args)
@@ -237,4 +237,20 @@ pub fn greedy_json(path: &Path, n: usize, extra: &[&str]) -> String {
     ];
     args.extend(extra);
     kiln_ok(&args)
+}
+
+/// A plain HTTP/1.0 GET (the body only).
+pub fn http_get(url: &str) -> String {
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
 }
