@@ -43,6 +43,7 @@ RENDERS = {
     "staging": values_file("values-staging.yaml"),
     "production": values_file("values-production.yaml"),
     "gpu": {"gpu": {"enabled": True}},
+    "image": {"plans": {"source": "image"}},
 }
 
 # 1. Lint in strict mode (warnings are errors); only the informational "icon is recommended" may remain.
@@ -170,6 +171,13 @@ dev = of_kind(objects["development"], "Deployment")[0]["spec"]["template"]["spec
 init = dev["initContainers"][0]["args"]
 served = dev["containers"][0]["args"]
 check(init[0] == "compile" and init[init.index("-o") + 1] in served[served.index("--model") + 1], f"compile {init} vs serve {served}")
+
+# Plans baked into the image: read from plans.imagePath, no claim mounted.
+img = of_kind(objects["image"], "Deployment")[0]["spec"]["template"]["spec"]
+img_args = img["containers"][0]["args"]
+check(img_args[img_args.index("--model") + 1] == "smollm2=/opt/kiln/plans/SmolLM2-135M-Instruct.Q4_1.plan", f"image plans: {img_args}")
+check(all("persistentVolumeClaim" not in v for v in img["volumes"]), "image plans mount no claim")
+print("plans: compiled at start by the init container the server reads from; baked into the image without a claim")
 
 # 5. The chart cannot drift from the binary: every flag it passes is one `kiln serve --help` (or, for the init
 # container, `kiln compile --help`) documents, and the image's entrypoint is kiln.
