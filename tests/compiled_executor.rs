@@ -105,19 +105,8 @@ fn check(name: &str, prompt: &[u32]) {
 fn perplexities_agree(name: &str) {
     let Some(plan) = compile(name) else { return };
     let ppl = |extra: &[&str]| {
-        let mut args = vec![
-            "perplexity",
-            plan.to_str().unwrap(),
-            "--file",
-            "/usr/share/common-licenses/GPL-3",
-            "--ctx",
-            "128",
-            "--chunks",
-            "8",
-            "--json",
-        ];
-        args.extend(extra);
-        let out: serde_json::Value = serde_json::from_str(&common::kiln_ok(&args)).unwrap();
+        let out = common::perplexity_json(&plan, &[&["--chunks", "8"], extra].concat());
+        let out: serde_json::Value = serde_json::from_str(&out).unwrap();
         out["ppl"].as_f64().unwrap()
     };
     let (compiled, reference) = (ppl(&[]), ppl(&["--reference"]));

@@ -17,22 +17,10 @@ fn plan_runs_exactly_like_the_gguf() {
         common::greedy_json(&plan, 16, &["--reference"]),
         common::greedy_json(&gguf, 16, &[])
     );
-    let ppl = |path: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "perplexity",
-            path.to_str().unwrap(),
-            "--file",
-            "/usr/share/common-licenses/GPL-3",
-            "--ctx",
-            "128",
-            "--chunks",
-            "2",
-            "--json",
-        ];
-        args.extend(extra);
-        kiln_ok(&args)
-    };
-    assert_eq!(ppl(&plan, &["--reference"]), ppl(&gguf, &[]));
+    assert_eq!(
+        common::perplexity_json(&plan, &["--chunks", "2", "--reference"]),
+        common::perplexity_json(&gguf, &["--chunks", "2"])
+    );
     let tokens = |path: &Path| {
         kiln_ok(&[
             "tokenize",

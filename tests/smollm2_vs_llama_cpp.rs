@@ -87,15 +87,7 @@ fn perplexity_within_1_5_percent_of_llama_cpp() {
     let reference = reference();
     let want = reference["perplexity"]["Q4_1"].as_f64().unwrap();
     // The full run (59 chunks of 128 tokens), as llama-perplexity measured it; ~2 minutes on 2 cores.
-    let out = kiln_ok(&[
-        "perplexity",
-        path.to_str().unwrap(),
-        "--file",
-        "/usr/share/common-licenses/GPL-3",
-        "--ctx",
-        "128",
-        "--json",
-    ]);
+    let out = common::perplexity_json(&path, &[]);
     let out: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ppl = out["ppl"].as_f64().unwrap();
     eprintln!(

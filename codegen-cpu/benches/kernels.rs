@@ -8,7 +8,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{reference, MatMul};
+use common::{reference, MatMul, FORMATS};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln_codegen_cpu::host_isa;
 use kiln_ir::cpu_abi::Epilogue;
@@ -17,20 +17,6 @@ use kiln_ir::QuantFormat;
 use rand::SeedableRng;
 use std::hint::black_box;
 use std::time::Duration;
-
-const FORMATS: [QuantFormat; 11] = [
-    QuantFormat::Q4_0,
-    QuantFormat::Q4_1,
-    QuantFormat::Q5_0,
-    QuantFormat::Q5_1,
-    QuantFormat::Q8_0,
-    QuantFormat::Q4_K,
-    QuantFormat::Q5_K,
-    QuantFormat::Q6_K,
-    QuantFormat::F32,
-    QuantFormat::F16,
-    QuantFormat::BF16,
-];
 
 const ROWS: usize = 4096;
 const K: usize = 2048;

@@ -5,7 +5,7 @@
 //! `w = d * code + m` gives `dot = d * dx * sum(code * qx) + m * dx * sum(qx)`.
 
 use crate::builder::Kb;
-use crate::kquants::{ScaleMinK, Q6K};
+use crate::kquants::KQuant;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Value};
@@ -43,8 +43,7 @@ pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot
     let quant = |d: Box<dyn BlockDot>| layout.f32_scales.then_some(d);
     match format {
         F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => quant(Box::new(Block32::of(format))),
-        F::Q4_K | F::Q5_K => quant(Box::new(ScaleMinK::of(format))),
-        F::Q6_K => quant(Box::new(Q6K)),
+        F::Q4_K | F::Q5_K | F::Q6_K => quant(Box::new(KQuant::of(format))),
         F::F32 | F::F16 | F::BF16 if layout == Layout::GGUF => Some(Box::new(Float(format))),
         _ => None,
     }

@@ -70,25 +70,65 @@ fn add_scaled(kb: &mut Kb, acc: RowAcc, ints: Value, scale: Value) {
     kb.b.def_var(acc.v, v);
 }
 
-/// `[x pointer, dx]`: the codes are loaded where they are used.
-fn prepare_q8k(kb: &mut Kb, x: Value) -> Vec<Value> {
-    let dx = kb.load(F32, x, 0);
-    vec![x, dx]
+/// Q4_K, Q5_K or Q6_K against Q8_K activations.
+pub struct KQuant {
+    format: QuantFormat,
+    block_bytes: usize,
+}
+
+impl KQuant {
+    pub fn of(format: QuantFormat) -> Self {
+        KQuant {
+            format,
+            block_bytes: stored_block_bytes(format),
+        }
+    }
+}
+
+impl BlockDot for KQuant {
+    fn act(&self) -> ActFormat {
+        ActFormat::Q8K
+    }
+
+    fn elems(&self) -> usize {
+        256
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// `[x pointer, dx]`: the codes are loaded where they are used.
+    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
+        let dx = kb.load(F32, x, 0);
+        vec![x, dx]
+    }
+
+    fn unpack(&self, _kb: &mut Kb, w: Value) -> Vec<Value> {
+        vec![w]
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
+        let (w, x, dx) = (w[0], x[0], x[1]);
+        match self.format {
+            QuantFormat::Q6_K => Q6K.accumulate(kb, w, x, dx, acc),
+            format => ScaleMinK::of(format).accumulate(kb, w, x, dx, acc),
+        }
+    }
 }
 
 /// Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and minimums packed in 12 bytes, 4-bit codes (two
 /// sub-blocks per 32 bytes, low nibbles first) and, for Q5_K, a fifth bit per value in `qh` (bit `j` of byte `i`
 /// for value `i` of sub-block `j`). Stored: `[d f32][dmin f32][scales 12][qh 32 (Q5_K)][qs 128]`.
-pub struct ScaleMinK {
+struct ScaleMinK {
     qh_at: Option<usize>,
     qs_at: usize,
-    block_bytes: usize,
 }
 
 impl ScaleMinK {
     const SCALES_AT: usize = 8;
 
-    pub fn of(format: QuantFormat) -> Self {
+    fn of(format: QuantFormat) -> Self {
         let qh_at = match format {
             QuantFormat::Q4_K => None,
             QuantFormat::Q5_K => Some(Self::SCALES_AT + 12),
@@ -97,7 +137,6 @@ impl ScaleMinK {
         ScaleMinK {
             qh_at,
             qs_at: qh_at.map_or(Self::SCALES_AT + 12, |at| at + 32),
-            block_bytes: stored_block_bytes(format),
         }
     }
 
@@ -147,29 +186,8 @@ impl ScaleMinK {
     }
 }
 
-impl BlockDot for ScaleMinK {
-    fn act(&self) -> ActFormat {
-        ActFormat::Q8K
-    }
-
-    fn elems(&self) -> usize {
-        256
-    }
-
-    fn block_bytes(&self) -> usize {
-        self.block_bytes
-    }
-
-    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
-        prepare_q8k(kb, x)
-    }
-
-    fn unpack(&self, _kb: &mut Kb, w: Value) -> Vec<Value> {
-        vec![w]
-    }
-
-    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
-        let (w, x, dx) = (w[0], x[0], x[1]);
+impl ScaleMinK {
+    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
         let qh = self
             .qh_at
             .map(|at| [kb.load(I8X16, w, at), kb.load(I8X16, w, at + 16)]);
@@ -234,37 +252,14 @@ impl BlockDot for ScaleMinK {
 /// Q6_K: 16 groups of 16 with signed 8-bit scales, 6-bit codes offset by 32: low 4 bits in `ql` (each half of
 /// the block reads 64 bytes twice, low nibbles first), top 2 bits in `qh` (each half reads 32 bytes four times,
 /// at shifts 0, 2, 4, 6). Stored: `[d f32][ql 128][qh 64][scales 16]`.
-pub struct Q6K;
+struct Q6K;
 
 impl Q6K {
     const QL_AT: usize = 4;
     const QH_AT: usize = 4 + 128;
     const SCALES_AT: usize = 4 + 128 + 64;
-}
 
-impl BlockDot for Q6K {
-    fn act(&self) -> ActFormat {
-        ActFormat::Q8K
-    }
-
-    fn elems(&self) -> usize {
-        256
-    }
-
-    fn block_bytes(&self) -> usize {
-        stored_block_bytes(QuantFormat::Q6_K)
-    }
-
-    fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
-        prepare_q8k(kb, x)
-    }
-
-    fn unpack(&self, _kb: &mut Kb, w: Value) -> Vec<Value> {
-        vec![w]
-    }
-
-    fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
-        let (w, x, dx) = (w[0], x[0], x[1]);
+    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
         let mut dots = Vec::with_capacity(16);
         for half in 0..2 {
             let ql: Vec<Value> = (0..4)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{reference, Loaded, MatMul};
+use common::{reference, Loaded, MatMul, FORMATS};
 use kiln_codegen_cpu::{host_isa, CpuIsa};
 use kiln_ir::activation::ActivationFormat;
 use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, QuantizeArgs};
@@ -56,20 +56,6 @@ fn run_case(isa: &CpuIsa, rng: &mut impl Rng, c: &Case) -> f32 {
         .map(|(a, b)| (a - b).abs() / scale)
         .fold(0.0, f32::max)
 }
-
-const FORMATS: [QuantFormat; 11] = [
-    QuantFormat::Q4_0,
-    QuantFormat::Q4_1,
-    QuantFormat::Q5_0,
-    QuantFormat::Q5_1,
-    QuantFormat::Q8_0,
-    QuantFormat::Q4_K,
-    QuantFormat::Q5_K,
-    QuantFormat::Q6_K,
-    QuantFormat::F32,
-    QuantFormat::F16,
-    QuantFormat::BF16,
-];
 
 fn layouts_of(format: QuantFormat) -> Vec<Layout> {
     if f16_fields(format).is_empty() {

@@ -239,6 +239,22 @@ pub fn greedy_json(path: &Path, n: usize, extra: &[&str]) -> String {
     kiln_ok(&args)
 }
 
+/// `kiln perplexity PATH --file GPL-3 --ctx 128 --json [EXTRA...]` (llama-perplexity's set-up in the reference
+/// measurements), as JSON text.
+pub fn perplexity_json(path: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "perplexity",
+        path.to_str().expect("utf-8 path"),
+        "--file",
+        "/usr/share/common-licenses/GPL-3",
+        "--ctx",
+        "128",
+        "--json",
+    ];
+    args.extend(extra);
+    kiln_ok(&args)
+}
+
 /// A plain HTTP/1.0 GET (the body only).
 pub fn http_get(url: &str) -> String {
     let rest = url.strip_prefix("http://").expect("http url");

@@ -778,14 +778,7 @@ mod tests {
             &mut out,
         );
         let (q, k, v) = crate::reference::fused_unpack(&qkv, heads, kv_heads, hd);
-        let rs = reference::AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: hd,
-            scale: 0.125,
-            window: None,
-        };
-        let expected = reference::attention(&q, &k, &v, &positions, &mut Default::default(), &rs);
+        let expected = reference::attention(&q, &k, &v, &positions, &mut Default::default(), &s);
         let diff = out
             .iter()
             .zip(&expected)

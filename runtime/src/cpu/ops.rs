@@ -2,6 +2,7 @@
 //! a few KB per token, next to the megabytes of weights the generated matmuls stream.
 
 use crate::reference::kernels as reference;
+pub use crate::reference::kernels::{AttentionShape, KvCache};
 use kiln_ir::dequant::dot_f32 as dot;
 use kiln_ir::{RopeParams, RopeStyle};
 
@@ -62,34 +63,6 @@ impl RopeTable {
             }
         }
     }
-}
-
-/// One layer's keys and values, `[position, kv_heads * head_dim]`, grown as positions are written.
-#[derive(Default)]
-pub struct KvCache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-}
-
-impl KvCache {
-    pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
-        let at = pos * k.len();
-        if self.k.len() < at + k.len() {
-            let len = (at + k.len()).max(2 * self.k.len());
-            self.k.resize(len, 0.0);
-            self.v.resize(len, 0.0);
-        }
-        self.k[at..at + k.len()].copy_from_slice(k);
-        self.v[at..at + v.len()].copy_from_slice(v);
-    }
-}
-
-pub struct AttentionShape {
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub scale: f32,
-    pub window: Option<usize>,
 }
 
 /// Attends one query head at position `pos` to the cached keys at or before it (within the window), writing

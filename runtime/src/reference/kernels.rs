@@ -92,10 +92,24 @@ pub fn rope(x: &mut [f32], head_dim: usize, positions: &[i32], rope: &RopeParams
 }
 
 /// One layer's cached keys and values, `[position, kv_heads, head_dim]`, grown as positions are written.
+/// One layer's keys and values, `[position, kv_heads * head_dim]`, grown as positions are written.
 #[derive(Default)]
-pub struct LayerCache {
+pub struct KvCache {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+}
+
+impl KvCache {
+    pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
+        let at = pos * k.len();
+        if self.k.len() < at + k.len() {
+            let len = (at + k.len()).max(2 * self.k.len());
+            self.k.resize(len, 0.0);
+            self.v.resize(len, 0.0);
+        }
+        self.k[at..at + k.len()].copy_from_slice(k);
+        self.v[at..at + v.len()].copy_from_slice(v);
+    }
 }
 
 pub struct AttentionShape {
@@ -113,7 +127,7 @@ pub fn attention(
     k: &[f32],
     v: &[f32],
     positions: &[i32],
-    cache: &mut LayerCache,
+    cache: &mut KvCache,
     s: &AttentionShape,
 ) -> Vec<f32> {
     let kv_width = s.kv_heads * s.head_dim;
@@ -122,13 +136,7 @@ pub fn attention(
         .zip(v.chunks_exact(kv_width))
         .zip(positions)
     {
-        let at = pos as usize * kv_width;
-        if cache.k.len() < at + kv_width {
-            cache.k.resize(at + kv_width, 0.0);
-            cache.v.resize(at + kv_width, 0.0);
-        }
-        cache.k[at..at + kv_width].copy_from_slice(kr);
-        cache.v[at..at + kv_width].copy_from_slice(vr);
+        cache.write(pos as usize, kr, vr);
     }
     let group = s.heads / s.kv_heads;
     let hd = s.head_dim;

@@ -10,7 +10,7 @@ pub(crate) use fused::unpack_qkv as fused_unpack;
 pub(crate) mod kernels;
 
 use crate::engine::{check_step, Engine, ExecError, Logits};
-use kernels::{AttentionShape, LayerCache};
+use kernels::{AttentionShape, KvCache};
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, Operand};
 use std::borrow::Cow;
@@ -82,7 +82,7 @@ pub struct ReferenceExecutor<'w> {
     vocab: usize,
     /// After which node each value is last read (values are dropped then).
     last_use: Vec<usize>,
-    caches: HashMap<usize, LayerCache>,
+    caches: HashMap<usize, KvCache>,
     max_context: usize,
     cached: usize,
 }
@@ -148,7 +148,7 @@ fn eval(
     op: &Op,
     declared: &[Dim],
     args: &Args,
-    caches: &mut HashMap<usize, LayerCache>,
+    caches: &mut HashMap<usize, KvCache>,
     tokens: &[u32],
     positions: &[i32],
 ) -> Result<Value, ExecError> {
