@@ -1,6 +1,6 @@
 //! Opening a model for the commands: a GGUF (read, lowered and compiled in memory) or a compiled plan.
 
-use crate::commands::EngineArgs;
+use crate::commands::{DeviceArg, EngineArgs};
 use anyhow::{Context, Result};
 use kiln_compiler::passes::run_pipeline;
 use kiln_compiler::{lower, GgufFile};
@@ -8,7 +8,7 @@ use kiln_ir::model::ModelInfo;
 use kiln_ir::weights::WeightSource;
 use kiln_ir::Graph;
 use kiln_runtime::plan::PlanFile;
-use kiln_runtime::{CpuExecutor, Engine, ReferenceExecutor, Tokenizer};
+use kiln_runtime::{CpuExecutor, CudaExecutor, Engine, ReferenceExecutor, Tokenizer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -95,30 +95,54 @@ impl Model {
     }
 
     /// An executor over this model's weights, for sequences of up to `ctx` positions (0: the model's trained
-    /// context length, capped at 4096 to keep the KV cache small): a plan's generated code, or the reference
-    /// interpreter for GGUF files and when asked for.
+    /// context length, capped at 4096 to keep the KV cache small): a plan's generated code on the device
+    /// `--device` picks, or the reference interpreter for GGUF files and when asked for.
     pub fn executor(&self, ctx: usize, engine: &EngineArgs) -> Result<Box<dyn Engine + '_>> {
         let ctx = if ctx == 0 {
             self.info.context_length.min(4096)
         } else {
             ctx
         };
-        match &self.source {
-            Source::Plan(plan) if !engine.reference => {
-                let executor = CpuExecutor::new(plan, engine.threads(), ctx)?;
-                if executor.fallbacks() > 0 {
-                    tracing::warn!(
-                        launches = executor.fallbacks(),
-                        "the plan lacks generated code for some launches; they run the slow reference kernels"
-                    );
+        let plan = match &self.source {
+            Source::Plan(plan) if !engine.reference => plan,
+            _ => {
+                if let DeviceArg::Cuda(_) = engine.device {
+                    anyhow::bail!("--device cuda runs compiled plans only: compile one with `kiln compile MODEL.gguf -o MODEL.plan --target cpu,cuda`");
                 }
-                Ok(Box::new(executor))
+                return Ok(Box::new(ReferenceExecutor::new(
+                    self.graph.clone(),
+                    self.weights(),
+                    ctx,
+                )?));
             }
-            _ => Ok(Box::new(ReferenceExecutor::new(
-                self.graph.clone(),
-                self.weights(),
-                ctx,
-            )?)),
+        };
+        let ordinal = match engine.device {
+            DeviceArg::Cpu => None,
+            DeviceArg::Cuda(n) => Some(n),
+            DeviceArg::Auto => plan.meta.has_cuda().then_some(0),
+        };
+        if let Some(ordinal) = ordinal {
+            match CudaExecutor::new(plan, ordinal, ctx) {
+                Ok(executor) => {
+                    tracing::info!(device = %executor.describe(), "running on the GPU");
+                    return Ok(Box::new(executor));
+                }
+                Err(e) if engine.device == DeviceArg::Auto && plan.meta.cpu_target().is_some() => {
+                    tracing::warn!("cannot run on the GPU ({e}); running on the CPU instead");
+                }
+                Err(e) if engine.device == DeviceArg::Auto => anyhow::bail!(
+                    "the plan has only CUDA code and cannot run on a GPU here ({e}); compile it for this CPU with `kiln compile MODEL.gguf --target native` (or `--target cpu,cuda` for a plan that serves on either)"
+                ),
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot run on cuda:{ordinal}"))),
+            }
         }
+        let executor = CpuExecutor::new(plan, engine.threads(), ctx)?;
+        if executor.fallbacks() > 0 {
+            tracing::warn!(
+                launches = executor.fallbacks(),
+                "the plan lacks generated code for some launches; they run the slow reference kernels"
+            );
+        }
+        Ok(Box::new(executor))
     }
 }

@@ -164,10 +164,10 @@ fn other_format_version_is_refused_with_advice() {
     };
     let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.seek(SeekFrom::Start(8)).unwrap();
-    f.write_all(&3u32.to_le_bytes()).unwrap();
+    f.write_all(&4u32.to_le_bytes()).unwrap();
     drop(f);
     let err = load_error(&path);
-    assert!(err.contains("plan format version 3, but this kiln reads version 2: recompile the model with this kiln"), "{err}");
+    assert!(err.contains("plan format version 4, but this kiln reads version 3: recompile the model with this kiln"), "{err}");
     std::fs::remove_file(path).unwrap();
 }
 
@@ -185,13 +185,25 @@ fn plan_for_another_target_is_refused() {
     };
     let meta = kiln_ir::plan::PlanMeta {
         compiler: "test".into(),
-        target,
+        targets: vec![target],
         model: lowered.info,
     };
-    let c = kiln_compiler::passes::compile(lowered.graph, &meta.target, |_, _, _| {}).unwrap();
+    let c = kiln_compiler::passes::compile(lowered.graph, |_, _, _| {}).unwrap();
     kiln_compiler::plan_writer::write_plan(&path, &meta, &c, &Default::default(), &gguf, |_, _| {})
         .unwrap();
-    let err = load_error(&path);
+    // The plan loads (its graph and weights are fine) but its CPU code cannot run here.
+    let out = kiln(&[
+        "run",
+        path.to_str().unwrap(),
+        "-p",
+        "hi",
+        "-n",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
     assert!(
         err.contains("the plan was compiled for cpu (riscv64), which this host cannot run: this host is x86_64; compile it here with `kiln compile MODEL.gguf --target native`")
             || !cfg!(target_arch = "x86_64"),

@@ -82,8 +82,10 @@ impl CpuIsa {
             .filter(|v| v.as_bool() == Some(true))
             .filter_map(|v| v.name.strip_prefix("has_"))
             .map(|name| match name {
+                // The names `is_x86_feature_detected!` uses, which the runtime checks hosts with.
                 "sse41" => "sse4.1".to_string(),
                 "sse42" => "sse4.2".to_string(),
+                "avx_vnni" => "avxvnni".to_string(),
                 other => other.to_string(),
             })
             .collect();

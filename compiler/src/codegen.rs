@@ -3,7 +3,9 @@
 use crate::passes::Layouts;
 use crate::plan_writer::PlanCode;
 use kiln_codegen_cpu::{CodegenError, CpuIsa};
+use kiln_codegen_cuda::CudaCodegenError;
 use kiln_ir::cpu_abi::{node_weights, op_functions, CpuFunction};
+use kiln_ir::cuda_abi::{op_kernels, CudaCode, CudaKernel, NodeShapes};
 use kiln_ir::layout::Layout;
 use kiln_ir::Graph;
 
@@ -41,4 +43,36 @@ pub fn generate_cpu_code(
         on_function(i + 1, functions.len());
     }
     Ok(code)
+}
+
+/// The distinct kernels the CUDA executor launches for `graph`, in first-use order.
+pub fn cuda_kernels(graph: &Graph, layouts: &Layouts) -> Vec<CudaKernel> {
+    let layout_of = |name: &str| layouts.get(name).copied().unwrap_or(Layout::GGUF);
+    let mut out: Vec<CudaKernel> = Vec::new();
+    for id in graph.node_ids() {
+        let node = graph.node(id);
+        if matches!(node.op, kiln_ir::Op::Input { .. }) {
+            continue;
+        }
+        for k in op_kernels(&node.op, &NodeShapes::of(graph, node, layout_of)) {
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+    }
+    out
+}
+
+/// Generates the CUDA module of `graph` and compiles it with NVRTC for every architecture in
+/// `kiln_codegen_cuda::ARCHS`. `on_arch(done, total)` reports progress.
+pub fn generate_cuda_code(
+    graph: &Graph,
+    layouts: &Layouts,
+    on_arch: impl FnMut(usize, usize),
+) -> Result<CudaCode, CudaCodegenError> {
+    kiln_codegen_cuda::compile(
+        &cuda_kernels(graph, layouts),
+        &kiln_codegen_cuda::ARCHS,
+        on_arch,
+    )
 }

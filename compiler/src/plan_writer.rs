@@ -1,6 +1,7 @@
 //! Writes plan files (format: `kiln_ir::plan`).
 
 use crate::passes::Compiled;
+use kiln_ir::cuda_abi::CudaCode;
 use kiln_ir::layout::Layout;
 use kiln_ir::plan::{
     self, CodeEntry, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES,
@@ -34,11 +35,13 @@ pub struct PlanSummary {
     pub weight_bytes: u64,
 }
 
-/// Generated machine code: an index and the bytes it points into.
+/// Generated code: CPU machine code (an index and the bytes it points into) and the CUDA module, each present
+/// when the plan targets it.
 #[derive(Default)]
 pub struct PlanCode {
     pub index: Vec<CodeEntry>,
     pub bytes: Vec<u8>,
+    pub cuda: Option<CudaCode>,
 }
 
 impl PlanCode {
@@ -101,6 +104,7 @@ pub fn write_plan(
     let index_json = serde_json::to_vec(&index).expect("weight index serializes");
     let schedule_json = serde_json::to_vec(schedule).expect("schedule serializes");
     let kernels_json = serde_json::to_vec(&code.index).expect("code index serializes");
+    let cuda_json = serde_json::to_vec(&code.cuda).expect("CUDA code serializes");
 
     let tmp = temp_path(path);
     let written = write_sections(
@@ -108,7 +112,7 @@ pub fn write_plan(
         &index,
         weights_len,
         [&meta_json, &graph_text, &schedule_json, &index_json],
-        [&kernels_json, &code.bytes],
+        [&kernels_json, &code.bytes, &cuda_json],
         weights,
         &mut on_weight_bytes,
     );
@@ -136,7 +140,7 @@ fn write_sections(
     index: &[WeightEntry],
     weights_len: usize,
     [meta_json, graph_text, schedule_json, index_json]: [&Vec<u8>; 4],
-    [kernels_json, code]: [&Vec<u8>; 2],
+    [kernels_json, code, cuda_json]: [&Vec<u8>; 3],
     weights: &dyn WeightSource,
     on_weight_bytes: &mut impl FnMut(u64, u64),
 ) -> Result<u64, PlanWriteError> {
@@ -185,6 +189,7 @@ fn write_sections(
     for (kind, bytes) in [
         (SectionKind::Kernels, kernels_json),
         (SectionKind::Code, code),
+        (SectionKind::Cuda, cuda_json),
     ] {
         pos = write_section(&mut out, &mut entries, kind, bytes, pos).map_err(io)?;
     }

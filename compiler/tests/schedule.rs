@@ -3,7 +3,6 @@
 //! buffers is caught.
 
 use kiln_compiler::passes::{run_pass, schedule};
-use kiln_ir::plan::Target;
 use kiln_ir::schedule::Slot;
 use std::path::Path;
 
@@ -23,17 +22,10 @@ fn graphs() -> Vec<(String, kiln_ir::Graph)> {
     out
 }
 
-fn cpu() -> Target {
-    Target::Cpu {
-        arch: "x86_64".into(),
-        features: vec![],
-    }
-}
-
 #[test]
 fn schedules_pass_the_checker_and_reuse_memory() {
     for (name, graph) in graphs() {
-        let s = schedule(&graph, &cpu(), &Default::default()).unwrap();
+        let s = schedule(&graph, &Default::default()).unwrap();
         s.verify(&graph).unwrap_or_else(|e| panic!("{name}: {e}"));
         let inputs = graph
             .node_ids()
@@ -64,7 +56,7 @@ fn equal_layers_share_kernels() {
         .into_iter()
         .find(|(n, _)| n == "fuse-llama (fused)")
         .unwrap();
-    let s = schedule(&graph, &cpu(), &Default::default()).unwrap();
+    let s = schedule(&graph, &Default::default()).unwrap();
     // embed, qkv_rope, attention_qkv, two matmul_residual shapes, gated_ffn, norm_matmul.
     assert_eq!(s.kernels.len(), 7, "{:#?}", s.kernels);
     assert!(
@@ -79,7 +71,7 @@ fn checker_catches_overlapping_live_buffers() {
         .into_iter()
         .find(|(n, _)| n == "fuse-llama (fused)")
         .unwrap();
-    let mut s = schedule(&graph, &cpu(), &Default::default()).unwrap();
+    let mut s = schedule(&graph, &Default::default()).unwrap();
     // Put the gated FFN's output where the residual stream it is added back to still lives.
     let ffn = s
         .launches

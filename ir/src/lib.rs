@@ -5,6 +5,7 @@
 
 pub mod activation;
 pub mod cpu_abi;
+pub mod cuda_abi;
 pub mod dequant;
 pub mod dot;
 pub mod format;

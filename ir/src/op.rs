@@ -8,7 +8,7 @@ use crate::types::{DType, Dim, TensorType};
 use serde::{Deserialize, Serialize};
 
 /// How RoPE pairs the dims of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RopeStyle {
     /// Adjacent pairs (2i, 2i+1): GGUF llama weights are permuted for this.
     Interleaved,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"KILNPLAN";
 /// Bumped on any change a reader of the previous version would misread.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_BYTES: usize = 32;
 pub const ENTRY_BYTES: usize = 32;
 /// Alignment of every section and of every weight inside the weights section.
@@ -39,11 +39,13 @@ pub enum SectionKind {
     Kernels = 6,
     /// Machine code of the generated functions, position-independent and free of relocations.
     Code = 7,
+    /// JSON `Option<cuda_abi::CudaCode>`: the CUDA kernels' source and PTX (`null` in a CPU-only plan).
+    Cuda = 8,
 }
 
 impl SectionKind {
     /// In file order, which is also id order.
-    pub const ALL: [SectionKind; 7] = [
+    pub const ALL: [SectionKind; 8] = [
         SectionKind::Meta,
         SectionKind::Graph,
         SectionKind::Schedule,
@@ -51,6 +53,7 @@ impl SectionKind {
         SectionKind::Weights,
         SectionKind::Kernels,
         SectionKind::Code,
+        SectionKind::Cuda,
     ];
 
     pub fn from_id(id: u32) -> Option<Self> {
@@ -66,6 +69,7 @@ impl SectionKind {
             SectionKind::Weights => "weights",
             SectionKind::Kernels => "kernels",
             SectionKind::Code => "code",
+            SectionKind::Cuda => "cuda",
         }
     }
 }
@@ -76,6 +80,8 @@ impl SectionKind {
 pub enum Target {
     /// A CPU: the architecture (`x86_64`, `aarch64`) and the ISA features its code needs.
     Cpu { arch: String, features: Vec<String> },
+    /// NVIDIA GPUs: the virtual architectures the plan carries PTX for (`compute_80`, `compute_90`).
+    Cuda { archs: Vec<String> },
 }
 
 impl std::fmt::Display for Target {
@@ -83,6 +89,7 @@ impl std::fmt::Display for Target {
         match self {
             Target::Cpu { arch, features } if features.is_empty() => write!(f, "cpu ({arch})"),
             Target::Cpu { arch, features } => write!(f, "cpu ({arch}: {})", features.join(", ")),
+            Target::Cuda { archs } => write!(f, "cuda ({})", archs.join(", ")),
         }
     }
 }
@@ -91,8 +98,29 @@ impl std::fmt::Display for Target {
 pub struct PlanMeta {
     /// The kiln version that compiled the plan.
     pub compiler: String,
-    pub target: Target,
+    /// Every target the plan carries code for, CPU first.
+    pub targets: Vec<Target>,
     pub model: ModelInfo,
+}
+
+impl PlanMeta {
+    pub fn cpu_target(&self) -> Option<&Target> {
+        self.targets
+            .iter()
+            .find(|t| matches!(t, Target::Cpu { .. }))
+    }
+
+    pub fn has_cuda(&self) -> bool {
+        self.targets
+            .iter()
+            .any(|t| matches!(t, Target::Cuda { .. }))
+    }
+
+    /// The targets, for messages: `cpu (x86_64: ...) + cuda (compute_80, compute_90)`.
+    pub fn targets_text(&self) -> String {
+        let names: Vec<String> = self.targets.iter().map(|t| t.to_string()).collect();
+        names.join(" + ")
+    }
 }
 
 /// Where one weight lies in the weights section.

@@ -4,13 +4,12 @@
 //! tokens finds a value at `t * offset_per_token` in an arena of `t * arena_bytes_per_token` bytes. One plan
 //! serves every step size.
 
-use crate::plan::Target;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// What a kernel computes, independent of which layer's weights it reads: the op, its attributes (without
-/// per-layer ones such as the KV-cache `layer`), operand and result types, and the target. Layers with equal
-/// specs share one kernel.
+/// What a kernel computes, independent of which layer's weights it reads and of the target: the op, its
+/// attributes (without per-layer ones such as the KV-cache `layer`), operand and result types. Layers with equal
+/// specs share one kernel; each target's code generator turns a spec into its own kernels.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KernelSpec {
     pub op: String,
@@ -19,7 +18,6 @@ pub struct KernelSpec {
     /// Operand types in the text form, weights included (`q4_1[576, 576]`).
     pub operands: Vec<String>,
     pub result: String,
-    pub target: Target,
 }
 
 impl fmt::Display for KernelSpec {

@@ -20,6 +20,8 @@ pub enum ExecError {
     NoOutput(&'static str),
     #[error("nothing to run: the input has no tokens")]
     EmptyInput,
+    #[error("the GPU failed while {doing}: {reason}")]
+    Device { doing: &'static str, reason: String },
 }
 
 /// Checks a step of `tokens` at `start..` against a sequence with `cached` positions in a context of `max`.

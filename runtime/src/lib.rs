@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod generate;
 pub mod plan;
@@ -14,6 +15,7 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use cpu::CpuExecutor;
+pub use cuda::CudaExecutor;
 pub use engine::{Engine, ExecError, Logits};
 pub use reference::ReferenceExecutor;
 pub use sampler::{Sampler, SamplerConfig};

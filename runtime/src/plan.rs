@@ -1,5 +1,6 @@
 //! Loading plan files: mmap, verify every checksum, check the target, and serve weights in place.
 
+use kiln_ir::cuda_abi::CudaCode;
 use kiln_ir::plan::{
     self, CodeEntry, PlanMeta, SectionEntry, SectionKind, Target, WeightEntry, ENTRY_BYTES,
     HEADER_BYTES,
@@ -33,6 +34,8 @@ pub enum PlanError {
     },
     #[error("the plan was compiled for {target}, which this host cannot run: {reason}; compile it here with `kiln compile MODEL.gguf --target native`")]
     Target { target: Target, reason: String },
+    #[error("the plan has no CPU code (it was compiled with `--target {targets}`); compile it with `kiln compile MODEL.gguf --target native` (or `--target cpu,cuda` for a plan that serves on either)")]
+    NoCpuTarget { targets: String },
 }
 
 pub struct PlanFile {
@@ -45,6 +48,7 @@ pub struct PlanFile {
     by_name: HashMap<String, usize>,
     weights_start: usize,
     code_index: Vec<CodeEntry>,
+    cuda: Option<CudaCode>,
 }
 
 impl PlanFile {
@@ -160,7 +164,6 @@ impl PlanFile {
                 section: "meta",
                 reason: e.to_string(),
             })?;
-        check_target(&meta.target)?;
         let graph_text =
             std::str::from_utf8(section(SectionKind::Graph)).map_err(|e| PlanError::Invalid {
                 section: "graph",
@@ -222,6 +225,11 @@ impl PlanFile {
                 });
             }
         }
+        let cuda: Option<CudaCode> =
+            serde_json::from_slice(section(SectionKind::Cuda)).map_err(|e| PlanError::Invalid {
+                section: "cuda",
+                reason: e.to_string(),
+            })?;
         let by_name = weights
             .iter()
             .enumerate()
@@ -238,7 +246,38 @@ impl PlanFile {
             by_name,
             weights_start,
             code_index,
+            cuda,
         })
+    }
+
+    /// Checks that this host can run the plan's CPU code.
+    pub fn check_cpu_target(&self) -> Result<(), PlanError> {
+        match self.meta.cpu_target() {
+            Some(target @ Target::Cpu { arch, features }) => check_target(target, arch, features),
+            _ => Err(PlanError::NoCpuTarget {
+                targets: self
+                    .meta
+                    .targets
+                    .iter()
+                    .map(|t| match t {
+                        Target::Cpu { .. } => "cpu",
+                        Target::Cuda { .. } => "cuda",
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            }),
+        }
+    }
+
+    /// The plan's CUDA module, when it was compiled for CUDA.
+    pub fn cuda(&self) -> Option<&CudaCode> {
+        self.cuda.as_ref()
+    }
+
+    /// The raw weights section (weights lie at their `WeightEntry::offset` in it), for uploading in one copy.
+    pub fn weights_bytes(&self) -> &[u8] {
+        let e = &self.sections[SectionKind::Weights as usize - 1];
+        &self.map[e.offset as usize..(e.offset + e.len) as usize]
     }
 
     /// Sections as (name, offset, length, checksum), for `kiln inspect`.
@@ -328,8 +367,8 @@ fn host_features() -> Vec<String> {
     }
 }
 
-fn check_target(target: &Target) -> Result<(), PlanError> {
-    let Target::Cpu { arch, features } = target;
+/// Checks a CPU target's architecture and features against this host.
+fn check_target(target: &Target, arch: &str, features: &[String]) -> Result<(), PlanError> {
     let host = std::env::consts::ARCH;
     let refuse = |reason: String| {
         Err(PlanError::Target {

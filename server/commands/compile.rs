@@ -3,9 +3,9 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_compiler::codegen::generate_cpu_code;
+use kiln_compiler::codegen::{generate_cpu_code, generate_cuda_code};
 use kiln_compiler::passes::{compile, Stage, INTERLEAVE};
-use kiln_compiler::plan_writer::write_plan;
+use kiln_compiler::plan_writer::{write_plan, PlanCode};
 use kiln_compiler::{lower, GgufFile};
 use kiln_ir::plan::{PlanMeta, Target};
 use std::path::PathBuf;
@@ -18,6 +18,9 @@ pub enum TargetArg {
     /// Any server CPU of this architecture from the last decade (x86-64-v3: AVX2, FMA, BMI2), for plans that are
     /// compiled once and served on many machines.
     Cpu,
+    /// NVIDIA GPUs from Ampere on: CUDA kernels compiled by NVRTC to PTX for compute_80 and compute_90 (needs
+    /// libnvrtc at compile time only; see the README).
+    Cuda,
 }
 
 #[derive(Args, Debug)]
@@ -27,8 +30,10 @@ pub struct CompileArgs {
     /// Where to write the plan.
     #[arg(short, long)]
     pub output: PathBuf,
-    #[arg(long, value_enum, default_value_t = TargetArg::Native)]
-    pub target: TargetArg,
+    /// What to generate code for, comma-separated: one CPU target (`native` or `cpu`) and/or `cuda`. A plan
+    /// with both (`--target cpu,cuda`) serves on either.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "native")]
+    pub target: Vec<TargetArg>,
     /// Write the IR after each stage (`00-lowered.kir`, ...) and the final graph as Graphviz (`final.dot`) and
     /// JSON (`final.json`) into DIR.
     #[arg(long, value_name = "DIR")]
@@ -45,19 +50,29 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         lowered.info.architecture,
         lowered.graph.len()
     );
-    let isa = match args.target {
-        TargetArg::Native => kiln_codegen_cpu::host_isa(),
-        TargetArg::Cpu => kiln_codegen_cpu::portable_isa(),
-    }?;
-    let target = Target::Cpu {
-        arch: isa.arch(),
-        features: isa.features(),
+    let cpu_targets: Vec<TargetArg> = args
+        .target
+        .iter()
+        .copied()
+        .filter(|t| !matches!(t, TargetArg::Cuda))
+        .collect();
+    if cpu_targets.len() > 1 {
+        anyhow::bail!(
+            "--target names {} CPU targets; a plan carries at most one (`native` or `cpu`)",
+            cpu_targets.len()
+        );
+    }
+    let isa = match cpu_targets.first() {
+        Some(TargetArg::Native) => Some(kiln_codegen_cpu::host_isa()?),
+        Some(TargetArg::Cpu) => Some(kiln_codegen_cpu::portable_isa()?),
+        _ => None,
     };
+    let cuda = args.target.iter().any(|t| matches!(t, TargetArg::Cuda));
     let mut dumps = vec![(
         "00-lowered.kir".to_string(),
         kiln_ir::text::print(&lowered.graph),
     )];
-    let compiled = compile(lowered.graph, &target, |i, name, stage| {
+    let compiled = compile(lowered.graph, |i, name, stage| {
         let (summary, dump) = match stage {
             Stage::Graph(graph) => (format!("{} nodes", graph.len()), kiln_ir::text::print(graph)),
             Stage::Layouts(layouts) => (
@@ -87,18 +102,44 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         dump_ir(dir, &dumps, &compiled.graph)?;
         eprintln!("  wrote the IR after each stage to {}", dir.display());
     }
-    let codegen_started = Instant::now();
-    let code = generate_cpu_code(&compiled.graph, &compiled.layouts, &isa, |done, total| {
-        if done == total {
+    let mut targets = Vec::new();
+    let mut code = PlanCode::default();
+    if let Some(isa) = &isa {
+        let started = Instant::now();
+        code = generate_cpu_code(&compiled.graph, &compiled.layouts, isa, |done, total| {
+            if done == total {
+                eprintln!(
+                    "  generated {total} native functions with Cranelift in {:.0} ms",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        })?;
+        targets.push(Target::Cpu {
+            arch: isa.arch(),
+            features: isa.features(),
+        });
+    }
+    if cuda {
+        let started = Instant::now();
+        let cuda_code = generate_cuda_code(&compiled.graph, &compiled.layouts, |done, total| {
             eprintln!(
-                "  generated {total} native functions with Cranelift in {:.0} ms",
-                codegen_started.elapsed().as_secs_f64() * 1e3
+                "  compiled the CUDA module with NVRTC for {done}/{total} architectures ({:.0} ms)",
+                started.elapsed().as_secs_f64() * 1e3
             );
-        }
-    })?;
+        })?;
+        eprintln!(
+            "  generated {} CUDA kernels ({} lines of CUDA C)",
+            cuda_code.kernels.len(),
+            cuda_code.source.lines().count()
+        );
+        targets.push(Target::Cuda {
+            archs: cuda_code.ptx.iter().map(|p| p.arch.clone()).collect(),
+        });
+        code.cuda = Some(cuda_code);
+    }
     let meta = PlanMeta {
         compiler: env!("CARGO_PKG_VERSION").to_string(),
-        target,
+        targets,
         model: lowered.info,
     };
     let bar = ProgressBar::new(0).with_style(
@@ -123,7 +164,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         summary.bytes,
         summary.weights,
         summary.weight_bytes,
-        meta.target,
+        meta.targets_text(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -50,7 +50,7 @@ fn inspect_plan(path: &Path) -> Result<()> {
         plan.file_size()
     );
     println!("  compiled by  kiln {}", meta.compiler);
-    println!("  target       {}", meta.target);
+    println!("  targets      {}", meta.targets_text());
     println!(
         "  model        {} ({})",
         meta.model.name.as_deref().unwrap_or("unnamed"),

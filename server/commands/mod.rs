@@ -24,6 +24,32 @@ pub struct EngineArgs {
     /// slow, but the yardstick the generated code is tested against. GGUF files always run on it.
     #[arg(long)]
     pub reference: bool,
+    /// Where a plan runs: `cpu`, `cuda` (GPU 0) or `cuda:N`, or `auto`: the GPU when the plan has CUDA code and
+    /// one is usable, else the CPU (with one warning line saying why when the plan has CUDA code).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceArg,
+}
+
+/// Where to run a plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceArg {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    match s {
+        "auto" => Ok(DeviceArg::Auto),
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceArg::Cuda)
+            .ok_or_else(|| format!("`{s}` is not a device: use auto, cpu, cuda or cuda:N")),
+    }
 }
 
 impl EngineArgs {

@@ -54,7 +54,7 @@ impl Served {
         let (format, target) = match &model.source {
             Source::Plan(plan) => (
                 kiln_ir::plan::FORMAT_VERSION.to_string(),
-                plan.meta.target.to_string(),
+                plan.meta.targets_text(),
             ),
             Source::Gguf(_) => (
                 "gguf".to_string(),

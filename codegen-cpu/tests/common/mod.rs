@@ -2,17 +2,18 @@
 //! random weights, and the reference math.
 #![allow(dead_code)] // each target uses its own subset
 
-use half::f16;
 use kiln_codegen_cpu::{compile, CpuIsa};
-use kiln_ir::activation::ActivationFormat;
 use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, MatMulArgs, QuantizeArgs};
-use kiln_ir::dequant::dot_f32;
-use kiln_ir::layout::{f16_fields, Layout};
+use kiln_ir::layout::Layout;
 use kiln_ir::plan::CodeEntry;
 use kiln_ir::weights::WeightView;
 use kiln_ir::QuantFormat;
 use kiln_runtime::cpu::code::NativeCode;
 use rand::Rng;
+
+#[path = "weights.rs"]
+mod weights;
+pub use weights::{random_weight, reference};
 
 /// Every weight format the CPU code generator has matmuls for.
 pub const FORMATS: [QuantFormat; 11] = [
@@ -54,57 +55,6 @@ impl Loaded {
         let f = self.code.get(&self.function).unwrap();
         unsafe { f(args as *const T as *const u8) }
     }
-}
-
-/// Random GGUF bytes for `rows` rows of `k` values: random codes, scales and minimums small and positive-ish.
-pub fn random_weight(rng: &mut impl Rng, format: QuantFormat, rows: usize, k: usize) -> Vec<u8> {
-    let blocks = rows * k / format.block_elems();
-    let mut bytes: Vec<u8> = (0..blocks * format.block_bytes())
-        .map(|_| rng.gen())
-        .collect();
-    if matches!(
-        format,
-        QuantFormat::F32 | QuantFormat::F16 | QuantFormat::BF16
-    ) {
-        let values: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        return match format {
-            QuantFormat::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            QuantFormat::F16 => values
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect(),
-            _ => values
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect(),
-        };
-    }
-    for block in bytes.chunks_exact_mut(format.block_bytes()) {
-        for &f in f16_fields(format) {
-            let v = f16::from_f32(rng.gen_range(-0.02..0.02));
-            block[f..f + 2].copy_from_slice(&v.to_le_bytes());
-        }
-    }
-    bytes
-}
-
-/// `dot(dequantize(W[r]), round_trip(x[t]))`: the reference `matmul`.
-pub fn reference(w: &WeightView, x: &[f32], k: usize) -> Vec<f32> {
-    let n = w.shape[0];
-    let mut rounded = x.to_vec();
-    let act = ActivationFormat::for_weight(w.format);
-    rounded
-        .chunks_exact_mut(k)
-        .for_each(|row| act.round_trip(row));
-    let mut row = vec![0f32; k];
-    let mut out = vec![0f32; rounded.len() / k * n];
-    for r in 0..n {
-        w.dequantize_row(r, &mut row);
-        for (t, xt) in rounded.chunks_exact(k).enumerate() {
-            out[t * n + r] = dot_f32(&row, xt);
-        }
-    }
-    out
 }
 
 /// One generated matmul with random operands: `n` rows of `k` weights (two, for gated epilogues), `tokens` rows of

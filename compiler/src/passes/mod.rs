@@ -11,7 +11,6 @@ mod schedule;
 pub use layout::{choose_layouts, Layouts, INTERLEAVE};
 pub use schedule::{schedule, specialize, ScheduleError};
 
-use kiln_ir::plan::Target;
 use kiln_ir::schedule::Schedule;
 use kiln_ir::{verify, Graph, VerifyError};
 
@@ -94,14 +93,13 @@ pub enum CompileError {
 /// The whole pipeline. `after(index, name, stage)` sees the result of each stage.
 pub fn compile(
     graph: Graph,
-    target: &Target,
     mut after: impl FnMut(usize, &str, Stage),
 ) -> Result<Compiled, CompileError> {
     let graph = run_pipeline(graph, |i, name, graph| after(i, name, Stage::Graph(graph)))?;
     let n = pipeline().len();
     let layouts = choose_layouts(&graph);
     after(n + 1, "layout", Stage::Layouts(&layouts));
-    let schedule = schedule(&graph, target, &layouts)?;
+    let schedule = schedule(&graph, &layouts)?;
     schedule
         .verify(&graph)
         .map_err(CompileError::InvalidSchedule)?;

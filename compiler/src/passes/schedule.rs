@@ -2,7 +2,6 @@
 //! offsets in one arena, reused across layers) and schedule (a flat launch list in program order).
 
 use super::layout::Layouts;
-use kiln_ir::plan::Target;
 use kiln_ir::schedule::{KernelSpec, Launch, Schedule, Slot};
 use kiln_ir::text::print_attrs;
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, Operand};
@@ -20,7 +19,7 @@ pub struct ScheduleError {
 }
 
 /// The spec of the kernel that computes `id`: the op without per-layer attributes, and operand types.
-pub fn specialize(graph: &Graph, id: NodeId, target: &Target, layouts: &Layouts) -> KernelSpec {
+pub fn specialize(graph: &Graph, id: NodeId, layouts: &Layouts) -> KernelSpec {
     let node = graph.node(id);
     let operand = |o: &Operand| {
         let ty = graph.operand_type(*o).to_string();
@@ -37,7 +36,6 @@ pub fn specialize(graph: &Graph, id: NodeId, target: &Target, layouts: &Layouts)
         attrs: print_attrs(&node.op, &["layer"]),
         operands: node.operands.iter().map(operand).collect(),
         result: node.ty.to_string(),
-        target: target.clone(),
     }
 }
 
@@ -111,11 +109,7 @@ impl Arena {
 }
 
 /// Specializes, plans memory and schedules `graph` (in program order).
-pub fn schedule(
-    graph: &Graph,
-    target: &Target,
-    layouts: &Layouts,
-) -> Result<Schedule, ScheduleError> {
+pub fn schedule(graph: &Graph, layouts: &Layouts) -> Result<Schedule, ScheduleError> {
     let mut last_use: Vec<usize> = graph.node_ids().map(|id| id.index()).collect();
     for id in graph.node_ids() {
         for operand in &graph.node(id).operands {
@@ -149,7 +143,7 @@ pub fn schedule(
         if let Op::Input { name } = &node.op {
             inputs.push((name.clone(), output));
         } else {
-            let spec = specialize(graph, id, target, layouts);
+            let spec = specialize(graph, id, layouts);
             let kernel = *kernel_ids.entry(spec.clone()).or_insert_with(|| {
                 kernels.push(spec);
                 kernels.len() - 1

@@ -44,6 +44,8 @@ pub enum CpuLoadError {
     Exec(#[from] ExecError),
     #[error("cannot map the plan's machine code executable: {0}")]
     Map(std::io::Error),
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
 }
 
 impl<'p> CpuExecutor<'p> {
@@ -52,6 +54,7 @@ impl<'p> CpuExecutor<'p> {
         threads: usize,
         max_context: usize,
     ) -> Result<Self, CpuLoadError> {
+        plan.check_cpu_target()?;
         let code =
             NativeCode::load(plan.code_index(), plan.code_bytes()).map_err(CpuLoadError::Map)?;
         let schedule = &plan.schedule;

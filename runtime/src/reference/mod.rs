@@ -7,7 +7,7 @@
 mod fused;
 #[cfg(test)]
 pub(crate) use fused::unpack_qkv as fused_unpack;
-pub(crate) mod kernels;
+pub mod kernels;
 
 use crate::engine::{check_step, Engine, ExecError, Logits};
 use kernels::{AttentionShape, KvCache};

@@ -1,0 +1,113 @@
+// kiln CUDA prelude: fixed-width types and the helpers every kernel shares. NVRTC has no CUDA headers built in,
+// so half-precision conversions go through inline PTX.
+typedef unsigned char u8;
+typedef signed char i8;
+typedef short i16;
+typedef unsigned short u16;
+typedef int i32;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// The sum of `v` over the whole block (blockDim.x a multiple of 32, at most 1024), in f64, returned to every thread.
+__device__ __forceinline__ double block_sum_f64(double v) {
+    __shared__ double partial[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    v = warp_sum_f64(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    double total = 0.0;
+    for (int w = 0; w < warps; w++) total += partial[w];
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Rounds to the nearest f16 value (ties to even) and back.
+__device__ __forceinline__ float round_f16(float x) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return f16_to_f32(h);
+}
+
+// Rounds to the nearest bf16 value (ties to even) and back.
+__device__ __forceinline__ float round_bf16(float x) {
+    u32 b = __float_as_uint(x);
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    return __uint_as_float(b & 0xFFFF0000u);
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Loads for block fields: `a` forms need 4-byte alignment, `u` forms take any address (GGUF-layout blocks).
+__device__ __forceinline__ u32 ld_a32(const u8* p) { return *(const u32*)p; }
+__device__ __forceinline__ u32 ld_u32(const u8* p) {
+    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+}
+__device__ __forceinline__ u16 ld_u16(const u8* p) { return (u16)(p[0] | (p[1] << 8)); }
+__device__ __forceinline__ float ld_f32(const u8* p) { return __uint_as_float(ld_u32(p)); }
+
+// Spreads 4 bits to bit 4 of each byte of a word (the fifth bit of Q5 codes).
+__device__ __forceinline__ u32 spread_bit4(u32 b) {
+    return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// GELU, tanh approximation (as ggml and `gelu_pytorch_tanh`).
+__device__ __forceinline__ float gelu(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978846f * x * (1.0f + 0.044715f * x * x)));
+}
+
+// Block-format weights are decoded 32 values at a time into signed byte codes: value i is
+// `scale[i / 16] * code[i] + minv`, which covers every format's scales, offsets and minimums.
+struct Codes32 {
+    u32 q[8];
+    float scale[2];
+    float minv;
+};
+
+// The dot product of decoded weights with 32 activation codes (`x` 4-byte aligned) whose block scale is `dx` and
+// whose two group sums (of 16 codes each) are `s0`, `s1`.
+__device__ __forceinline__ float dot_codes(const Codes32& w, const u8* x, float dx, int s0, int s1) {
+    int lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) lo = __dp4a((int)w.q[i], (int)ld_a32(x + 4 * i), lo);
+#pragma unroll
+    for (int i = 4; i < 8; i++) hi = __dp4a((int)w.q[i], (int)ld_a32(x + 4 * i), hi);
+    return dx * (w.scale[0] * (float)lo + w.scale[1] * (float)hi) + w.minv * dx * (float)(s0 + s1);
+}
+
+// Value i of decoded weights.
+__device__ __forceinline__ float code_value(const Codes32& w, int i) {
+    const int code = (int)(i8)(w.q[i >> 2] >> (8 * (i & 3)));
+    return w.scale[i >> 4] * (float)code + w.minv;
+}
