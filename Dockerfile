@@ -14,7 +14,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bin kiln \
     && install -D -m 0755 target/release/kiln /out/kiln
 
-FROM nvidia/cuda:12.9.1-base-ubuntu24.04 AS cuda
+FROM nvidia/cuda:12.9.1-runtime-ubuntu24.04 AS cuda
 RUN groupadd --gid 10001 kiln && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin kiln
 COPY --from=build /out/kiln /usr/local/bin/kiln
 USER 10001:10001

@@ -76,10 +76,21 @@ fn every_kernel_of_the_real_models_compiles_to_ptx_that_ptxas_assembles() {
     let ptxas = ptxas();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     for name in ["smollm2", "qwen2", "gemma3"] {
-        let Some(plan) = compile(name, "cuda") else {
+        let Some(path) = compile(name, "cuda") else {
             continue;
         };
-        let plan = PlanFile::open(&plan).unwrap();
+        let inspect = common::kiln_ok(&["inspect", path.to_str().unwrap()]);
+        for want in [
+            "targets      cuda (compute_80, compute_90)",
+            "cuda kernels (",
+            "matmul_",
+        ] {
+            assert!(
+                inspect.contains(want),
+                "{name}: `kiln inspect` lacks {want:?}"
+            );
+        }
+        let plan = PlanFile::open(&path).unwrap();
         let cuda = plan.cuda().expect("a CUDA plan carries CUDA code");
         assert_eq!(
             cuda.ptx.iter().map(|p| p.arch.as_str()).collect::<Vec<_>>(),
@@ -283,36 +294,29 @@ gpu       {gpu_ids:?}",
         &llama[..steps]
     );
     // Activation codes are rounded from f32 values, so two correct executors that sum in different orders flip a
-    // few codes and their logits differ by tenths (the CPU executor and the reference interpreter do too). Where
-    // the CPU's two best tokens are that close, the GPU may take the other one: agreement is required until
-    // such a near tie, and the logits within the noise the CPU itself shows against the reference.
-    const NEAR_TIE: f32 = 0.35;
+    // few codes and their logits differ by tenths: the CPU executor differs from the reference interpreter by up
+    // to about 0.3 on these steps. Where the CPU's two best tokens are that close, the GPU may take the other one:
+    // the ids must agree until such a near tie, and the GPU's logits stay within that noise of the reference's.
+    const NOISE: f32 = 0.5;
     eprintln!("step  cpu-ref  gpu-ref  gpu-cpu (largest top-5 logit difference)");
     let mut worst = 0f32;
-    let mut agreed = 0;
     for step in 0..steps {
-        let d = top5_diff(&cpu_rows[step], &gpu_rows[step]);
+        let gpu_ref = top5_diff(&ref_rows[step], &gpu_rows[step]);
         eprintln!(
-            "{step:>4}  {:.4}   {:.4}   {d:.4}",
+            "{step:>4}  {:.4}   {gpu_ref:.4}   {:.4}",
             top5_diff(&ref_rows[step], &cpu_rows[step]),
-            top5_diff(&ref_rows[step], &gpu_rows[step])
+            top5_diff(&cpu_rows[step], &gpu_rows[step])
         );
-        worst = worst.max(d);
-        if cpu_ids[step] != gpu_ids[step] {
-            let row = &cpu_rows[step];
-            let gap = row[cpu_ids[step] as usize] - row[gpu_ids[step] as usize];
-            eprintln!("step {step}: the GPU takes {} where the CPU takes {}, which the CPU ranks {gap:.4} above it", gpu_ids[step], cpu_ids[step]);
-            assert!(
-                gap < NEAR_TIE,
-                "step {step}: the GPU departs from a clear CPU choice (gap {gap})"
-            );
+        worst = worst.max(gpu_ref);
+        if diverges_at_a_near_tie(step, &cpu_ids, &gpu_ids, &cpu_rows[step], NOISE) {
             break;
         }
-        agreed += 1;
     }
-    eprintln!("{agreed} greedy tokens agree on the reference prompt; largest top-5 logit difference {worst}");
-    assert!(worst < NEAR_TIE, "top-5 logits differ by {worst}");
-    // A prompt without near ties: a random-token prefill (every row's logits), then 24 decode steps.
+    assert!(
+        worst < NOISE,
+        "the GPU's top-5 logits are {worst} from the reference's"
+    );
+    // A random-token prompt: every prefill row's logits, then decode steps.
     let noise: Vec<u32> = (0..40).map(|i| 100 + 37 * i).collect();
     let (c, g) = (
         cpu.forward(&noise, 0).unwrap(),
@@ -321,21 +325,74 @@ gpu       {gpu_ids:?}",
     let prefill_worst = (0..noise.len())
         .map(|r| top5_diff(c.row(r), g.row(r)))
         .fold(0f32, f32::max);
-    let (mut cpu_next, mut gpu_next) = (greedy(c.last()), greedy(g.last()));
-    let mut same = 1;
+    eprintln!("random 40-token prompt: largest top-5 logit difference over the prefill rows {prefill_worst}");
+    assert!(prefill_worst < NOISE);
+    let (mut cpu_ids, mut gpu_ids) = (vec![greedy(c.last())], vec![greedy(g.last())]);
     for step in 0..24 {
         let pos = noise.len() + step;
-        let (c, g) = (
-            cpu.forward_last(&[cpu_next], pos).unwrap(),
-            gpu.forward_last(&[gpu_next], pos).unwrap(),
-        );
-        (cpu_next, gpu_next) = (greedy(&c), greedy(&g));
-        if cpu_next != gpu_next {
+        let c = cpu.forward_last(&[cpu_ids[step]], pos).unwrap();
+        let g = gpu.forward_last(&[gpu_ids[step]], pos).unwrap();
+        cpu_ids.push(greedy(&c));
+        gpu_ids.push(greedy(&g));
+        if diverges_at_a_near_tie(step + 1, &cpu_ids, &gpu_ids, &c, NOISE) {
             break;
         }
-        same += 1;
     }
-    eprintln!("random 40-token prompt: largest top-5 logit difference over the prefill rows {prefill_worst}; {same} greedy tokens agree");
-    assert!(prefill_worst < NEAR_TIE);
-    assert!(same >= 16, "only {same} greedy tokens agree");
+}
+
+/// Whether the ids part at `step`; asserts that they part only where the CPU's logits for the two choices are
+/// within `noise` of each other (a near tie).
+fn diverges_at_a_near_tie(
+    step: usize,
+    cpu_ids: &[u32],
+    gpu_ids: &[u32],
+    cpu_row: &[f32],
+    noise: f32,
+) -> bool {
+    if cpu_ids[step] == gpu_ids[step] {
+        return false;
+    }
+    let gap = cpu_row[cpu_ids[step] as usize] - cpu_row[gpu_ids[step] as usize];
+    eprintln!(
+        "after {step} agreeing tokens the GPU takes {} where the CPU takes {}, which the CPU ranks {gap:.4} above it",
+        gpu_ids[step], cpu_ids[step]
+    );
+    assert!(
+        gap < noise,
+        "step {step}: the GPU departs from a clear CPU choice (gap {gap})"
+    );
+    true
+}
+
+#[test]
+#[ignore = "needs a GPU: run with --ignored on a CUDA machine"]
+fn perplexity_on_the_gpu_is_within_one_percent_of_the_cpu() {
+    let text = Path::new("/usr/share/common-licenses/GPL-3");
+    assert!(text.exists(), "{} is missing", text.display());
+    for name in ["smollm2", "gemma3", "qwen2"] {
+        let Some(plan) = compile(name, "native,cuda") else {
+            continue;
+        };
+        let ppl = |device: &str| -> f64 {
+            let out = common::kiln_ok(&[
+                "perplexity",
+                plan.to_str().unwrap(),
+                "--file",
+                text.to_str().unwrap(),
+                "--ctx",
+                "128",
+                "--chunks",
+                "16",
+                "--device",
+                device,
+                "--json",
+            ]);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["ppl"]
+                .as_f64()
+                .unwrap()
+        };
+        let (cpu, gpu) = (ppl("cpu"), ppl("cuda"));
+        eprintln!("{name}: perplexity {gpu:.4} on the GPU, {cpu:.4} on the CPU");
+        assert!((gpu / cpu - 1.0).abs() < 0.01, "{name}: {gpu} vs {cpu}");
+    }
 }

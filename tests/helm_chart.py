@@ -133,6 +133,12 @@ for name, docs in objects.items():
         is_gpu = d["metadata"]["labels"]["kiln.dev/device"] == "gpu"
         check(("nvidia.com/gpu" in server["resources"]["limits"]) == is_gpu, f"{name}/{dep}: GPU limits {server['resources']}")
         check(not is_gpu or (spec["nodeSelector"] and spec["tolerations"]), f"{name}/{dep}: GPU pod without node selector or tolerations")
+        # GPU pods serve on the GPU (no silent CPU fallback), from plans compiled with CUDA code.
+        device = server["args"][server["args"].index("--device") + 1]
+        check(device == ("cuda" if is_gpu else "cpu"), f"{name}/{dep}: --device {device}")
+        for init in spec.get("initContainers", []):
+            target = init["args"][init["args"].index("--target") + 1]
+            check(("cuda" in target.split(",")) == is_gpu, f"{name}/{dep}: compiles --target {target}")
         # Probes on the server's own port: /health for startup and liveness, /ready for readiness.
         port = {p["name"]: p["containerPort"] for p in server["ports"]}
         args = server["args"]

@@ -37,10 +37,10 @@ fn inspect_shows_sections_and_ir() {
     let Some(plan) = smollm2_plan() else { return };
     let out = kiln_ok(&["inspect", plan.to_str().unwrap()]);
     for want in [
-        "kiln plan, format version 2",
+        "kiln plan, format version 3",
         "kernels",
         "code",
-        "target       cpu (",
+        "targets      cpu (",
         "meta",
         "graph",
         "weight index",

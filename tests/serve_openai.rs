@@ -78,7 +78,7 @@ fn check_metrics(url: &str) {
     );
     assert_eq!(value("kiln:num_requests_running"), 0.0);
     assert!(
-        text.contains(r#"kiln:plan_info{format_version="2",model="m",target="cpu ("#),
+        text.contains(r#"kiln:plan_info{format_version="3",model="m",target="cpu ("#),
         "{text}"
     );
     let Some(out) = common::pipe_through(

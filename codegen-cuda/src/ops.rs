@@ -2,7 +2,7 @@
 //! token, next to the megabytes of weights the matmuls stream, so they favour clarity and exact agreement with
 //! the CPU executor's math (f64 sums of squares, angles in f64) over speed.
 
-use kiln_ir::cuda_abi::{ElementOp, ATTENTION_WARPS, ROW_THREADS};
+use kiln_ir::cuda_abi::{ElementOp, ATTENTION_THREADS, ATTENTION_TILE, ROW_THREADS};
 use kiln_ir::RopeStyle;
 
 pub fn rms_norm(name: &str, d: usize) -> String {
@@ -55,37 +55,52 @@ pub fn kv_append(name: &str, width: usize) -> String {
 }
 
 pub fn attention(name: &str, head_dim: usize, group: usize) -> String {
-    let warps = ATTENTION_WARPS;
-    let per_lane = head_dim / 32;
+    let threads = ATTENTION_THREADS;
+    let tile = ATTENTION_TILE;
+    // Each thread owns `dims` output dims for one of `groups` interleaved key subsets.
+    let dims = head_dim.div_ceil(threads as usize);
+    let groups = (threads as usize / head_dim).max(1);
     format!(
         "// Causal attention of one (token, head) over the cached keys up to its position (within `window` when\n\
-         // positive): {warps} warps take every {warps}th key with an online softmax, then merge their maxima, sums and\n\
-         // outputs. {group} query heads share each KV head.\n\
+         // positive), {group} query heads per KV head. Keys go in tiles of {tile}: every thread scores whole keys\n\
+         // (the dot products run in parallel, not one warp reduction per key), the block takes the tile's maximum\n\
+         // and sum (an online softmax across tiles), then each thread accumulates {dims} output dim(s) over one of\n\
+         // {groups} interleaved key subsets, merged at the end.\n\
          extern \"C\" __global__ void __launch_bounds__({threads}) {name}(u64 q_, u64 q_stride, u64 k_cache_, u64 v_cache_,\n        \
          u64 positions_, u64 out_, int kv_heads, float scale, int window) {{\n    \
-         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;\n    const int t = blockIdx.x, h = blockIdx.y, heads = gridDim.y;\n    \
+         __shared__ float qs[{head_dim}];\n    __shared__ float p[{tile}];\n    __shared__ float reduce[32];\n    \
+         __shared__ float merge[{groups}][{head_dim}];\n    \
+         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;\n    \
+         const int t = blockIdx.x, h = blockIdx.y, heads = gridDim.y;\n    \
          const int pos = ((const int*)positions_)[t];\n    const int first = window > 0 ? max(0, pos + 1 - window) : 0;\n    \
          const u64 kv_width = (u64)kv_heads * {head_dim};\n    \
          const float* kc = (const float*)k_cache_ + (h / {group}) * {head_dim};\n    \
          const float* vc = (const float*)v_cache_ + (h / {group}) * {head_dim};\n    \
          const float* q = (const float*)q_ + t * q_stride + (u64)h * {head_dim};\n    \
-         float qv[{per_lane}], o[{per_lane}];\n#pragma unroll\n    \
-         for (int i = 0; i < {per_lane}; i++) {{ qv[i] = q[lane + 32 * i]; o[i] = 0.0f; }}\n    \
-         float m = -__int_as_float(0x7f800000), l = 0.0f;\n    \
-         for (int j = first + warp; j <= pos; j += {warps}) {{\n        const float* kj = kc + (u64)j * kv_width;\n        \
-         float s = 0.0f;\n#pragma unroll\n        for (int i = 0; i < {per_lane}; i++) s += qv[i] * kj[lane + 32 * i];\n        \
-         s = warp_sum(s) * scale;\n        const float m2 = fmaxf(m, s);\n        const float correction = expf(m - m2), p = expf(s - m2);\n        \
-         l = l * correction + p;\n        const float* vj = vc + (u64)j * kv_width;\n#pragma unroll\n        \
-         for (int i = 0; i < {per_lane}; i++) o[i] = o[i] * correction + p * vj[lane + 32 * i];\n        m = m2;\n    }}\n    \
-         __shared__ float warp_m[{warps}], warp_l[{warps}], warp_o[{warps}][{head_dim}];\n    \
-         if (lane == 0) {{ warp_m[warp] = m; warp_l[warp] = l; }}\n#pragma unroll\n    \
-         for (int i = 0; i < {per_lane}; i++) warp_o[warp][lane + 32 * i] = o[i];\n    __syncthreads();\n    \
-         float top = warp_m[0];\n    for (int w = 1; w < {warps}; w++) top = fmaxf(top, warp_m[w]);\n    \
-         float sum = 0.0f;\n    for (int w = 0; w < {warps}; w++) sum += warp_l[w] * expf(warp_m[w] - top);\n    \
-         float* out = (float*)out_ + ((u64)t * heads + h) * {head_dim};\n    \
-         for (int e = threadIdx.x; e < {head_dim}; e += blockDim.x) {{\n        float v = 0.0f;\n        \
-         for (int w = 0; w < {warps}; w++) v += warp_o[w][e] * expf(warp_m[w] - top);\n        out[e] = v / sum;\n    }}\n}}\n",
-        threads = warps * 32,
+         for (int d = tid; d < {head_dim}; d += blockDim.x) qs[d] = q[d];\n    \
+         const int g = tid / {head_dim} % {groups}, e0 = tid % {head_dim};\n    \
+         float acc[{dims}];\n    for (int i = 0; i < {dims}; i++) acc[i] = 0.0f;\n    \
+         float m = -__int_as_float(0x7f800000), l = 0.0f;\n    __syncthreads();\n    \
+         for (int start = first; start <= pos; start += {tile}) {{\n        const int n = min({tile}, pos + 1 - start);\n        \
+         float local = -__int_as_float(0x7f800000);\n        for (int i = tid; i < n; i += blockDim.x) {{\n            \
+         const float4* kj = (const float4*)(kc + (u64)(start + i) * kv_width);\n            float s = 0.0f;\n#pragma unroll 8\n            \
+         for (int d = 0; d < {quads}; d++) {{\n                const float4 k4 = kj[d];\n                \
+         s += qs[4 * d] * k4.x + qs[4 * d + 1] * k4.y + qs[4 * d + 2] * k4.z + qs[4 * d + 3] * k4.w;\n            }}\n            \
+         p[i] = s * scale;\n            local = fmaxf(local, s * scale);\n        }}\n        \
+         local = warp_max(local);\n        if (lane == 0) reduce[warp] = local;\n        __syncthreads();\n        \
+         float top = reduce[0];\n        for (int w = 1; w < warps; w++) top = fmaxf(top, reduce[w]);\n        \
+         const float m2 = fmaxf(m, top), correction = expf(m - m2);\n        __syncthreads();\n        \
+         float sum = 0.0f;\n        for (int i = tid; i < n; i += blockDim.x) {{ const float e = expf(p[i] - m2); p[i] = e; sum += e; }}\n        \
+         sum = warp_sum(sum);\n        if (lane == 0) reduce[warp] = sum;\n        __syncthreads();\n        \
+         float tile_sum = 0.0f;\n        for (int w = 0; w < warps; w++) tile_sum += reduce[w];\n        l = l * correction + tile_sum;\n        \
+         for (int i = 0; i < {dims}; i++) {{\n            const int e = e0 + i * blockDim.x;\n            float a = acc[i] * correction;\n            \
+         if (e < {head_dim}) {{\n#pragma unroll 8\n                for (int j = g; j < n; j += {groups}) a += p[j] * vc[(u64)(start + j) * kv_width + e];\n            }}\n            \
+         acc[i] = a;\n        }}\n        m = m2;\n        __syncthreads();\n    }}\n    \
+         for (int i = 0; i < {dims}; i++) {{ const int e = e0 + i * blockDim.x; if (e < {head_dim}) merge[g][e] = acc[i]; }}\n    \
+         __syncthreads();\n    float* out = (float*)out_ + ((u64)t * heads + h) * {head_dim};\n    \
+         for (int e = tid; e < {head_dim}; e += blockDim.x) {{\n        float v = 0.0f;\n        \
+         for (int k = 0; k < {groups}; k++) v += merge[k][e];\n        out[e] = v / l;\n    }}\n}}\n",
+        quads = head_dim / 4,
     )
 }
 

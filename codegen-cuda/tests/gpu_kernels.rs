@@ -9,7 +9,7 @@
 mod weights;
 
 use kiln_ir::cpu_abi::{ActFormat, Epilogue};
-use kiln_ir::cuda_abi::{CudaKernel, ATTENTION_WARPS, MATMUL_TOKENS, MATMUL_WARPS, ROW_THREADS};
+use kiln_ir::cuda_abi::{CudaKernel, ATTENTION_THREADS, MATMUL_TOKENS, MATMUL_WARPS, ROW_THREADS};
 use kiln_ir::layout::{f16_fields, Layout};
 use kiln_ir::weights::WeightView;
 use kiln_ir::{Activation, QuantFormat, RopeParams, RopeStyle};
@@ -417,7 +417,7 @@ fn norm_rope_and_attention_match_the_reference() {
                 Launch {
                     kernel: dev.kernel(&attend.name()).unwrap(),
                     grid: (t as u32, heads as u32),
-                    block: ATTENTION_WARPS * 32,
+                    block: ATTENTION_THREADS,
                     args: vec![
                         Arg::Ptr(dqkv.ptr),
                         Arg::U64(stride as u64),

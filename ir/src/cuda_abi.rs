@@ -19,8 +19,10 @@ pub const ROW_THREADS: u32 = 256;
 pub const MATMUL_WARPS: u32 = 8;
 /// Tokens a matmul block computes together, so each weight sub-block is decoded once for all of them.
 pub const MATMUL_TOKENS: u32 = 8;
-/// Warps per block of the attention kernel, which splits the keys of one (token, head) among them.
-pub const ATTENTION_WARPS: u32 = 4;
+/// Threads per block of the attention kernel: one block per (token, head), its threads scoring keys in parallel.
+pub const ATTENTION_THREADS: u32 = 256;
+/// Keys the attention kernel scores at a time (its shared-memory tile), merged across tiles by an online softmax.
+pub const ATTENTION_TILE: usize = 1024;
 
 /// An elementwise kernel's operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -101,8 +103,8 @@ pub enum CudaKernel {
     /// Grid: tokens.
     KvAppend { width: usize },
     /// Causal attention of each (token, head) over the cache up to the token's position (and within `window`
-    /// when it is positive), `group` query heads per KV head, online softmax with the keys split across
-    /// ATTENTION_WARPS warps. Params: `q: u64, q_stride: u64, k_cache: u64, v_cache: u64, positions: u64,
+    /// when it is positive), `group` query heads per KV head, keys scored in tiles of ATTENTION_TILE with an online
+    /// softmax across tiles; ATTENTION_THREADS threads per block. Params: `q: u64, q_stride: u64, k_cache: u64, v_cache: u64, positions: u64,
     /// out: u64, kv_heads: i32, scale: f32, window: i32`. Grid: (tokens, heads).
     Attention { head_dim: usize, group: usize },
     /// Elementwise. Params: `a: u64, b: u64, out: u64, n: i32, b_len: i32, factor: f32`. Grid: n / ROW_THREADS.

@@ -70,6 +70,22 @@ fn inspect_plan(path: &Path) -> Result<()> {
         println!("  {name:12}  {offset:>12}  {len:>12}  {checksum:016x}");
     }
     print!("{}", schedule_text(&plan.schedule));
+    if let Some(cuda) = plan.cuda() {
+        let ptx: Vec<String> = cuda
+            .ptx
+            .iter()
+            .map(|p| format!("{} {} bytes", p.arch, p.ptx.len()))
+            .collect();
+        println!(
+            "\ncuda kernels ({}, {} lines of CUDA C; PTX: {}):",
+            cuda.kernels.len(),
+            cuda.source.lines().count(),
+            ptx.join(", ")
+        );
+        for kernel in &cuda.kernels {
+            println!("  {kernel}");
+        }
+    }
     println!("\nweights ({}):", plan.weight_entries().len());
     let width = plan
         .weight_entries()

@@ -93,6 +93,8 @@ documents (a test compares them). Call with (dict "root" $ "group" $group).
 - {{ $v.server.maxWaiting | quote }}
 - --max-body-bytes
 - {{ $v.server.maxBodyBytes | int64 | quote }}
+- --device
+- {{ .device }}
 {{- range .group.models }}
 - --model
 - {{ printf "%s=%s" .name (include "kiln.planPath" (dict "root" $.root "model" .)) }}

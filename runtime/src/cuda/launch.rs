@@ -6,7 +6,7 @@ use super::device::{Arg, CudaLoadError, Device, Launch};
 use cudarc::driver::CudaFunction;
 use kiln_ir::cpu_abi::{op_matmuls, ActFormat, Epilogue};
 use kiln_ir::cuda_abi::{
-    op_kernels, NodeShapes, ATTENTION_WARPS, MATMUL_TOKENS, MATMUL_WARPS, ROW_THREADS,
+    op_kernels, NodeShapes, ATTENTION_THREADS, MATMUL_TOKENS, MATMUL_WARPS, ROW_THREADS,
 };
 use kiln_ir::schedule::Slot;
 use kiln_ir::Op;
@@ -591,7 +591,7 @@ fn attention_launches<'k>(
     out.push(Launch {
         kernel: kernels.1,
         grid: (tokens as u32, heads as u32),
-        block: ATTENTION_WARPS * 32,
+        block: ATTENTION_THREADS,
         args: vec![
             Arg::Ptr(q),
             Arg::U64(q_stride as u64),
