@@ -168,6 +168,12 @@ fn a_plan_for_cpu_and_cuda_runs_on_the_cpu_when_no_gpu_is_usable() {
     );
     let (cpu_only, _) = run_json(&cpu, &[]);
     assert_eq!(auto["ids"], cpu_only["ids"]);
+    // `kiln serve` likewise: it serves, and says why once.
+    let server = common::Server::start(&[], both.to_str().unwrap(), &[], &[]);
+    let health = common::http_get(&format!("http://{}/health", server.address));
+    assert!(health.contains("ok"), "{health}");
+    let log = server.log.lock().unwrap().join("\n");
+    assert_eq!(log.matches("cannot run on the GPU").count(), 1, "{log}");
 }
 
 #[test]
@@ -180,36 +186,32 @@ fn a_cuda_only_plan_without_a_gpu_gets_one_error_that_says_how_to_compile_for_cp
         return;
     };
     for device in ["auto", "cpu"] {
-        let out = common::kiln(&[
-            "run",
-            plan.to_str().unwrap(),
-            "-p",
-            "hi",
-            "--device",
-            device,
-        ]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{device}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{device}: {stderr}");
+        let stderr = run_error(&plan, device);
         assert!(stderr.contains("--target"), "{device}: {stderr}");
-        assert!(!stderr.contains("panicked"), "{device}: {stderr}");
     }
     // Asked for the GPU by name, the error is why there is none.
-    let out = common::kiln(&[
-        "run",
-        plan.to_str().unwrap(),
-        "-p",
-        "hi",
-        "--device",
-        "cuda",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let stderr = run_error(&plan, "cuda");
     assert!(
         stderr.contains("cannot run on cuda:0: no CUDA driver"),
         "{stderr}"
     );
+}
+
+/// `kiln run MODEL --device DEVICE`, expected to fail with one line; returns it.
+fn run_error(model: &Path, device: &str) -> String {
+    let out = common::kiln(&[
+        "run",
+        model.to_str().unwrap(),
+        "-p",
+        "hi",
+        "--device",
+        device,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{device}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{device}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{device}: {stderr}");
+    stderr
 }
 
 #[test]
@@ -217,16 +219,7 @@ fn device_cuda_refuses_a_gguf_with_a_hint() {
     let Some(gguf) = common::model("smollm2") else {
         return;
     };
-    let out = common::kiln(&[
-        "run",
-        gguf.to_str().unwrap(),
-        "-p",
-        "hi",
-        "--device",
-        "cuda",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = run_error(&gguf, "cuda");
     assert!(stderr.contains("--target cpu,cuda"), "{stderr}");
 }
 

@@ -16,21 +16,7 @@ use kiln_ir::{Activation, QuantFormat, RopeParams, RopeStyle};
 use kiln_runtime::cuda::device::{Arg, Buffer, Device, Launch};
 use kiln_runtime::reference::kernels as reference;
 use rand::{Rng, SeedableRng};
-use weights::{random_weight, reference as matmul_reference};
-
-const FORMATS: [QuantFormat; 11] = [
-    QuantFormat::Q4_0,
-    QuantFormat::Q4_1,
-    QuantFormat::Q5_0,
-    QuantFormat::Q5_1,
-    QuantFormat::Q8_0,
-    QuantFormat::Q4_K,
-    QuantFormat::Q5_K,
-    QuantFormat::Q6_K,
-    QuantFormat::F32,
-    QuantFormat::F16,
-    QuantFormat::BF16,
-];
+use weights::{random_weight, reference as matmul_reference, FORMATS};
 
 /// Compiles `kernels` and opens GPU 0 with them.
 fn device(kernels: &[CudaKernel]) -> Device {

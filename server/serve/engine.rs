@@ -59,15 +59,23 @@ pub fn spawn(
     engine_args: EngineArgs,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
-    // Fail at start-up, not on the first request, if the executor cannot be built.
-    drop(model.executor(ctx, &engine_args)?);
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    // The executor is built once, on the engine thread (it owns it; a GPU executor is not `Send`), and start-up
+    // waits for the outcome so that a model that cannot run fails `kiln serve`, not its first request.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
     std::thread::Builder::new()
         .name("kiln-engine".into())
         .spawn(move || {
-            let mut engine = model
-                .executor(ctx, &engine_args)
-                .expect("built once already");
+            let mut engine = match model.executor(ctx, &engine_args) {
+                Ok(engine) => {
+                    let _ = ready_tx.send(Ok(()));
+                    engine
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("{e:#}")));
+                    return;
+                }
+            };
             for job in rx {
                 metrics.waiting.dec();
                 metrics.running.inc();
@@ -80,7 +88,11 @@ pub fn spawn(
                 metrics.kv_cache_usage.set(0.0);
             }
         })?;
-    Ok(tx)
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(tx),
+        Ok(Err(e)) => Err(anyhow::anyhow!(e)),
+        Err(_) => anyhow::bail!("the engine thread stopped while loading the model"),
+    }
 }
 
 fn token_logprob(tokenizer: &Tokenizer, id: u32, logits: &[f32], top: usize) -> TokenLogprob {

@@ -13,22 +13,7 @@ use rand::Rng;
 
 #[path = "weights.rs"]
 mod weights;
-pub use weights::{random_weight, reference};
-
-/// Every weight format the CPU code generator has matmuls for.
-pub const FORMATS: [QuantFormat; 11] = [
-    QuantFormat::Q4_0,
-    QuantFormat::Q4_1,
-    QuantFormat::Q5_0,
-    QuantFormat::Q5_1,
-    QuantFormat::Q8_0,
-    QuantFormat::Q4_K,
-    QuantFormat::Q5_K,
-    QuantFormat::Q6_K,
-    QuantFormat::F32,
-    QuantFormat::F16,
-    QuantFormat::BF16,
-];
+pub use weights::{random_weight, reference, FORMATS};
 
 /// One function compiled and mapped.
 pub struct Loaded {

@@ -9,6 +9,21 @@ use kiln_ir::weights::WeightView;
 use kiln_ir::QuantFormat;
 use rand::Rng;
 
+/// Every weight format the code generators have matmuls for.
+pub const FORMATS: [QuantFormat; 11] = [
+    QuantFormat::Q4_0,
+    QuantFormat::Q4_1,
+    QuantFormat::Q5_0,
+    QuantFormat::Q5_1,
+    QuantFormat::Q8_0,
+    QuantFormat::Q4_K,
+    QuantFormat::Q5_K,
+    QuantFormat::Q6_K,
+    QuantFormat::F32,
+    QuantFormat::F16,
+    QuantFormat::BF16,
+];
+
 /// Random GGUF bytes for `rows` rows of `k` values: random codes, scales and minimums small and positive-ish.
 pub fn random_weight(rng: &mut impl Rng, format: QuantFormat, rows: usize, k: usize) -> Vec<u8> {
     let blocks = rows * k / format.block_elems();
