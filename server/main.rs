@@ -46,6 +46,8 @@ enum Command {
     Perplexity(commands::perplexity::PerplexityArgs),
     /// Measure prefill and decode speed, time to first token and peak memory.
     Bench(commands::bench::BenchArgs),
+    /// Re-quantize a GGUF model's weight matrices to another format (q8_0, q4_0, tq1_0, tq2_0, ...).
+    Quantize(commands::quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => commands::chat::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Quantize(args) => commands::quantize::run(args),
         Command::Serve(args) => serve::run(args, matches!(cli.log_format, LogFormat::Json)),
     };
     match result {

@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod lower;
 pub mod passes;
 pub mod plan_writer;
+pub mod quantize;
 
 pub use gguf::{GgufError, GgufFile};
 pub use lower::{lower, LowerError, Lowered};

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod model;
 pub mod op;
 pub mod plan;
+pub mod quantize;
 pub mod schedule;
 pub mod text;
 pub mod types;

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod compile;
 pub mod inspect;
 pub mod perplexity;
+pub mod quantize;
 pub mod run;
 pub mod sampling;
 pub mod tokenize;

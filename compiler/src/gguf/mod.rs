@@ -1,4 +1,5 @@
-//! GGUF reader: header, metadata, tensor infos; tensor data stays in the memory map and is never copied.
+//! GGUF reader: header, metadata, tensor infos; tensor data stays in the memory map and is never copied. And the
+//! writer that makes GGUF files (`kiln quantize`, test models).
 //!
 //! Every malformed input is a `GgufError` naming the field and byte offset. Lengths and counts are checked
 //! against the bytes that remain before anything is allocated, so no input can make the reader allocate
@@ -6,8 +7,10 @@
 
 mod reader;
 mod value;
+pub mod writer;
 
 pub use value::{MetaValue, ValueType};
+pub use writer::{write_gguf, GgufWriteError, TensorSpec};
 
 use kiln_ir::layout::Layout;
 use kiln_ir::weights::{WeightSource, WeightView};

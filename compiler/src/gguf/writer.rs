@@ -1,0 +1,278 @@
+//! GGUF writer (version 3): what `kiln quantize` and the synthetic test models use. It writes exactly what the
+//! reader reads: the header, metadata in the given order, tensor infos, then each tensor's data at the
+//! alignment (`general.alignment`, default 32).
+
+use super::{MetaValue, ValueType};
+use kiln_ir::QuantFormat;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufWriteError {
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("tensor `{name}` has {len} bytes of data, but {format} {shape:?} takes {expected}")]
+    Size {
+        name: String,
+        format: QuantFormat,
+        shape: Vec<usize>,
+        len: usize,
+        expected: usize,
+    },
+    #[error("tensor `{name}`: {reason}")]
+    Tensor { name: String, reason: String },
+}
+
+/// One tensor to write: its name, format and row-major shape (`[rows, cols]` for a matrix).
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub format: QuantFormat,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Bytes of its data, when the shape is whole blocks.
+    pub fn bytes(&self) -> Option<usize> {
+        let elems = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        self.format.row_bytes(elems)
+    }
+}
+
+const DEFAULT_ALIGNMENT: usize = 32;
+
+/// Writes a GGUF file at `path`: `metadata` in order, then `tensors`, whose data `data(i)` returns one at a time
+/// (so a whole model never sits in memory). The file appears only when complete: it is written beside `path`
+/// and renamed.
+pub fn write_gguf(
+    path: &Path,
+    metadata: &[(String, MetaValue)],
+    tensors: &[TensorSpec],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>, GgufWriteError>,
+) -> Result<u64, GgufWriteError> {
+    let alignment = metadata
+        .iter()
+        .find(|(k, _)| k == "general.alignment")
+        .and_then(|(_, v)| v.as_u64())
+        .map_or(DEFAULT_ALIGNMENT, |a| a as usize);
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let size = t.bytes().ok_or_else(|| GgufWriteError::Tensor {
+            name: t.name.clone(),
+            reason: format!("{:?} is not whole {} blocks", t.shape, t.format),
+        })?;
+        sizes.push(size);
+    }
+    let tmp = path.with_extension("gguf.tmp");
+    let io = |source| GgufWriteError::Io {
+        path: tmp.display().to_string(),
+        source,
+    };
+    let result = (|| {
+        let mut out = Counted::new(BufWriter::with_capacity(
+            1 << 20,
+            File::create(&tmp).map_err(io)?,
+        ));
+        out.put(b"GGUF").map_err(io)?;
+        out.put(&3u32.to_le_bytes()).map_err(io)?;
+        out.put(&(tensors.len() as u64).to_le_bytes()).map_err(io)?;
+        out.put(&(metadata.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        for (key, value) in metadata {
+            put_string(&mut out, key).map_err(io)?;
+            out.put(&(value_type(value) as u32).to_le_bytes())
+                .map_err(io)?;
+            put_value(&mut out, value).map_err(io)?;
+        }
+        let mut offset = 0usize;
+        for (t, &size) in tensors.iter().zip(&sizes) {
+            put_string(&mut out, &t.name).map_err(io)?;
+            out.put(&(t.shape.len() as u32).to_le_bytes()).map_err(io)?;
+            // GGUF lists dims innermost first.
+            for &d in t.shape.iter().rev() {
+                out.put(&(d as u64).to_le_bytes()).map_err(io)?;
+            }
+            out.put(&t.format.info().gguf_id.to_le_bytes())
+                .map_err(io)?;
+            out.put(&(offset as u64).to_le_bytes()).map_err(io)?;
+            offset = (offset + size).div_ceil(alignment) * alignment;
+        }
+        out.pad(alignment).map_err(io)?;
+        for (i, (t, &size)) in tensors.iter().zip(&sizes).enumerate() {
+            let bytes = data(i)?;
+            if bytes.len() != size {
+                return Err(GgufWriteError::Size {
+                    name: t.name.clone(),
+                    format: t.format,
+                    shape: t.shape.clone(),
+                    len: bytes.len(),
+                    expected: size,
+                });
+            }
+            out.put(&bytes).map_err(io)?;
+            out.pad(alignment).map_err(io)?;
+        }
+        let written = out.written;
+        let file = out.inner.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(written as u64)
+    })();
+    match result {
+        Ok(n) => {
+            std::fs::rename(&tmp, path).map_err(|source| GgufWriteError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A writer that counts bytes, for alignment padding.
+struct Counted<W> {
+    inner: W,
+    written: usize,
+}
+
+impl<W: Write> Counted<W> {
+    fn new(inner: W) -> Self {
+        Counted { inner, written: 0 }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.written += bytes.len();
+        self.inner.write_all(bytes)
+    }
+
+    fn pad(&mut self, alignment: usize) -> std::io::Result<()> {
+        let aligned = self.written.div_ceil(alignment) * alignment;
+        self.put(&vec![0u8; aligned - self.written])
+    }
+}
+
+fn put_string<W: Write>(out: &mut Counted<W>, s: &str) -> std::io::Result<()> {
+    out.put(&(s.len() as u64).to_le_bytes())?;
+    out.put(s.as_bytes())
+}
+
+fn value_type(value: &MetaValue) -> ValueType {
+    match value {
+        MetaValue::U8(_) => ValueType::U8,
+        MetaValue::I8(_) => ValueType::I8,
+        MetaValue::U16(_) => ValueType::U16,
+        MetaValue::I16(_) => ValueType::I16,
+        MetaValue::U32(_) => ValueType::U32,
+        MetaValue::I32(_) => ValueType::I32,
+        MetaValue::F32(_) => ValueType::F32,
+        MetaValue::Bool(_) => ValueType::Bool,
+        MetaValue::String(_) => ValueType::String,
+        MetaValue::Array(..) => ValueType::Array,
+        MetaValue::U64(_) => ValueType::U64,
+        MetaValue::I64(_) => ValueType::I64,
+        MetaValue::F64(_) => ValueType::F64,
+    }
+}
+
+fn put_value<W: Write>(out: &mut Counted<W>, value: &MetaValue) -> std::io::Result<()> {
+    match value {
+        MetaValue::U8(v) => out.put(&[*v]),
+        MetaValue::I8(v) => out.put(&v.to_le_bytes()),
+        MetaValue::U16(v) => out.put(&v.to_le_bytes()),
+        MetaValue::I16(v) => out.put(&v.to_le_bytes()),
+        MetaValue::U32(v) => out.put(&v.to_le_bytes()),
+        MetaValue::I32(v) => out.put(&v.to_le_bytes()),
+        MetaValue::F32(v) => out.put(&v.to_le_bytes()),
+        MetaValue::Bool(v) => out.put(&[*v as u8]),
+        MetaValue::String(s) => put_string(out, s),
+        MetaValue::Array(elem, items) => {
+            out.put(&(*elem as u32).to_le_bytes())?;
+            out.put(&(items.len() as u64).to_le_bytes())?;
+            items.iter().try_for_each(|item| put_value(out, item))
+        }
+        MetaValue::U64(v) => out.put(&v.to_le_bytes()),
+        MetaValue::I64(v) => out.put(&v.to_le_bytes()),
+        MetaValue::F64(v) => out.put(&v.to_le_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GgufFile;
+
+    #[test]
+    fn what_the_writer_writes_the_reader_reads() {
+        let path = std::env::temp_dir().join(format!("kiln-writer-{}.gguf", std::process::id()));
+        let metadata = vec![
+            (
+                "general.architecture".to_string(),
+                MetaValue::String("llama".into()),
+            ),
+            ("general.alignment".to_string(), MetaValue::U32(64)),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                MetaValue::Array(
+                    ValueType::String,
+                    vec![MetaValue::String("a".into()), MetaValue::String("b".into())],
+                ),
+            ),
+            ("x.f".to_string(), MetaValue::F64(0.5)),
+        ];
+        let tensors = vec![
+            TensorSpec {
+                name: "w".into(),
+                format: QuantFormat::Q8_0,
+                shape: vec![3, 64],
+            },
+            TensorSpec {
+                name: "g".into(),
+                format: QuantFormat::F32,
+                shape: vec![5],
+            },
+        ];
+        let datas: Vec<Vec<u8>> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (0..t.bytes().unwrap()).map(|b| (b * 7 + i) as u8).collect())
+            .collect();
+        write_gguf(&path, &metadata, &tensors, |i| Ok(datas[i].clone())).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.metadata(), &metadata[..]);
+        assert_eq!(file.alignment, 64);
+        for (t, data) in tensors.iter().zip(&datas) {
+            let info = file.tensor(&t.name).unwrap();
+            assert_eq!((info.format, &info.shape), (t.format, &t.shape));
+            assert_eq!(file.tensor_data(info), &data[..]);
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_tensor_of_the_wrong_size_is_an_error_and_leaves_no_file() {
+        let path =
+            std::env::temp_dir().join(format!("kiln-writer-bad-{}.gguf", std::process::id()));
+        let tensors = vec![TensorSpec {
+            name: "w".into(),
+            format: QuantFormat::Q8_0,
+            shape: vec![1, 32],
+        }];
+        let err = write_gguf(&path, &[], &tensors, |_| Ok(vec![0u8; 5])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("has 5 bytes of data, but q8_0 [1, 32] takes 34"),
+            "{err}"
+        );
+        assert!(!path.exists() && !path.with_extension("gguf.tmp").exists());
+    }
+}
