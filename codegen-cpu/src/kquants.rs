@@ -1,7 +1,8 @@
-//! The k-quants (Q4_K, Q5_K, Q6_K): super-blocks of 256 values with per-sub-block integer scales, against Q8_K
-//! activations. As in ggml, every product stays in integers until the block's two float scales:
-//! `dot = d * dx * sum_j(sc_j * sum(code * qx)) - dmin * dx * sum_j(mn_j * sum(qx))` (Q4_K, Q5_K) and
-//! `dot = d * dx * sum_g(sc_g * (sum(code * qx) - 32 * sum(qx)))` (Q6_K), with `sum(qx)` taken from the
+//! The k-quants (Q4_K, Q5_K, Q6_K) and the ternary TQ2_0: super-blocks of 256 values against Q8_K activations.
+//! As in ggml, every product stays in integers until the block's float scales:
+//! `dot = d * dx * sum_j(sc_j * sum(code * qx)) - dmin * dx * sum_j(mn_j * sum(qx))` (Q4_K, Q5_K),
+//! `dot = d * dx * sum_g(sc_g * (sum(code * qx) - 32 * sum(qx)))` (Q6_K) and
+//! `dot = d * dx * (sum(code * qx) - sum(qx))` (TQ2_0, codes 0..2 for -1..1), with `sum(qx)` taken from the
 //! activations' stored group sums.
 //!
 //! A block's codes are 16 vectors: too many to hold in registers for four interleaved rows, so `unpack` hands
@@ -70,7 +71,7 @@ fn add_scaled(kb: &mut Kb, acc: RowAcc, ints: Value, scale: Value) {
     kb.b.def_var(acc.v, v);
 }
 
-/// Q4_K, Q5_K or Q6_K against Q8_K activations.
+/// Q4_K, Q5_K, Q6_K or TQ2_0 against Q8_K activations.
 pub struct KQuant {
     format: QuantFormat,
     block_bytes: usize,
@@ -112,6 +113,7 @@ impl BlockDot for KQuant {
         let (w, x, dx) = (w[0], x[0], x[1]);
         match self.format {
             QuantFormat::Q6_K => Q6K.accumulate(kb, w, x, dx, acc),
+            QuantFormat::TQ2_0 => Tq2.accumulate(kb, w, x, dx, acc),
             format => ScaleMinK::of(format).accumulate(kb, w, x, dx, acc),
         }
     }
@@ -305,6 +307,39 @@ impl Q6K {
         let offset = kb.b.ins().iadd(a, b);
         let offset = kb.b.ins().ishl_imm_s(offset, 5);
         let sum = kb.b.ins().isub(sum.expect("16 groups"), offset);
+        let d = kb.load(F32, w, 0);
+        let ddx = kb.b.ins().fmul(d, dx);
+        add_scaled(kb, acc, sum, ddx);
+    }
+}
+
+/// TQ2_0: ternary digits as 2-bit codes (0, 1, 2 for -1, 0, +1), each 128-value half of the block reading its
+/// 32 bytes four times at shifts 0, 2, 4, 6; one scale. Stored: `[d f32][qs 64]`. The codes meet the activations
+/// in `vpdpbusd`; the offset of 1 is the activations' total, from their group sums in two `pmaddwd`.
+struct Tq2;
+
+impl Tq2 {
+    const QS_AT: usize = 4;
+
+    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
+        let mut dot = kb.i32x4(0);
+        for half in 0..2 {
+            let bytes = [0, 16].map(|at| kb.load(I8X16, w, Self::QS_AT + 32 * half + at));
+            for n in 0..4 {
+                for (part, &b) in bytes.iter().enumerate() {
+                    let codes = shift_bytes(kb, b, -2 * n as i64, 0x03);
+                    let xq = act_codes(kb, x, 8 * half + 2 * n + part);
+                    dot = kb.dot_u8i8(dot, xq, codes);
+                }
+            }
+        }
+        let ones = kb.bytes16([1, 0].repeat(8).try_into().expect("16 bytes"));
+        let ones = kb.bitcast(I16X8, ones);
+        let sums = act_group_sums(kb, x);
+        let a = kb.dot_i16(sums[0], ones);
+        let b = kb.dot_i16(sums[1], ones);
+        let total = kb.b.ins().iadd(a, b);
+        let sum = kb.b.ins().isub(dot, total);
         let d = kb.load(F32, w, 0);
         let ddx = kb.b.ins().fmul(d, dx);
         add_scaled(kb, acc, sum, ddx);

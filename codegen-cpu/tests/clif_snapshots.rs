@@ -36,7 +36,12 @@ fn matmul_per_format() {
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
     }
     // The k-quants' blocks are 256 values: one row, to keep the snapshot readable.
-    for format in [QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K] {
+    for format in [
+        QuantFormat::Q4_K,
+        QuantFormat::Q5_K,
+        QuantFormat::Q6_K,
+        QuantFormat::TQ2_0,
+    ] {
         let f = CpuFunction::MatMul {
             format,
             layout: Layout {

@@ -17,7 +17,7 @@ pub fn supported(format: QuantFormat) -> bool {
     use QuantFormat::*;
     matches!(
         format,
-        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K
+        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K | TQ2_0
     )
 }
 
@@ -178,6 +178,16 @@ fn decode_body(f: &Fields) -> String {
                  c.q[i] = __vsub4(lo | hi, 0x20202020u);\n    }}\n    \
                  const float d = {d};\n    const i8* sc = (const i8*)(b + {scales}) + 8 * n + 2 * quarter;\n    \
                  c.scale[0] = d * (float)sc[0];\n    c.scale[1] = d * (float)sc[1];\n    c.minv = 0.0f;\n"
+            )
+        }
+        QuantFormat::TQ2_0 => {
+            let qs = f.byte(0);
+            format!(
+                "    // Ternary digits as 2-bit codes (0, 1, 2 for -1, 0, +1): half sub / 4 of the block reads its 32 bytes\n    \
+                 // at shift 2 * (sub % 4).\n    \
+                 const u8* q = b + {qs} + 32 * (sub >> 2);\n    const int shift = 2 * (sub & 3);\n    \
+                 for (int i = 0; i < 8; i++) c.q[i] = __vsub4(({ld}(q + 4 * i) >> shift) & 0x03030303u, 0x01010101u);\n    \
+                 c.scale[0] = c.scale[1] = {d};\n    c.minv = 0.0f;\n"
             )
         }
         other => unreachable!("no CUDA decoder for {other}"),

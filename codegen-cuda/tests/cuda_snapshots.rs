@@ -24,6 +24,7 @@ fn matmul_per_format() {
         QuantFormat::Q4_K,
         QuantFormat::Q5_K,
         QuantFormat::Q6_K,
+        QuantFormat::TQ2_0,
     ] {
         let kernel = CudaKernel::MatMul {
             format,
