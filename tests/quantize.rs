@@ -1,6 +1,6 @@
 //! `kiln quantize` on SmolLM2: the files it writes are checked with the `gguf` package (llama.cpp's Python
 //! reader, `tests/quantize_check.py`), and kiln runs them: Q8_0 keeps SmolLM2's answer, and the two ternary
-//! packings of the same digits give the same tokens.
+//! packings of the same digits give the same tokens, interpreted and compiled.
 
 mod common;
 
@@ -72,6 +72,21 @@ fn ternary_files_hold_absmean_digits_and_both_packings_run_alike() {
     // The same digits and scales in two packings: the same tokens (nonsense: ternarizing a model trained in
     // full precision breaks it, but the files are valid models).
     assert_eq!(greedy_ids(&tq2, 6), greedy_ids(&tq1, 6));
+    // Compiled, their matmuls run the generated TQ2_0 and TQ1_0 kernels, whose integer sums agree exactly.
+    let plans: Vec<PathBuf> = [&tq2, &tq1]
+        .iter()
+        .map(|gguf| {
+            let plan = gguf.with_extension("plan");
+            common::kiln_ok(&[
+                "compile",
+                gguf.to_str().unwrap(),
+                "-o",
+                plan.to_str().unwrap(),
+            ]);
+            plan
+        })
+        .collect();
+    assert_eq!(greedy_ids(&plans[0], 6), greedy_ids(&plans[1], 6));
 }
 
 #[test]

@@ -43,7 +43,7 @@ pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot
     let quant = |d: Box<dyn BlockDot>| layout.f32_scales.then_some(d);
     match format {
         F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => quant(Box::new(Block32::of(format))),
-        F::Q4_K | F::Q5_K | F::Q6_K | F::TQ2_0 => quant(Box::new(KQuant::of(format))),
+        F::Q4_K | F::Q5_K | F::Q6_K | F::TQ2_0 | F::TQ1_0 => quant(Box::new(KQuant::of(format))),
         F::F32 | F::F16 | F::BF16 if layout == Layout::GGUF => Some(Box::new(Float(format))),
         _ => None,
     }

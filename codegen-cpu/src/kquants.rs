@@ -2,8 +2,8 @@
 //! As in ggml, every product stays in integers until the block's float scales:
 //! `dot = d * dx * sum_j(sc_j * sum(code * qx)) - dmin * dx * sum_j(mn_j * sum(qx))` (Q4_K, Q5_K),
 //! `dot = d * dx * sum_g(sc_g * (sum(code * qx) - 32 * sum(qx)))` (Q6_K) and
-//! `dot = d * dx * (sum(code * qx) - sum(qx))` (TQ2_0, codes 0..2 for -1..1), with `sum(qx)` taken from the
-//! activations' stored group sums.
+//! `dot = d * dx * (sum(code * qx) - sum(qx))` (TQ2_0 and TQ1_0, codes 0..2 for -1..1), with `sum(qx)` taken
+//! from the activations' stored group sums.
 //!
 //! A block's codes are 16 vectors: too many to hold in registers for four interleaved rows, so `unpack` hands
 //! over the block's address and `accumulate` streams it sub-block by sub-block, each meeting its activation codes
@@ -12,7 +12,7 @@
 use crate::builder::Kb;
 use crate::formats::{BlockDot, RowAcc};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I64, I64X2, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Value};
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::layout::Layout;
@@ -71,7 +71,7 @@ fn add_scaled(kb: &mut Kb, acc: RowAcc, ints: Value, scale: Value) {
     kb.b.def_var(acc.v, v);
 }
 
-/// Q4_K, Q5_K, Q6_K or TQ2_0 against Q8_K activations.
+/// Q4_K, Q5_K, Q6_K, TQ2_0 or TQ1_0 against Q8_K activations.
 pub struct KQuant {
     format: QuantFormat,
     block_bytes: usize,
@@ -114,6 +114,7 @@ impl BlockDot for KQuant {
         match self.format {
             QuantFormat::Q6_K => Q6K.accumulate(kb, w, x, dx, acc),
             QuantFormat::TQ2_0 => Tq2.accumulate(kb, w, x, dx, acc),
+            QuantFormat::TQ1_0 => Tq1.accumulate(kb, w, x, dx, acc),
             format => ScaleMinK::of(format).accumulate(kb, w, x, dx, acc),
         }
     }
@@ -333,15 +334,85 @@ impl Tq2 {
                 }
             }
         }
-        let ones = kb.bytes16([1, 0].repeat(8).try_into().expect("16 bytes"));
-        let ones = kb.bitcast(I16X8, ones);
-        let sums = act_group_sums(kb, x);
-        let a = kb.dot_i16(sums[0], ones);
-        let b = kb.dot_i16(sums[1], ones);
-        let total = kb.b.ins().iadd(a, b);
-        let sum = kb.b.ins().isub(dot, total);
-        let d = kb.load(F32, w, 0);
-        let ddx = kb.b.ins().fmul(d, dx);
-        add_scaled(kb, acc, sum, ddx);
+        ternary_finish(kb, w, x, dx, dot, acc);
+    }
+}
+
+/// A ternary block's result: `d * dx * (dot - sum(qx))`, the total of the activation codes from their 16 group
+/// sums in two `pmaddwd`.
+fn ternary_finish(kb: &mut Kb, w: Value, x: Value, dx: Value, dot: Value, acc: RowAcc) {
+    let ones = i16x8(kb, [1; 8]);
+    let sums = act_group_sums(kb, x);
+    let a = kb.dot_i16(sums[0], ones);
+    let b = kb.dot_i16(sums[1], ones);
+    let total = kb.b.ins().iadd(a, b);
+    let sum = kb.b.ins().isub(dot, total);
+    let d = kb.load(F32, w, 0);
+    let ddx = kb.b.ins().fmul(d, dx);
+    add_scaled(kb, acc, sum, ddx);
+}
+
+/// An `i16x8` constant.
+fn i16x8(kb: &mut Kb, lanes: [i16; 8]) -> Value {
+    let bytes: Vec<u8> = lanes.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let v = kb.bytes16(bytes.try_into().expect("16 bytes"));
+    kb.bitcast(I16X8, v)
+}
+
+/// TQ1_0: five base-3 digits per byte stored as the fraction ceil(q * 256 / 243), so digit k of byte v is
+/// `((v * 3^k) mod 256) * 3 >> 8`: `qs` bytes 0..32 give elements `32 k + m`, bytes 32..48 elements
+/// `160 + 16 k + m`, and the four `qh` bytes four digits each for elements `240 + 4 k + j`. Stored:
+/// `[d f32][qs 48][qh 4]`. The digits are computed in 16-bit lanes (x86 has no byte multiply), then meet the
+/// activations in `vpdpbusd` as TQ2_0's codes do.
+struct Tq1;
+
+impl Tq1 {
+    const QS_AT: usize = 4;
+    const QH_AT: usize = 4 + 48;
+    const POW3: [i16; 5] = [1, 3, 9, 27, 81];
+
+    /// Digit k of each byte of `v`, where lane i's k is given by `mult` = 3^k per 16-bit lane (low half, high
+    /// half).
+    fn digits(kb: &mut Kb, v: Value, mult: [Value; 2]) -> Value {
+        let mask = i16x8(kb, [0xFF; 8]);
+        let three = i16x8(kb, [3; 8]);
+        let halves = [kb.b.ins().uwiden_low(v), kb.b.ins().uwiden_high(v)];
+        let mut out = [halves[0]; 2];
+        for (i, &h) in halves.iter().enumerate() {
+            let t = kb.b.ins().imul(h, mult[i]);
+            let t = kb.b.ins().band(t, mask);
+            let t = kb.b.ins().imul(t, three);
+            out[i] = kb.b.ins().ushr_imm_s(t, 8);
+        }
+        kb.b.ins().unarrow(out[0], out[1])
+    }
+
+    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
+        let mut dot = kb.i32x4(0);
+        // qs: (byte offset, act group of digit 0, groups per digit), one vector of 16 bytes each.
+        for (at, group0, per_digit) in [(0, 0, 2), (16, 1, 2), (32, 10, 1)] {
+            let v = kb.load(I8X16, w, Self::QS_AT + at);
+            for (k, &p) in Self::POW3.iter().enumerate() {
+                let mult = i16x8(kb, [p; 8]);
+                let codes = Self::digits(kb, v, [mult, mult]);
+                let xq = act_codes(kb, x, group0 + per_digit * k);
+                dot = kb.dot_u8i8(dot, xq, codes);
+            }
+        }
+        // qh: lane 4k + j takes digit k of byte j: the four bytes repeated, each lane multiplied by its 3^k.
+        let qh = kb.load(I32, w, Self::QH_AT);
+        let qh = kb.b.ins().scalar_to_vector(I32X4, qh);
+        let qh = kb.bitcast(I8X16, qh);
+        let index: [u8; 16] = std::array::from_fn(|i| (i % 4) as u8);
+        let index = kb.bytes16(index);
+        let qh = kb.pshufb(qh, index);
+        let mult = [
+            i16x8(kb, [1, 1, 1, 1, 3, 3, 3, 3]),
+            i16x8(kb, [9, 9, 9, 9, 27, 27, 27, 27]),
+        ];
+        let codes = Self::digits(kb, qh, mult);
+        let xq = act_codes(kb, x, 15);
+        dot = kb.dot_u8i8(dot, xq, codes);
+        ternary_finish(kb, w, x, dx, dot, acc);
     }
 }

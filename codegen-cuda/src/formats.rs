@@ -17,7 +17,7 @@ pub fn supported(format: QuantFormat) -> bool {
     use QuantFormat::*;
     matches!(
         format,
-        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K | TQ2_0
+        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K | TQ2_0 | TQ1_0
     )
 }
 
@@ -187,6 +187,23 @@ fn decode_body(f: &Fields) -> String {
                  // at shift 2 * (sub % 4).\n    \
                  const u8* q = b + {qs} + 32 * (sub >> 2);\n    const int shift = 2 * (sub & 3);\n    \
                  for (int i = 0; i < 8; i++) c.q[i] = __vsub4(({ld}(q + 4 * i) >> shift) & 0x03030303u, 0x01010101u);\n    \
+                 c.scale[0] = c.scale[1] = {d};\n    c.minv = 0.0f;\n"
+            )
+        }
+        QuantFormat::TQ1_0 => {
+            let qs = f.byte(0);
+            format!(
+                "    // Five base-3 digits per byte as the fraction ceil(q * 256 / 243): digit k of byte v is\n    \
+                 // ((v * 3^k) mod 256) * 3 >> 8. Bytes 0..32 hold elements 32k + m, bytes 32..48 elements 160 + 16k + m,\n    \
+                 // bytes 48..52 (qh) elements 240 + 4k + j.\n    \
+                 const u8* q = b + {qs};\n    const u32 pow3[5] = {{1, 3, 9, 27, 81}};\n    \
+                 for (int i = 0; i < 8; i++) c.q[i] = 0;\n    for (int i = 0; i < 32; i++) {{\n        \
+                 const int e = 32 * sub + i;\n        int byte, k;\n        \
+                 if (e < 160) {{ k = e / 32; byte = e % 32; }}\n        \
+                 else if (e < 240) {{ k = (e - 160) / 16; byte = 32 + (e - 160) % 16; }}\n        \
+                 else {{ k = (e - 240) / 4; byte = 48 + (e - 240) % 4; }}\n        \
+                 const u32 digit = (((u32)q[byte] * pow3[k]) & 0xFFu) * 3 >> 8;\n        \
+                 c.q[i >> 2] |= ((digit - 1) & 0xFFu) << (8 * (i & 3));\n    }}\n    \
                  c.scale[0] = c.scale[1] = {d};\n    c.minv = 0.0f;\n"
             )
         }

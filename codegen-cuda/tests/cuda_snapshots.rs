@@ -25,6 +25,7 @@ fn matmul_per_format() {
         QuantFormat::Q5_K,
         QuantFormat::Q6_K,
         QuantFormat::TQ2_0,
+        QuantFormat::TQ1_0,
     ] {
         let kernel = CudaKernel::MatMul {
             format,

@@ -10,7 +10,7 @@ use kiln_ir::QuantFormat;
 use rand::Rng;
 
 /// Every weight format the code generators have matmuls for.
-pub const FORMATS: [QuantFormat; 12] = [
+pub const FORMATS: [QuantFormat; 13] = [
     QuantFormat::Q4_0,
     QuantFormat::Q4_1,
     QuantFormat::Q5_0,
@@ -20,6 +20,7 @@ pub const FORMATS: [QuantFormat; 12] = [
     QuantFormat::Q5_K,
     QuantFormat::Q6_K,
     QuantFormat::TQ2_0,
+    QuantFormat::TQ1_0,
     QuantFormat::F32,
     QuantFormat::F16,
     QuantFormat::BF16,
