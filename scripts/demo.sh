@@ -16,7 +16,8 @@ log=$(mktemp)
 target/release/kiln serve "$plan" --port 0 --model-name smollm2 2>"$log" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -f "$log"' EXIT
-for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
+# It listens at once and answers 503 until the model is loaded; wait for both.
+for _ in $(seq 300); do grep -q "ready" "$log" && break; sleep 0.1; done
 address=$(sed -n 's/^kiln serve: listening on //p' "$log")
 [ -n "$address" ] || { cat "$log" >&2; exit 1; }
 

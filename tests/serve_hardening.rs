@@ -321,3 +321,94 @@ fn several_models_are_routed_by_name_and_alias() {
         "model_not_found",
     );
 }
+
+/// Starts `kiln serve` without waiting for it; returns the child and its stderr lines as they come.
+fn spawn_serve(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("serve")
+        .args(args)
+        .args(["--port", "0", "--metrics-port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// One raw HTTP/1.0 exchange: (status, body).
+fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+#[test]
+fn health_is_503_while_the_models_load_and_a_failed_load_stops_the_server() {
+    // Qwen2.5's plan (half a gigabyte, checksummed at load) takes long enough to load to be caught loading.
+    let Some(gguf) = model("qwen2") else {
+        return;
+    };
+    let plan = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen-serve.plan");
+    common::kiln_ok(&[
+        "compile",
+        gguf.to_str().unwrap(),
+        "-o",
+        plan.to_str().unwrap(),
+    ]);
+    let (mut child, lines) = spawn_serve(&[plan.to_str().unwrap()]);
+    let wait = |what: &str| loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("kiln serve never said {what:?}"));
+        if line.contains(what) {
+            break line;
+        }
+    };
+    let line = wait("listening on");
+    let address = line.split("http://").nth(1).unwrap().trim().to_string();
+    let (status, body) = http(&address, "GET", "/health", "");
+    assert_eq!((status, body.as_str()), (503, r#"{"status":"loading"}"#));
+    let (status, body) = http(&address, "POST", "/v1/completions", r#"{"prompt": "hi"}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("model_loading"), "{body}");
+    wait("ready");
+    for path in ["/health", "/ready"] {
+        assert_eq!(
+            http(&address, "GET", path, ""),
+            (200, r#"{"status":"ok"}"#.to_string())
+        );
+    }
+    let _ = child.kill();
+
+    // A plan that cannot load ends the server with that error, after it started listening.
+    let missing = std::env::temp_dir().join("kiln-no-such.plan");
+    let (mut child, lines) = spawn_serve(&[missing.to_str().unwrap()]);
+    let status = child.wait().unwrap();
+    let stderr: Vec<String> = lines.iter().collect();
+    assert!(!status.success());
+    let last = stderr.last().unwrap();
+    assert!(
+        last.starts_with("error: ") && last.contains("kiln-no-such.plan"),
+        "{stderr:?}"
+    );
+}

@@ -151,6 +151,16 @@ impl ApiError {
         )
     }
 
+    /// 503 while the models load.
+    pub fn loading() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_loading",
+            None,
+            "The server is still loading its models; retry shortly (GET /ready answers 200 once they are in)",
+        )
+    }
+
     pub fn no_route(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

@@ -17,12 +17,20 @@ use serde_json::{json, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-pub async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// `/health` and `/ready`: 200 once the models are loaded, 503 while they load.
+pub async fn health(State(s): State<Shared>) -> Response {
+    match s.registry() {
+        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "loading" })),
+        )
+            .into_response(),
+    }
 }
 
-pub async fn models(State(s): State<Shared>) -> Json<Value> {
-    Json(s.registry.listing())
+pub async fn models(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.registry()?.listing()))
 }
 
 fn now() -> u64 {
@@ -363,7 +371,7 @@ pub async fn completions(
             ))
         }
     };
-    let m = s.registry.resolve(req.sampling.model.as_deref())?;
+    let m = s.registry()?.resolve(req.sampling.model.as_deref())?;
     let ids = m.model.tokenizer.encode(&prompt, true);
     let q = start(&s, m, "cmpl", ids, req.sampling)?;
     let (id, created, name, want_logprobs) = (q.id, now(), m.name.clone(), q.logprobs);
@@ -395,7 +403,7 @@ pub async fn chat_completions(
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = parse(body)?;
-    let m = s.registry.resolve(req.sampling.model.as_deref())?;
+    let m = s.registry()?.resolve(req.sampling.model.as_deref())?;
     let template = m.template.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "messages",
@@ -457,7 +465,7 @@ pub async fn tokenize(
     body: Result<Json<TokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req = parse(body)?;
-    let m = s.registry.resolve(req.model.as_deref())?;
+    let m = s.registry()?.resolve(req.model.as_deref())?;
     let tokens = m
         .model
         .tokenizer
@@ -472,7 +480,7 @@ pub async fn detokenize(
     body: Result<Json<DetokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req = parse(body)?;
-    let m = s.registry.resolve(req.model.as_deref())?;
+    let m = s.registry()?.resolve(req.model.as_deref())?;
     let text = m
         .model
         .tokenizer

@@ -58,10 +58,18 @@ pub struct ServeArgs {
 }
 
 pub struct AppState {
-    registry: Registry,
+    /// Set once every model is loaded; until then `/health` and `/ready` answer 503 and requests are refused.
+    registry: std::sync::OnceLock<Registry>,
     metrics: Arc<Metrics>,
     max_waiting: i64,
     api_keys: Vec<String>,
+}
+
+impl AppState {
+    /// The models, or 503 while they load.
+    fn registry(&self) -> Result<&Registry, ApiError> {
+        self.registry.get().ok_or_else(ApiError::loading)
+    }
 }
 
 type Shared = Arc<AppState>;
@@ -76,7 +84,9 @@ fn pair(flag: &str, text: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
-/// Serves until SIGTERM or Ctrl-C. With `json_logs`, the start-up announcements are JSON log events too.
+/// Listens at once, loads the models in the background (probes see 503 until they are in), then serves until
+/// SIGTERM or Ctrl-C. A model that fails to load stops the server with its error. With `json_logs`, the start-up
+/// announcements are JSON log events too.
 pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
     let announce = |what: &str, url: String| match json_logs {
         true => tracing::info!(url = %url, "{what}"),
@@ -100,11 +110,6 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
         .map(|a| pair("--alias", a))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let metrics = Arc::new(Metrics::new());
-    let paths: Vec<(String, &std::path::Path)> = models
-        .iter()
-        .map(|(n, p)| (n.clone(), p.as_path()))
-        .collect();
-    let registry = Registry::load(&paths, &aliases, args.ctx, &args.engine, &metrics)?;
     let api_keys = api_keys(args.api_key_file.as_deref())?;
     if !api_keys.is_empty() {
         tracing::info!(
@@ -113,14 +118,14 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
         );
     }
     let state = Arc::new(AppState {
-        registry,
+        registry: std::sync::OnceLock::new(),
         metrics: Arc::clone(&metrics),
         max_waiting: args.max_waiting,
         api_keys,
     });
     let metrics_app = Router::new()
         .route("/metrics", get(serve_metrics))
-        .with_state(metrics);
+        .with_state(Arc::clone(&metrics));
     let app = Router::new()
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::health))
@@ -135,7 +140,7 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
             require_api_key,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(args.max_body_bytes))
-        .with_state(state);
+        .with_state(Arc::clone(&state));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -158,11 +163,60 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
             format!("http://{}/metrics", metrics_listener.local_addr()?),
         );
         tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
+        let (ctx, engine) = (args.ctx, args.engine.clone());
+        let loading = tokio::task::spawn_blocking(move || {
+            let paths: Vec<(String, &std::path::Path)> = models
+                .iter()
+                .map(|(n, p)| (n.clone(), p.as_path()))
+                .collect();
+            let registry = Registry::load(&paths, &aliases, ctx, &engine, &metrics)?;
+            let count = registry.len();
+            let _ = state.registry.set(registry);
+            anyhow::Ok(count)
+        });
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        tokio::spawn(async move {
+            match loading.await {
+                Ok(Ok(count)) => announce_ready(json_logs, count),
+                Ok(Err(e)) => {
+                    let _ = failed_tx.send(e);
+                }
+                Err(e) => {
+                    let _ = failed_tx.send(anyhow::anyhow!("loading the models stopped: {e}"));
+                }
+            }
+        });
+        // The server stops on a signal, or when a model fails to load; then `run` returns that error.
+        let load_error = Arc::new(std::sync::Mutex::new(None));
+        let slot = Arc::clone(&load_error);
+        let load_failed = async move {
+            match failed_rx.await {
+                Ok(e) => e,
+                // Loaded: the sender is gone, and this never fires.
+                Err(_) => std::future::pending().await,
+            }
+        };
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    e = load_failed => *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+                }
+            })
             .await?;
-        Ok(())
+        let error = load_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     })
+}
+
+fn announce_ready(json_logs: bool, models: usize) {
+    match json_logs {
+        true => tracing::info!(models, "ready"),
+        false => eprintln!("kiln serve: ready ({models} models loaded)"),
+    }
 }
 
 /// API keys from `--api-key-file` and `KILN_API_KEYS`.

@@ -95,6 +95,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// How many models it serves.
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
     /// `models` are (name, path) pairs; `aliases` (alias, name) pairs.
     pub fn load(
         models: &[(String, &Path)],

@@ -108,7 +108,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `kiln [global] serve PLAN --port 0 --metrics-port 0 --model-name m [extra]` and waits until it listens.
+    /// Starts `kiln [global] serve PLAN --port 0 --metrics-port 0 --model-name m [extra]` and waits until it listens
+    /// and has loaded its models.
     pub fn start(global: &[&str], plan: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -146,15 +147,17 @@ impl Server {
                     .collect::<String>()
             })
         };
-        let (mut address, mut metrics_url) = (None, None);
-        while address.is_none() || metrics_url.is_none() {
+        let (mut address, mut metrics_url, mut ready) = (None, None, false);
+        while address.is_none() || metrics_url.is_none() || !ready {
             let line = rx
                 .recv_timeout(std::time::Duration::from_secs(60))
-                .expect("kiln serve announces its addresses");
+                .expect("kiln serve announces its addresses, then that its models are loaded");
             if line.contains("listening on") {
                 address = url_after(&line, "http://");
             } else if line.contains("metrics on") {
                 metrics_url = url_after(&line, "http://").map(|u| format!("http://{u}"));
+            } else if line.contains("ready") {
+                ready = true;
             }
         }
         Server {
