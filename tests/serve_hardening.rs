@@ -9,18 +9,17 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// One HTTP/1.1 request to the server; returns (status, head, body).
+/// One HTTP/1.1 request to the server at `address`; returns (status, head, body).
 fn request(
-    s: &Server,
+    address: &str,
     method: &str,
     path: &str,
     headers: &[&str],
     body: &[u8],
 ) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(&s.address).unwrap();
+    let mut stream = TcpStream::connect(address).unwrap();
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        s.address,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for h in headers {
@@ -44,7 +43,7 @@ fn request(
 
 fn post_json(s: &Server, path: &str, body: &str) -> (u16, String, String) {
     request(
-        s,
+        &s.address,
         "POST",
         path,
         &["Content-Type: application/json"],
@@ -132,7 +131,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     }
     assert_error(
         request(
-            &s,
+            &s.address,
             "POST",
             "/v1/completions",
             &["Content-Type: text/plain"],
@@ -176,18 +175,18 @@ fn api_keys_and_a_full_queue() {
         &[("KILN_API_KEYS", "sekrit, other")],
     );
     assert_eq!(
-        request(&s, "GET", "/health", &[], b"").0,
+        request(&s.address, "GET", "/health", &[], b"").0,
         200,
         "probes need no key"
     );
     assert_error(
-        request(&s, "GET", "/v1/models", &[], b""),
+        request(&s.address, "GET", "/v1/models", &[], b""),
         401,
         "invalid_api_key",
     );
     assert_error(
         request(
-            &s,
+            &s.address,
             "GET",
             "/v1/models",
             &["Authorization: Bearer wrong"],
@@ -198,7 +197,7 @@ fn api_keys_and_a_full_queue() {
     );
     assert_eq!(
         request(
-            &s,
+            &s.address,
             "GET",
             "/v1/models",
             &["Authorization: Bearer other"],
@@ -219,7 +218,7 @@ fn api_keys_and_a_full_queue() {
         let server = std::sync::Arc::clone(&server);
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(delay));
-            request(&server, "POST", "/v1/completions", &auth, long)
+            request(&server.address, "POST", "/v1/completions", &auth, long)
         })
     };
     let (a, b, c) = (spawn(0), spawn(300), spawn(600));
@@ -283,7 +282,7 @@ fn several_models_are_routed_by_name_and_alias() {
         ],
         &[],
     );
-    let (status, _, body) = request(&s, "GET", "/v1/models", &[], b"");
+    let (status, _, body) = request(&s.address, "GET", "/v1/models", &[], b"");
     assert_eq!(status, 200, "{body}");
     let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
     let ids: Vec<&str> = listed["data"]
@@ -342,24 +341,16 @@ fn spawn_serve(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver
     (child, rx)
 }
 
-/// One raw HTTP/1.0 exchange: (status, body).
+/// A request with a JSON body (or none): (status, body).
 fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
+    let (status, _, body) = request(
+        address,
+        method,
+        path,
+        &["Content-Type: application/json"],
+        body.as_bytes(),
+    );
+    (status, body)
 }
 
 #[test]
