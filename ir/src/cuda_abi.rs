@@ -103,9 +103,10 @@ pub enum CudaKernel {
     /// Grid: tokens.
     KvAppend { width: usize },
     /// Causal attention of each (token, head) over the cache up to the token's position (and within `window`
-    /// when it is positive), `group` query heads per KV head, keys scored in tiles of ATTENTION_TILE with an online
-    /// softmax across tiles; ATTENTION_THREADS threads per block. Params: `q: u64, q_stride: u64, k_cache: u64, v_cache: u64, positions: u64,
-    /// out: u64, kv_heads: i32, scale: f32, window: i32`. Grid: (tokens, heads).
+    /// when it is positive), `group` query heads per KV head: keys scored in tiles of ATTENTION_TILE with an
+    /// online softmax across tiles, ATTENTION_THREADS threads per block. Params: `q: u64, q_stride: u64,
+    /// k_cache: u64, v_cache: u64, positions: u64, out: u64, kv_heads: i32, scale: f32, window: i32`.
+    /// Grid: (tokens, heads).
     Attention { head_dim: usize, group: usize },
     /// Elementwise. Params: `a: u64, b: u64, out: u64, n: i32, b_len: i32, factor: f32`. Grid: n / ROW_THREADS.
     Elementwise { op: ElementOp },
