@@ -1,7 +1,7 @@
 //! The CPU executor's per-op cost outside the kernels: one fork-join of the persistent pool (wake the workers,
 //! run an empty job, wait for all), at 1 thread and at every core: `cargo bench -p kiln-runtime --bench pool`.
-//! A SmolLM2 decode step makes about 250 of them (152 launches, most with a quantize and a matmul phase), so
-//! this times what the step pays in synchronisation alone.
+//! A SmolLM2 decode step makes about 210 of them (every matmul call and every attention is one; a single token's
+//! activations are quantized on the calling thread), so this times what the step pays in synchronisation alone.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kiln_runtime::cpu::pool::Pool;
