@@ -389,3 +389,43 @@ fn perplexity_on_the_gpu_is_within_one_percent_of_the_cpu() {
         assert!((gpu / cpu - 1.0).abs() < 0.01, "{name}: {gpu} vs {cpu}");
     }
 }
+
+#[test]
+fn compile_errors_for_cuda_targets_are_one_clear_line() {
+    let Some(gguf) = common::model("smollm2") else {
+        return;
+    };
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("never.plan");
+    let compile = |targets: &str, env_clear: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args([
+            "compile",
+            gguf.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--target", targets]);
+        if env_clear {
+            cmd.env_remove("LD_LIBRARY_PATH");
+        }
+        let run = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        let last = stderr.lines().last().unwrap_or_default().to_string();
+        (run.status.success(), last)
+    };
+    let (ok, last) = compile("native,cpu", false);
+    assert!(!ok && last.contains("at most one"), "{last}");
+    // Without its library path NVRTC is not found (unless the system has it), and the error says how to get it.
+    let (ok, last) = compile("cuda", true);
+    if ok {
+        eprintln!(
+            "SKIPPED the missing-NVRTC check: this system finds NVRTC on its default library path"
+        );
+    } else {
+        assert!(
+            last.starts_with("error: ") && last.contains("pip install nvidia-cuda-nvrtc-cu12"),
+            "{last}"
+        );
+    }
+    assert!(!out.exists());
+}
