@@ -403,3 +403,30 @@ fn health_is_503_while_the_models_load_and_a_failed_load_stops_the_server() {
         "{stderr:?}"
     );
 }
+
+#[test]
+fn a_request_past_its_timeout_stops_with_finish_reason_length() {
+    let Some(plan) = plan() else { return };
+    let s = Server::start(&[], &plan, &["--request-timeout", "0.3"], &[]);
+    let (status, _, body) = post_json(
+        &s,
+        "/v1/completions",
+        r#"{"prompt": "1, 2, 3, 4,", "max_tokens": 3000, "temperature": 0}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{body}");
+    let tokens = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..3000).contains(&tokens), "{tokens} tokens");
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("request timed out"), "{log}");
+    drop(s);
+    // A negative timeout is refused at start-up, in one line.
+    let out = common::kiln(&["serve", &plan, "--request-timeout=-1", "--port", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--request-timeout takes seconds"),
+        "{stderr}"
+    );
+}

@@ -18,6 +18,8 @@ pub struct Job {
     /// The id the response carries; every log line about the request names it.
     pub id: String,
     pub arrived: Instant,
+    /// When `--request-timeout` runs out: generation stops at the first token after it.
+    pub deadline: Option<Instant>,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampler: SamplerConfig,
@@ -140,6 +142,7 @@ fn run(
                 .is_ok()
     };
     let (mut last_token, mut generated, mut hit_stop_string) = (None::<Instant>, 0, false);
+    let mut timed_out = false;
     let result = generate(
         engine,
         tokenizer,
@@ -168,9 +171,11 @@ fn run(
             let bytes = tokenizer.token_bytes(id).unwrap_or_default();
             let (text, stopped) = stop.push(&decoder.push(&bytes));
             hit_stop_string = stopped;
+            timed_out = job.deadline.is_some_and(|d| Instant::now() >= d);
             match (send(text, &mut pending), stopped) {
                 (false, _) => ControlFlow::Break(FinishReason::Cancelled),
                 (true, true) => ControlFlow::Break(FinishReason::Stop),
+                (true, false) if timed_out => ControlFlow::Break(FinishReason::Length),
                 (true, false) => ControlFlow::Continue(()),
             }
         },
@@ -195,6 +200,9 @@ fn run(
                 }
             }
             let e2e = job.arrived.elapsed();
+            if timed_out && generation.finish == FinishReason::Length {
+                tracing::warn!(request_id = %job.id, "request timed out (--request-timeout): generation stopped");
+            }
             metrics.e2e_latency.observe(e2e.as_secs_f64());
             metrics.finished(finish_reason(generation.finish));
             tracing::info!(

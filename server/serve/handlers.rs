@@ -177,9 +177,11 @@ fn start(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let id = request_id(kind);
     tracing::info!(request_id = %id, prompt_tokens = prompt.len(), max_tokens, stream = p.stream, "request queued");
+    let arrived = std::time::Instant::now();
     let job = Job {
         id: id.clone(),
-        arrived: std::time::Instant::now(),
+        arrived,
+        deadline: s.request_timeout.map(|t| arrived + t),
         prompt,
         max_tokens,
         sampler,

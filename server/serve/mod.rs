@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Requests allowed to wait for an engine; more get 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub max_waiting: i64,
+    /// Longest a request may take, queueing included, in seconds (0: no limit). Generation stops at the first
+    /// token after it, with finish_reason `length`.
+    #[arg(long, default_value_t = 300.0)]
+    pub request_timeout: f64,
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -62,6 +66,8 @@ pub struct AppState {
     registry: std::sync::OnceLock<Registry>,
     metrics: Arc<Metrics>,
     max_waiting: i64,
+    /// `--request-timeout`, when set.
+    request_timeout: Option<std::time::Duration>,
     api_keys: Vec<String>,
 }
 
@@ -121,6 +127,7 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
         registry: std::sync::OnceLock::new(),
         metrics: Arc::clone(&metrics),
         max_waiting: args.max_waiting,
+        request_timeout: request_timeout(args.request_timeout)?,
         api_keys,
     });
     let metrics_app = Router::new()
@@ -217,6 +224,15 @@ fn announce_ready(json_logs: bool, models: usize) {
         true => tracing::info!(models, "ready"),
         false => eprintln!("kiln serve: ready ({models} models loaded)"),
     }
+}
+
+/// `--request-timeout` as a duration (`None` for 0: no limit).
+fn request_timeout(seconds: f64) -> anyhow::Result<Option<std::time::Duration>> {
+    anyhow::ensure!(
+        seconds.is_finite() && seconds >= 0.0,
+        "--request-timeout takes seconds, 0 or more (0: no limit), got {seconds}"
+    );
+    Ok((seconds > 0.0).then(|| std::time::Duration::from_secs_f64(seconds)))
 }
 
 /// API keys from `--api-key-file` and `KILN_API_KEYS`.
