@@ -93,6 +93,8 @@ documents (a test compares them). Call with (dict "root" $ "group" $group).
 - {{ $v.server.maxWaiting | quote }}
 - --max-body-bytes
 - {{ $v.server.maxBodyBytes | int64 | quote }}
+- --request-timeout
+- {{ $v.server.requestTimeout | quote }}
 - --device
 - {{ .device }}
 {{- range .group.models }}
