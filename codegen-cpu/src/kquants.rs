@@ -377,13 +377,16 @@ impl Tq1 {
         let mask = i16x8(kb, [0xFF; 8]);
         let three = i16x8(kb, [3; 8]);
         let halves = [kb.b.ins().uwiden_low(v), kb.b.ins().uwiden_high(v)];
-        let mut out = [halves[0]; 2];
-        for (i, &h) in halves.iter().enumerate() {
-            let t = kb.b.ins().imul(h, mult[i]);
-            let t = kb.b.ins().band(t, mask);
-            let t = kb.b.ins().imul(t, three);
-            out[i] = kb.b.ins().ushr_imm_s(t, 8);
-        }
+        let out: Vec<Value> = halves
+            .into_iter()
+            .zip(mult)
+            .map(|(h, m)| {
+                let t = kb.b.ins().imul(h, m);
+                let t = kb.b.ins().band(t, mask);
+                let t = kb.b.ins().imul(t, three);
+                kb.b.ins().ushr_imm_s(t, 8)
+            })
+            .collect();
         kb.b.ins().unarrow(out[0], out[1])
     }
 

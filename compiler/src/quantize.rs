@@ -3,7 +3,7 @@
 //! (`kiln_ir::quantize`); everything else is copied as it is. The result is an ordinary GGUF file that llama.cpp
 //! reads too.
 
-use crate::gguf::{write_gguf, GgufWriteError, MetaValue, TensorInfo, TensorSpec};
+use crate::gguf::{write_gguf, GgufWriteError, MetaValue, TensorSpec};
 use crate::GgufFile;
 use kiln_ir::dequant::dequantize;
 use kiln_ir::QuantFormat;
@@ -87,7 +87,7 @@ pub fn quantize_model(
             None => metadata.push(("general.file_type".into(), MetaValue::U32(ftype))),
         }
     }
-    let infos: Vec<&TensorInfo> = gguf.tensors().iter().collect();
+    let infos = gguf.tensors();
     let actions: Vec<Action> = infos
         .iter()
         .map(|t| action(&t.name, &t.shape, t.format, target))
@@ -107,7 +107,7 @@ pub fn quantize_model(
         .collect();
     let total = infos.len();
     let bytes = write_gguf(out, &metadata, &specs, |i| {
-        let (info, action) = (infos[i], actions[i]);
+        let (info, action) = (&infos[i], actions[i]);
         let data = gguf.tensor_data(info);
         let bytes = match action {
             Action::Keep(_) => data.to_vec(),

@@ -196,8 +196,9 @@ impl NodeShapes {
 /// compiler generates exactly these, so the two cannot drift apart.
 pub fn op_kernels(op: &Op, shapes: &NodeShapes) -> Vec<CudaKernel> {
     let mut out = Vec::new();
-    if let Some(plan) = op_matmuls(op, &shapes.weights) {
-        for (operand, epilogue) in plan.calls {
+    let matmuls = op_matmuls(op, &shapes.weights);
+    if let Some(plan) = &matmuls {
+        for &(operand, epilogue) in &plan.calls {
             let Some(w) = shapes.weights.get(operand).copied().flatten() else {
                 continue;
             };
@@ -281,7 +282,7 @@ pub fn op_kernels(op: &Op, shapes: &NodeShapes) -> Vec<CudaKernel> {
         }
         Op::GatedFfn { act, .. } => {
             // Two separate matmuls when gate and up differ in format: the gate is applied after.
-            if op_matmuls(op, &shapes.weights).is_some_and(|p| p.calls.len() == 2) {
+            if matmuls.is_some_and(|p| p.calls.len() == 2) {
                 out.push(elementwise(match act {
                     crate::Activation::Silu => ElementOp::GateSilu,
                     crate::Activation::Gelu => ElementOp::GateGelu,

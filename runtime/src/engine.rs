@@ -68,12 +68,20 @@ impl Logits {
 
 pub trait Engine {
     /// Runs `tokens` at positions `start..start + tokens.len()` of the current sequence, after the tokens cached
-    /// at `0..start` (anything cached beyond `start` is discarded).
-    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError>;
-    /// Like `forward`, but only the last token's logits are wanted (what generation needs): an executor may skip
-    /// the LM head for the other rows.
+    /// at `0..start` (anything cached beyond `start` is discarded). With `last_only` only the last token's logits
+    /// are wanted (what generation needs): an executor may skip the LM head for the other rows and return that
+    /// one row.
+    fn step(&mut self, tokens: &[u32], start: usize, last_only: bool) -> Result<Logits, ExecError>;
+    /// Every token's logits.
+    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError> {
+        self.step(tokens, start, false)
+    }
+    /// The last token's logits.
     fn forward_last(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>, ExecError> {
-        Ok(self.forward(tokens, start)?.last().to_vec())
+        let mut logits = self.step(tokens, start, true)?;
+        let before_last = logits.data.len() - logits.vocab;
+        logits.data.drain(..before_last);
+        Ok(logits.data)
     }
     /// The most positions a sequence may use.
     fn max_context(&self) -> usize;

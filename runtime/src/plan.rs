@@ -253,7 +253,15 @@ impl PlanFile {
     /// Checks that this host can run the plan's CPU code.
     pub fn check_cpu_target(&self) -> Result<(), PlanError> {
         match self.meta.cpu_target() {
-            Some(target @ Target::Cpu { arch, features }) => check_target(target, arch, features),
+            Some(target @ Target::Cpu { arch, features }) => {
+                match host_cannot_run(arch, features) {
+                    Some(reason) => Err(PlanError::Target {
+                        target: target.clone(),
+                        reason,
+                    }),
+                    None => Ok(()),
+                }
+            }
             _ => Err(PlanError::NoCpuTarget {
                 targets: self
                     .meta
@@ -367,17 +375,11 @@ fn host_features() -> Vec<String> {
     }
 }
 
-/// Checks a CPU target's architecture and features against this host.
-fn check_target(target: &Target, arch: &str, features: &[String]) -> Result<(), PlanError> {
+/// Why this host cannot run CPU code for `arch` with `features`, if it cannot.
+fn host_cannot_run(arch: &str, features: &[String]) -> Option<String> {
     let host = std::env::consts::ARCH;
-    let refuse = |reason: String| {
-        Err(PlanError::Target {
-            target: target.clone(),
-            reason,
-        })
-    };
     if arch != host {
-        return refuse(format!("this host is {host}"));
+        return Some(format!("this host is {host}"));
     }
     let have = host_features();
     let missing: Vec<&str> = features
@@ -385,8 +387,5 @@ fn check_target(target: &Target, arch: &str, features: &[String]) -> Result<(), 
         .filter(|f| !have.contains(f))
         .map(String::as_str)
         .collect();
-    if !missing.is_empty() {
-        return refuse(format!("this CPU lacks {}", missing.join(", ")));
-    }
-    Ok(())
+    (!missing.is_empty()).then(|| format!("this CPU lacks {}", missing.join(", ")))
 }

@@ -141,12 +141,8 @@ impl<'p> CpuExecutor<'p> {
 }
 
 impl Engine for CpuExecutor<'_> {
-    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError> {
-        self.run(tokens, start, false)
-    }
-
-    fn forward_last(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>, ExecError> {
-        Ok(self.run(tokens, start, true)?.data)
+    fn step(&mut self, tokens: &[u32], start: usize, last_only: bool) -> Result<Logits, ExecError> {
+        self.run(tokens, start, last_only)
     }
 
     fn max_context(&self) -> usize {

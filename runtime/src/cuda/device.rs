@@ -35,6 +35,8 @@ pub enum CudaLoadError {
     },
     #[error("the plan's CUDA module lacks kernel `{0}` (recompile the plan with this kiln)")]
     MissingKernel(String),
+    #[error(transparent)]
+    Exec(#[from] crate::engine::ExecError),
 }
 
 /// Context for a driver call's error.

@@ -192,19 +192,8 @@ impl Step {
         let o = env.slot(&self.output);
         let rows = env.rows;
         let width = self.out_width();
-        let n_all = (rows * width) as i32;
-        let elementwise = |f: &'s CudaFunction, a: u64, b: u64, b_len: usize, factor: f32| Launch {
-            kernel: f,
-            grid: ((rows * width).div_ceil(ROW_THREADS as usize) as u32, 1),
-            block: ROW_THREADS,
-            args: vec![
-                Arg::Ptr(a),
-                Arg::Ptr(b),
-                Arg::Ptr(o),
-                Arg::I32(n_all),
-                Arg::I32(b_len as i32),
-                Arg::F32(factor),
-            ],
+        let elementwise = |f: &'s CudaFunction, a: u64, b: u64, b_len: usize, factor: f32| {
+            elementwise_launch(f, rows * width, [a, b, o], b_len, factor)
         };
         match &self.op {
             Op::Input { .. } => {}
@@ -479,19 +468,8 @@ impl Step {
             }
             Op::GatedFfn { .. } if self.calls.len() == 2 => {
                 let gate = finish.next().expect("op_kernels lists the gate");
-                out.push(Launch {
-                    kernel: gate,
-                    grid: ((rows * n_out).div_ceil(ROW_THREADS as usize) as u32, 1),
-                    block: ROW_THREADS,
-                    args: vec![
-                        Arg::Ptr(o),
-                        Arg::Ptr(env.temp),
-                        Arg::Ptr(o),
-                        Arg::I32((rows * n_out) as i32),
-                        Arg::I32((rows * n_out) as i32),
-                        Arg::F32(0.0),
-                    ],
-                });
+                let n = rows * n_out;
+                out.push(elementwise_launch(gate, n, [o, env.temp, o], n, 0.0));
             }
             Op::MatMulResidual {
                 post_norm: Some(eps),
@@ -509,6 +487,29 @@ impl Step {
             }
             _ => {}
         }
+    }
+}
+
+/// An `Elementwise` launch over `n` values: `out = op(a, b)`, `b` repeating every `b_len` values.
+fn elementwise_launch(
+    kernel: &CudaFunction,
+    n: usize,
+    [a, b, out]: [u64; 3],
+    b_len: usize,
+    factor: f32,
+) -> Launch<'_> {
+    Launch {
+        kernel,
+        grid: (n.div_ceil(ROW_THREADS as usize) as u32, 1),
+        block: ROW_THREADS,
+        args: vec![
+            Arg::Ptr(a),
+            Arg::Ptr(b),
+            Arg::Ptr(out),
+            Arg::I32(n as i32),
+            Arg::I32(b_len as i32),
+            Arg::F32(factor),
+        ],
     }
 }
 

@@ -67,10 +67,7 @@ impl CudaExecutor {
         let mut caches = Vec::new();
         let mut cache_ptrs: HashMap<usize, (u64, u64)> = HashMap::new();
         let mut steps = Vec::with_capacity(schedule.launches.len());
-        let mut offsets: HashMap<&str, usize> = HashMap::new();
-        for entry in plan.weight_entries() {
-            offsets.insert(&entry.name, entry.offset);
-        }
+        let section = plan.weights_bytes().as_ptr() as usize;
         for launch in &schedule.launches {
             let node = graph.node(NodeId::new(launch.node));
             let shapes = NodeShapes::of(graph, node, layout_of);
@@ -84,7 +81,7 @@ impl CudaExecutor {
                 };
                 let view = plan
                     .weight(name)
-                    .ok_or_else(|| CudaLoadError::MissingKernel(format!("weight `{name}`")))?;
+                    .ok_or_else(|| ExecError::MissingWeight(name.clone()))?;
                 elems.push(view.shape.iter().product());
                 let ptr = if view.shape.len() == 1 {
                     match float_ptrs.get(name) {
@@ -101,7 +98,8 @@ impl CudaExecutor {
                         }
                     }
                 } else {
-                    weights.ptr + offsets[name.as_str()] as u64
+                    // Where the weight lies in the uploaded section: its offset in the mapped one.
+                    weights.ptr + (view.data.as_ptr() as usize - section) as u64
                 };
                 ptrs.push(Some(ptr));
             }
@@ -143,7 +141,7 @@ impl CudaExecutor {
             .iter()
             .find(|(name, _)| name == "logits")
             .map(|(_, slot)| slot.clone())
-            .ok_or(CudaLoadError::MissingKernel("the `logits` output".into()))?;
+            .ok_or(ExecError::NoOutput("logits"))?;
         let vocab = match &logits {
             Slot::Arena {
                 bytes_per_token, ..
@@ -333,12 +331,8 @@ fn kv_width(op: &Op, shapes: &NodeShapes) -> usize {
 }
 
 impl Engine for CudaExecutor {
-    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError> {
-        self.run(tokens, start, false)
-    }
-
-    fn forward_last(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>, ExecError> {
-        Ok(self.run(tokens, start, true)?.data)
+    fn step(&mut self, tokens: &[u32], start: usize, last_only: bool) -> Result<Logits, ExecError> {
+        self.run(tokens, start, last_only)
     }
 
     fn max_context(&self) -> usize {

@@ -276,7 +276,13 @@ fn eval(
 }
 
 impl Engine for ReferenceExecutor<'_> {
-    fn forward(&mut self, tokens: &[u32], start: usize) -> Result<Logits, ExecError> {
+    /// Every row is computed: the interpreter runs the graph as it is, `last_only` or not.
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        _last_only: bool,
+    ) -> Result<Logits, ExecError> {
         check_step(tokens, start, self.cached, self.max_context)?;
         let positions: Vec<i32> = (start..start + tokens.len()).map(|p| p as i32).collect();
         let mut values: Vec<Option<Value>> = (0..self.graph.len()).map(|_| None).collect();
