@@ -46,7 +46,7 @@ enum Command {
     Perplexity(commands::perplexity::PerplexityArgs),
     /// Measure prefill and decode speed, time to first token and peak memory.
     Bench(commands::bench::BenchArgs),
-    /// Re-quantize a GGUF model's weight matrices to another format (q8_0, q4_0, tq1_0, tq2_0, ...).
+    /// Re-quantize a GGUF model's weight matrices to another format (q8_0, q4_0, tq1_0, tq2_0, i2_s, ...).
     Quantize(commands::quantize::QuantizeArgs),
 }
 

@@ -1,6 +1,6 @@
-//! The CUDA backend end to end: every kernel of the three real models through NVRTC and `ptxas` (no GPU needed),
-//! device routing and its fallbacks on a machine without a GPU, and on a GPU the CUDA executor against the CPU
-//! executor on SmolLM2.
+//! The CUDA backend end to end: every kernel of the three real models (and of an I2_S ternarization) through NVRTC
+//! and `ptxas` (no GPU needed), device routing and its fallbacks on a machine without a GPU, and on a GPU the CUDA
+//! executor against the CPU executor on SmolLM2.
 //!
 //! NVRTC must be loadable (`pip install nvidia-cuda-nvrtc-cu12`, its `lib` directory on LD_LIBRARY_PATH; `.ci/run`
 //! does both). GPU tests are `#[ignore]`d, so a machine without one lists them as ignored, never as passed; on a
@@ -29,10 +29,14 @@ fn nvrtc() -> bool {
 /// Compiles `name` for `targets` (`native,cuda`, ...) into the test's temp dir; `None` (skipped) without the
 /// model or, for CUDA targets, without NVRTC.
 fn compile(name: &str, targets: &str) -> Option<PathBuf> {
+    compile_gguf(&common::model(name)?, name, targets)
+}
+
+/// Compiles the GGUF at `gguf` as `compile` does, naming the plan after `name`.
+fn compile_gguf(gguf: &Path, name: &str, targets: &str) -> Option<PathBuf> {
     if targets.contains("cuda") && !nvrtc() {
         return None;
     }
-    let gguf = common::model(name)?;
     let plan = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("{name}-{}.plan", targets.replace(',', "-")));
     common::kiln_ok(&[
@@ -75,8 +79,15 @@ fn every_kernel_of_the_real_models_compiles_to_ptx_that_ptxas_assembles() {
     }
     let ptxas = ptxas();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    for name in ["smollm2", "qwen2", "gemma3"] {
-        let Some(path) = compile(name, "cuda") else {
+    // The three real models, and SmolLM2 ternarized to I2_S (per-token int8 activations, whole-tensor scales).
+    let i2s = common::quantized_smollm2("i2_s").map(|(_, gguf)| gguf);
+    for name in ["smollm2", "qwen2", "gemma3", "smollm2-i2_s"] {
+        let plan = match (name, &i2s) {
+            ("smollm2-i2_s", Some(gguf)) => compile_gguf(gguf, name, "cuda"),
+            ("smollm2-i2_s", None) => None,
+            _ => compile(name, "cuda"),
+        };
+        let Some(path) = plan else {
             continue;
         };
         let inspect = common::kiln_ok(&["inspect", path.to_str().unwrap()]);

@@ -1,6 +1,7 @@
 //! `kiln quantize` on SmolLM2: the files it writes are checked with the `gguf` package (llama.cpp's Python
 //! reader, `tests/quantize_check.py`), and kiln runs them: Q8_0 keeps SmolLM2's answer, and the two ternary
-//! packings of the same digits give the same tokens, interpreted and compiled.
+//! packings of the same digits give the same tokens, interpreted and compiled. I2_S, which the `gguf` package
+//! does not know, is checked against the source's absmean digits with kiln's own reader.
 
 mod common;
 
@@ -8,17 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn quantize(format: &str) -> Option<(PathBuf, PathBuf)> {
-    let source = common::model("smollm2")?;
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("smollm2-{format}.gguf"));
-    common::kiln_ok(&[
-        "quantize",
-        source.to_str().unwrap(),
-        "--to",
-        format,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    Some((source, out))
+    common::quantized_smollm2(format)
 }
 
 /// Runs `tests/quantize_check.py`; skipped with a loud message without the `gguf` package, except in CI.
@@ -98,7 +89,7 @@ fn an_unknown_or_unwritable_format_is_one_clear_error() {
     for (format, expected) in [
         (
             "q5_k",
-            "kiln cannot write q5_k; it writes f32, f16, q8_0, q4_0, tq1_0, tq2_0",
+            "kiln cannot write q5_k; it writes f32, f16, q8_0, q4_0, tq1_0, tq2_0, i2_s",
         ),
         ("q9_9", "`q9_9` is not a format kiln knows"),
     ] {
@@ -115,4 +106,55 @@ fn an_unknown_or_unwritable_format_is_one_clear_error() {
         assert!(stderr.contains(expected), "{format}: {stderr}");
         assert!(!out.exists());
     }
+}
+
+#[test]
+fn i2_s_holds_one_absmean_scale_per_tensor_and_its_kernel_agrees_with_the_reference() {
+    use kiln_compiler::GgufFile;
+    use kiln_ir::dequant::dequantize;
+    use kiln_ir::QuantFormat;
+    let Some((source, i2s)) = quantize("i2_s") else {
+        return;
+    };
+    let (src, out) = (
+        GgufFile::open(&source).unwrap(),
+        GgufFile::open(&i2s).unwrap(),
+    );
+    let name = "blk.3.ffn_down.weight";
+    let find = |g: &GgufFile| g.tensors().iter().find(|t| t.name == name).unwrap().clone();
+    let (s, o) = (find(&src), find(&out));
+    assert_eq!(o.format, QuantFormat::I2_S);
+    // bitnet.cpp's size: n / 4 bytes of codes, then the f32 scale padded to 32 bytes.
+    assert_eq!(o.size, o.elements() / 4 + 32);
+    let mut x = vec![0f32; s.elements()];
+    dequantize(s.format, src.tensor_data(&s), &mut x);
+    let mut y = vec![0f32; o.elements()];
+    dequantize(o.format, out.tensor_data(&o), &mut y);
+    let scale = x.iter().map(|v| v.abs()).sum::<f32>() / x.len() as f32;
+    for (a, b) in x.iter().zip(&y) {
+        assert_eq!(*b, scale * (a / scale).round().clamp(-1.0, 1.0), "{a}");
+    }
+    // Compiled, the I2_S matmuls run the generated kernel (per-token int8 activations); interpreted, the reference
+    // dot product. The model is nonsense and amplifies every rounding difference, but the first token holds.
+    let plan = i2s.with_extension("plan");
+    common::kiln_ok(&[
+        "compile",
+        i2s.to_str().unwrap(),
+        "-o",
+        plan.to_str().unwrap(),
+    ]);
+    let inspect = common::kiln_ok(&["inspect", plan.to_str().unwrap()]);
+    assert!(
+        inspect.contains("i2_s[576, 1536] x4"),
+        "the I2_S rows are not interleaved for the kernel:\n{inspect}"
+    );
+    let first = |extra: &[&str]| {
+        let out = common::greedy_json(&plan, 1, extra);
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let top = value["top_logits"][0].as_array().unwrap().clone();
+        (common::ids(&value["ids"]), top[1].as_f64().unwrap())
+    };
+    let ((ids, logit), (ref_ids, ref_logit)) = (first(&[]), first(&["--reference"]));
+    assert_eq!(ids, ref_ids);
+    assert!((logit - ref_logit).abs() < 0.5, "{logit} vs {ref_logit}");
 }

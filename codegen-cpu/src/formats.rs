@@ -5,6 +5,7 @@
 //! `w = d * code + m` gives `dot = d * dx * sum(code * qx) + m * dx * sum(qx)`.
 
 use crate::builder::Kb;
+use crate::i2s::I2s;
 use crate::kquants::KQuant;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8X16};
@@ -34,6 +35,16 @@ pub trait BlockDot {
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value>;
     /// Adds `dot(w block, x block)` to `acc`.
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc);
+    /// Whether the blocks leave out factors common to the whole row (a whole-tensor weight scale, a per-token
+    /// activation scale), which `scale_row` then applies once.
+    fn tensor_scaled(&self) -> bool {
+        false
+    }
+    /// The finished row product of a `tensor_scaled` format, given the token's activation row `x_row` and the
+    /// pointer to the weight's scale.
+    fn scale_row(&self, _kb: &mut Kb, dot: Value, _x_row: Value, _w_scale: Value) -> Value {
+        dot
+    }
 }
 
 /// The generator for `format` stored in `layout`, or `None` where kiln has none (the executor then runs the
@@ -44,6 +55,7 @@ pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot
     match format {
         F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => quant(Box::new(Block32::of(format))),
         F::Q4_K | F::Q5_K | F::Q6_K | F::TQ2_0 | F::TQ1_0 => quant(Box::new(KQuant::of(format))),
+        F::I2_S if !layout.f32_scales => Some(Box::new(I2s)),
         F::F32 | F::F16 | F::BF16 if layout == Layout::GGUF => Some(Box::new(Float(format))),
         _ => None,
     }

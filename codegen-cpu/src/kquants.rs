@@ -46,7 +46,7 @@ fn lane_totals(kb: &mut Kb, d: &[Value]) -> Value {
 
 /// Each byte of `v` shifted by `bits` (left when positive) and masked: the shift runs on 16-bit lanes, and the
 /// mask drops what crossed between bytes.
-fn shift_bytes(kb: &mut Kb, v: Value, bits: i64, mask: u8) -> Value {
+pub(crate) fn shift_bytes(kb: &mut Kb, v: Value, bits: i64, mask: u8) -> Value {
     let shifted = if bits == 0 {
         v
     } else {

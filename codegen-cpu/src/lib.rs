@@ -6,6 +6,7 @@
 
 mod builder;
 mod formats;
+mod i2s;
 mod isa;
 mod kquants;
 mod math;

@@ -25,6 +25,8 @@ struct Shape<'d> {
 struct Args {
     w: Value,
     w2: Value,
+    /// The weights' whole-tensor scale pointers, for formats that have them.
+    scales: Option<(Value, Value)>,
     x: Value,
     x_stride: Value,
     out: Value,
@@ -58,6 +60,9 @@ pub fn build(
             out_stride: kb.arg(arg::OUT_STRIDE, I64),
             extra: kb.arg(arg::EXTRA, I64),
             extra_stride: kb.arg(arg::EXTRA_STRIDE, I64),
+            scales: dot
+                .tensor_scaled()
+                .then(|| (kb.arg(arg::W_SCALE, I64), kb.arg(arg::W2_SCALE, I64))),
         };
         let row_begin = kb.arg(arg::ROW_BEGIN, I64);
         let row_end = kb.arg(arg::ROW_END, I64);
@@ -71,9 +76,9 @@ pub fn build(
             kb.for_range(zero, tokens, 1, |kb, t| {
                 let xt = kb.b.ins().imul(t, a.x_stride);
                 let xt = kb.b.ins().iadd(a.x, xt);
-                let dots = group_dots(kb, &shape, wg, xt);
-                let dots2 =
-                    matches!(epilogue, Epilogue::Gated(_)).then(|| group_dots(kb, &shape, w2g, xt));
+                let dots = group_dots(kb, &shape, wg, xt, a.scales.map(|s| s.0));
+                let dots2 = matches!(epilogue, Epilogue::Gated(_))
+                    .then(|| group_dots(kb, &shape, w2g, xt, a.scales.map(|s| s.1)));
                 for (lane, &acc) in dots.iter().enumerate() {
                     let r = kb.b.ins().iadd_imm_s(row, lane as i64);
                     store(kb, &a, epilogue, r, t, acc, dots2.as_ref().map(|d| d[lane]));
@@ -142,8 +147,15 @@ fn finish(kb: &mut Kb, accs: &[RowAcc]) -> Vec<Value> {
         .collect()
 }
 
-/// The dot products of the group's rows (starting at `wg`) with one token's activations at `xt`.
-fn group_dots(kb: &mut Kb, shape: &Shape, wg: Value, xt: Value) -> Vec<Value> {
+/// The dot products of the group's rows (starting at `wg`, of the tensor whose scale, if it has one, lies at
+/// `w_scale`) with one token's activations at `xt`.
+fn group_dots(
+    kb: &mut Kb,
+    shape: &Shape,
+    wg: Value,
+    xt: Value,
+    w_scale: Option<Value>,
+) -> Vec<Value> {
     let accs = accumulators(kb, shape.rows);
     let block_bytes = shape.dot.block_bytes();
     kb.for_count(shape.blocks, |kb, b| {
@@ -156,5 +168,12 @@ fn group_dots(kb: &mut Kb, shape: &Shape, wg: Value, xt: Value) -> Vec<Value> {
             shape.dot.accumulate(kb, &w, &x, acc);
         }
     });
-    finish(kb, &accs)
+    let dots = finish(kb, &accs);
+    match w_scale {
+        Some(scale) => dots
+            .into_iter()
+            .map(|dot| shape.dot.scale_row(kb, dot, xt, scale))
+            .collect(),
+        None => dots,
+    }
 }

@@ -67,6 +67,14 @@ pub fn build(
                     let dst = kb.offset(outr, i, 16);
                     kb.store(v, dst, 0);
                 }),
+                ActFormat::I8Row => {
+                    let (d, id) = i8_row_scale(kb, &src, k);
+                    kb.for_count(k / elems, |kb, blk| {
+                        let at = kb.b.ins().imul_imm_s(blk, 4 * elems as i64);
+                        let dst = kb.offset(outr, blk, act.block_bytes());
+                        quantize_i8_row_block(kb, &src, at, dst, d, id);
+                    })
+                }
                 ActFormat::Q8_0 | ActFormat::Q8K => kb.for_count(k / elems, |kb, blk| {
                     let at = kb.b.ins().imul_imm_s(blk, 4 * elems as i64);
                     let dst = kb.offset(outr, blk, act.block_bytes());
@@ -226,5 +234,46 @@ fn quantize_q8_k(kb: &mut Kb, src: &Source, at: Value, dst: Value) {
         let (codes, sum) = pack16(kb, &q);
         kb.store_i16(sum, dst, ActFormat::SUMS_AT + 2 * group);
         kb.store(codes, dst, ActFormat::Q8K.codes_at() + 16 * group);
+    }
+}
+
+/// The row's `d = max|x| / 127` and `id = 127 / max|x|` (0 for a zero row), for BitNet's per-token int8.
+fn i8_row_scale(kb: &mut Kb, src: &Source, k: usize) -> (Value, Value) {
+    let zero_v = kb.f32x4(0.0);
+    let amax = kb.var(F32X4, zero_v);
+    kb.for_count(k / 4, |kb, i| {
+        let at = kb.b.ins().imul_imm_s(i, 16);
+        let v = src.load(kb, at, 0);
+        let v = kb.b.ins().fabs(v);
+        let m = kb.b.use_var(amax);
+        let m = kb.b.ins().fmax(m, v);
+        kb.b.def_var(amax, m);
+    });
+    let amax = kb.b.use_var(amax);
+    let amax = kb.hmax_f32(amax);
+    let c127 = kb.f32(127.0);
+    let d = kb.b.ins().fdiv(amax, c127);
+    let zero = kb.f32(0.0);
+    let id = kb.b.ins().fdiv(c127, amax);
+    let id = kb.select_if_zero(amax, zero, id);
+    (d, id)
+}
+
+/// One block of 128 of a per-token int8 row: `q = round(x * id)`, ties to even; every block stores the row's `d`.
+fn quantize_i8_row_block(kb: &mut Kb, src: &Source, at: Value, dst: Value, d: Value, id: Value) {
+    let id = kb.b.ins().splat(F32X4, id);
+    kb.store(d, dst, 0);
+    for group in 0..8 {
+        let q: Vec<Value> = (0..4)
+            .map(|i| {
+                let v = src.load(kb, at, 4 * group + i);
+                let s = kb.b.ins().fmul(v, id);
+                let r = kb.b.ins().nearest(s);
+                kb.b.ins().fcvt_to_sint_sat(I32X4, r)
+            })
+            .collect();
+        let (codes, sum) = pack16(kb, &q);
+        kb.store_i16(sum, dst, ActFormat::SUMS_AT + 2 * group);
+        kb.store(codes, dst, ActFormat::I8Row.codes_at() + 16 * group);
     }
 }

@@ -54,6 +54,14 @@ fn matmul_per_format() {
         };
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
     }
+    // I2_S: no block scales; one block of 128.
+    let f = CpuFunction::MatMul {
+        format: QuantFormat::I2_S,
+        layout: Layout::GGUF,
+        k: 128,
+        epilogue: Epilogue::Store,
+    };
+    insta::assert_snapshot!("matmul_i2_s", clif(f));
     for format in [QuantFormat::F32, QuantFormat::F16, QuantFormat::BF16] {
         let f = CpuFunction::MatMul {
             format,
@@ -88,6 +96,7 @@ fn activation_quantizers() {
     for (act, norm) in [
         (ActFormat::Q8_0, true),
         (ActFormat::Q8K, false),
+        (ActFormat::I8Row, true),
         (
             ActFormat::F32 {
                 round: FloatRound::F16,

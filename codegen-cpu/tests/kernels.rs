@@ -58,8 +58,16 @@ fn run_case(isa: &CpuIsa, rng: &mut impl Rng, c: &Case) -> f32 {
 }
 
 fn layouts_of(format: QuantFormat) -> Vec<Layout> {
-    if f16_fields(format).is_empty() {
+    if format.is_float() {
         vec![Layout::GGUF]
+    } else if f16_fields(format).is_empty() {
+        // I2_S: no block scales to widen, rows interleaved or not.
+        [1, 4]
+            .map(|interleave| Layout {
+                f32_scales: false,
+                interleave,
+            })
+            .to_vec()
     } else {
         [1, 4]
             .map(|interleave| Layout {

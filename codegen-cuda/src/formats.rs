@@ -17,7 +17,19 @@ pub fn supported(format: QuantFormat) -> bool {
     use QuantFormat::*;
     matches!(
         format,
-        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K | TQ2_0 | TQ1_0
+        F32 | F16
+            | BF16
+            | Q4_0
+            | Q4_1
+            | Q5_0
+            | Q5_1
+            | Q8_0
+            | Q4_K
+            | Q5_K
+            | Q6_K
+            | TQ2_0
+            | TQ1_0
+            | I2_S
     )
 }
 
@@ -92,6 +104,16 @@ pub fn helper(format: QuantFormat, layout: Layout) -> Helper {
 /// The statements that fill `c` for one block format.
 fn decode_body(f: &Fields) -> String {
     let ld = f.load();
+    if f.format == QuantFormat::I2_S {
+        // No block scale at all.
+        return format!(
+            "    // bitnet.cpp's packing: byte j holds elements j, j + 32, j + 64, j + 96 in bits 7:6, 5:4, 3:2, 1:0 (codes\n    \
+             // 0, 1, 2 for -1, 0, +1). The tensor's scale is applied to the finished row sum by the matmul.\n    \
+             const int shift = 6 - 2 * sub;\n    \
+             for (int i = 0; i < 8; i++) c.q[i] = __vsub4(({ld}(b + 4 * i) >> shift) & 0x03030303u, 0x01010101u);\n    \
+             c.scale[0] = c.scale[1] = 1.0f;\n    c.minv = 0.0f;\n"
+        );
+    }
     let d = f.scale(0);
     match f.format {
         QuantFormat::Q4_0 | QuantFormat::Q4_1 => {

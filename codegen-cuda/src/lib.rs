@@ -31,8 +31,10 @@ pub enum CudaCodegenError {
 /// Whether this backend can generate `kernel`.
 pub fn supports(kernel: &CudaKernel) -> bool {
     match kernel {
-        CudaKernel::MatMul { format, .. } | CudaKernel::Embed { format, .. } => {
-            formats::supported(*format)
+        CudaKernel::MatMul { format, .. } => formats::supported(*format),
+        // An embedding kernel reads single rows and never sees a whole-tensor scale (I2_S).
+        CudaKernel::Embed { format, .. } => {
+            formats::supported(*format) && format.tensor_trailer_bytes() == 0
         }
         _ => true,
     }

@@ -46,14 +46,35 @@ pub fn matmul(
     let finish = epilogue_expr(epilogue);
     let helper = helper(format, layout);
     let decode = decode_name(format, layout);
+    // I2_S: the whole tensor's scale lies after its `n` rows.
+    let (tensor_scales, scaled, scaled2) = if format.tensor_trailer_bytes() > 0 {
+        let rows_bytes = format!(
+            "(u64)n * {}",
+            layout.block_bytes(format) * k / format.block_elems()
+        );
+        (
+            format!(
+                "    const float ws = ld_f32(w + {rows_bytes});\n    const float ws2 = {};\n",
+                if gated {
+                    format!("ld_f32(w2 + {rows_bytes})")
+                } else {
+                    "1.0f".into()
+                }
+            ),
+            " * ws",
+            " * ws2",
+        )
+    } else {
+        (String::new(), "", "")
+    };
     let (second_acc, second_reduce, second_value) = if gated {
         (
             "    float acc2[TT];\n#pragma unroll\n    for (int i = 0; i < TT; i++) acc2[i] = 0.0f;\n",
             "        acc2[i] = warp_sum(acc2[i]);\n",
-            "            const float v2 = acc2[i];\n",
+            format!("            const float v2 = acc2[i]{scaled2};\n"),
         )
     } else {
-        ("", "", "")
+        ("", "", String::new())
     };
     let body = if format.is_float() {
         // Plain floats: a lane takes 32 consecutive values of the row; activations are f32 (rounded to the
@@ -107,10 +128,10 @@ pub fn matmul(
          const u8* w = (const u8*)w_;\n    const u8* w2 = (const u8*)w2_;\n    const u8* x = (const u8*)x_;\n    \
          float* out = (float*)out_;\n    const float* extra = (const float*)extra_;\n    (void)w2; (void)extra; (void)extra_stride;\n    \
          const int TT = {tokens};\n    const int lane = threadIdx.x & 31;\n    const int r = blockIdx.x * {warps} + (threadIdx.x >> 5);\n    \
-         if (r >= n) return;\n    const int t0 = blockIdx.y * TT;\n    float acc[TT];\n#pragma unroll\n    \
+         if (r >= n) return;\n{tensor_scales}    const int t0 = blockIdx.y * TT;\n    float acc[TT];\n#pragma unroll\n    \
          for (int i = 0; i < TT; i++) acc[i] = 0.0f;\n{second_acc}{body}#pragma unroll\n    for (int i = 0; i < TT; i++) {{\n        \
          acc[i] = warp_sum(acc[i]);\n{second_reduce}    }}\n#pragma unroll\n    for (int i = 0; i < TT; i++) {{\n        \
-         const int t = t0 + i;\n        if (lane == i && t < tokens) {{\n            const float v = acc[i];\n{second_value}            \
+         const int t = t0 + i;\n        if (lane == i && t < tokens) {{\n            const float v = acc[i]{scaled};\n{second_value}            \
          out[(u64)t * out_stride + r] = {finish};\n        }}\n    }}\n}}\n",
         act = act.name(),
         threads = warps * 32,
@@ -158,6 +179,23 @@ pub fn quantize(name: &str, act: ActFormat, k: usize, norm: bool) -> String {
              ob[36 + 8 * lane + j] = (u8)(i8)q;\n        }}\n        s += __shfl_xor_sync(0xffffffffu, s, 1);\n        \
              if (lane == 0) *(float*)ob = d;\n        if ((lane & 1) == 0) ((i16*)(ob + 4))[lane >> 1] = (i16)s;\n    }}\n",
             blocks = k / 256
+        ),
+        ActFormat::I8Row => format!(
+            "    // BitNet's per-token int8: d = max|x| / 127 over the row, q = round(x * 127 / max|x|), ties to even.\n    \
+             float m = 0.0f;\n    for (int i = threadIdx.x; i < {k}; i += blockDim.x) m = fmaxf(m, fabsf(VALUE(i)));\n    \
+             const float amax = block_max(m);\n    const float d = amax / 127.0f;\n    \
+             const float id = amax != 0.0f ? 127.0f / amax : 0.0f;\n    \
+             const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;\n    \
+             for (int blk = warp; blk < {blocks}; blk += blockDim.x >> 5) {{\n        \
+             u8* ob = out + {block_bytes} * blk;\n        if (lane == 0) *(float*)ob = d;\n        \
+             for (int j = 0; j < 4; j++) {{\n            \
+             const int q = __float2int_rn(VALUE(128 * blk + 32 * j + lane) * id);\n            int s = q;\n            \
+             for (int o = 1; o < 16; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);\n            \
+             if ((lane & 15) == 0) ((i16*)(ob + 4))[2 * j + (lane >> 4)] = (i16)s;\n            \
+             ob[{codes_at} + 32 * j + lane] = (u8)(i8)q;\n        }}\n    }}\n",
+            blocks = k / 128,
+            block_bytes = act.block_bytes(),
+            codes_at = act.codes_at(),
         ),
         ActFormat::F32 { round } => {
             let rounded = match round {

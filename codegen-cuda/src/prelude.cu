@@ -32,6 +32,19 @@ __device__ __forceinline__ float warp_min(float v) {
     return v;
 }
 
+// The maximum of `v` over the whole block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial_max[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) partial_max[warp] = v;
+    __syncthreads();
+    float m = partial_max[0];
+    for (int w = 1; w < warps; w++) m = fmaxf(m, partial_max[w]);
+    __syncthreads();
+    return m;
+}
+
 // The sum of `v` over the whole block (blockDim.x a multiple of 32, at most 1024), in f64, returned to every thread.
 __device__ __forceinline__ double block_sum_f64(double v) {
     __shared__ double partial[32];

@@ -47,6 +47,21 @@ fn matmul_per_format() {
 }
 
 #[test]
+fn i2_s_applies_each_tensor_scale_to_the_row_sums() {
+    // Gated, to show both weights' scales.
+    let kernel = CudaKernel::MatMul {
+        format: QuantFormat::I2_S,
+        layout: Layout {
+            f32_scales: false,
+            interleave: 4,
+        },
+        k: 256,
+        epilogue: Epilogue::Gated(Activation::Silu),
+    };
+    insta::assert_snapshot!(kernel_source(&kernel));
+}
+
+#[test]
 fn gguf_layout_reads_f16_scales_unaligned() {
     let kernel = CudaKernel::MatMul {
         format: QuantFormat::Q4_0,
@@ -83,6 +98,7 @@ fn quantize_per_activation_format() {
     for (act, norm) in [
         (ActFormat::Q8_0, true),
         (ActFormat::Q8K, false),
+        (ActFormat::I8Row, true),
         (
             ActFormat::F32 {
                 round: FloatRound::F16,

@@ -35,7 +35,10 @@ pub enum Action {
 
 /// The plan for one tensor of `format` named `name` with row-major `shape`, for `target`.
 pub fn action(name: &str, shape: &[usize], format: QuantFormat, target: QuantFormat) -> Action {
-    let ternary = matches!(target, QuantFormat::TQ1_0 | QuantFormat::TQ2_0);
+    let ternary = matches!(
+        target,
+        QuantFormat::TQ1_0 | QuantFormat::TQ2_0 | QuantFormat::I2_S
+    );
     if shape.len() != 2 {
         Action::Keep("not a matrix")
     } else if format == target {

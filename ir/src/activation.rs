@@ -2,7 +2,7 @@
 //!
 //! ggml's dot products never multiply quantized weights by f32 activations: each weight format has a companion
 //! `vec_dot_type` (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the k-quants and ternary formats, f16
-//! for f16). kiln's `matmul` is defined the same way, so the reference executor computes what llama.cpp computes
+//! for f16; bitnet.cpp's I2_S reads int8 activations with one scale per token). kiln's `matmul` is defined the same way, so the reference executor computes what llama.cpp computes
 //! and what kiln's fast kernels compute: `dot(dequantize(w), round_trip(x))`.
 
 use crate::format::{QuantFormat, QK_K};
@@ -20,6 +20,8 @@ pub enum ActivationFormat {
     Q8_1,
     /// Blocks of 256, one f32 scale from the signed extreme.
     Q8_K,
+    /// BitNet b1.58's activation quantization: int8 codes with one f32 scale `max|x| / 127` per token (row).
+    I8Row,
 }
 
 impl ActivationFormat {
@@ -39,6 +41,7 @@ impl ActivationFormat {
             | QuantFormat::Q8_K
             | QuantFormat::TQ1_0
             | QuantFormat::TQ2_0 => ActivationFormat::Q8_K,
+            QuantFormat::I2_S => ActivationFormat::I8Row,
         }
     }
 
@@ -52,7 +55,19 @@ impl ActivationFormat {
                 x.chunks_mut(32).for_each(round_trip_q8_0)
             }
             ActivationFormat::Q8_K => x.chunks_mut(QK_K).for_each(round_trip_q8_k),
+            ActivationFormat::I8Row => round_trip_i8_row(x),
         }
+    }
+}
+
+/// bitnet.cpp's per-token int8 quantization: d = max|x| / 127 over the row (kept in f32), q = round(x / d) with
+/// ties to even (the SIMD rounding).
+fn round_trip_i8_row(x: &mut [f32]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    for v in x.iter_mut() {
+        *v = (*v * id).round_ties_even() * d;
     }
 }
 
@@ -99,6 +114,24 @@ mod tests {
         assert_eq!(x[3], 127.0);
         for (a, b) in x.iter().zip(&original) {
             assert!((a - b).abs() <= 0.5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn i8_row_shares_one_scale_across_the_row() {
+        let mut x: Vec<f32> = (0..512).map(|i| (i as f32 * 0.37).sin()).collect();
+        x[300] = -4.0;
+        let original = x.clone();
+        ActivationFormat::I8Row.round_trip(&mut x);
+        assert_eq!(x[300], -4.0);
+        let d = 4.0 / 127.0;
+        for (a, b) in x.iter().zip(&original) {
+            assert!((a - b).abs() <= d / 2.0 + 1e-6, "{a} vs {b}");
+            let code = a / d;
+            assert!(
+                (code - code.round()).abs() < 1e-3,
+                "{a} is not on the row's grid"
+            );
         }
     }
 

@@ -82,6 +82,8 @@ pub enum ActFormat {
     Q8_0,
     /// Blocks of 256 with ggml's Q8_K rounding.
     Q8K,
+    /// Blocks of 128 sharing one scale per row (BitNet's per-token int8): every block repeats the row's `d`.
+    I8Row,
     /// f32 values, rounded to `F16` or `BF16` precision first when the weights are of that type.
     F32 { round: FloatRound },
 }
@@ -98,6 +100,7 @@ impl ActFormat {
         match ActivationFormat::for_weight(format) {
             ActivationFormat::Q8_0 | ActivationFormat::Q8_1 => ActFormat::Q8_0,
             ActivationFormat::Q8_K => ActFormat::Q8K,
+            ActivationFormat::I8Row => ActFormat::I8Row,
             ActivationFormat::F32 => ActFormat::F32 {
                 round: FloatRound::None,
             },
@@ -114,6 +117,7 @@ impl ActFormat {
         match self {
             ActFormat::Q8_0 => "q8_0",
             ActFormat::Q8K => "q8_k",
+            ActFormat::I8Row => "i8_row",
             ActFormat::F32 {
                 round: FloatRound::None,
             } => "f32",
@@ -131,6 +135,7 @@ impl ActFormat {
         match self {
             ActFormat::Q8_0 => 32,
             ActFormat::Q8K => 256,
+            ActFormat::I8Row => 128,
             ActFormat::F32 { .. } => 1,
         }
     }
@@ -190,6 +195,10 @@ pub struct MatMulArgs {
     pub row_begin: u64,
     pub row_end: u64,
     pub tokens: u64,
+    /// The whole-tensor scales of `w` and `w2` for formats that keep one after their blocks (I2_S); null
+    /// otherwise.
+    pub w_scale: *const f32,
+    pub w2_scale: *const f32,
 }
 
 /// Field offsets, for the code generator.
@@ -211,6 +220,8 @@ pub mod offsets {
         use super::*;
         pub const W: i32 = offset_of!(MatMulArgs, w) as i32;
         pub const W2: i32 = offset_of!(MatMulArgs, w2) as i32;
+        pub const W_SCALE: i32 = offset_of!(MatMulArgs, w_scale) as i32;
+        pub const W2_SCALE: i32 = offset_of!(MatMulArgs, w2_scale) as i32;
         pub const X: i32 = offset_of!(MatMulArgs, x) as i32;
         pub const X_STRIDE: i32 = offset_of!(MatMulArgs, x_stride) as i32;
         pub const OUT: i32 = offset_of!(MatMulArgs, out) as i32;

@@ -11,10 +11,31 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Dequantizes `bytes`, a whole number of blocks of `format`, into `out` (one f32 per element).
+/// Dequantizes `bytes`, a whole tensor of `format` (whole blocks, then the format's trailer), into `out` (one f32
+/// per element).
 ///
 /// Panics when the lengths disagree: callers size both from the format table.
 pub fn dequantize(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
+    let (blocks, trailer) = bytes.split_at(bytes.len() - format.tensor_trailer_bytes());
+    dequantize_blocks(format, blocks, out);
+    if format == QuantFormat::I2_S {
+        let scale = i2_s_scale(trailer);
+        out.iter_mut().for_each(|y| *y *= scale);
+    }
+}
+
+/// The per-tensor scale in an I2_S trailer.
+pub fn i2_s_scale(trailer: &[u8]) -> f32 {
+    f32::from_le_bytes(
+        trailer[..4]
+            .try_into()
+            .expect("an I2_S trailer holds an f32"),
+    )
+}
+
+/// Dequantizes whole blocks of `format` into `out`, without any per-tensor scale (I2_S blocks give their bare
+/// codes -1, 0, +1).
+pub fn dequantize_blocks(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
     let info = format.info();
     assert_eq!(bytes.len() % info.block_bytes, 0, "{format}: partial block");
     assert_eq!(
@@ -39,6 +60,7 @@ pub fn dequantize(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
         QuantFormat::Q8_K => q8_k_block,
         QuantFormat::TQ1_0 => tq1_0_block,
         QuantFormat::TQ2_0 => tq2_0_block,
+        QuantFormat::I2_S => i2_s_block,
     };
     for (block, y) in bytes
         .chunks_exact(info.block_bytes)
@@ -46,13 +68,6 @@ pub fn dequantize(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
     {
         block_fn(block, y);
     }
-}
-
-/// Reference dot product of one quantized row with f32 activations: dequantize, then an f32 sum.
-pub fn dot(format: QuantFormat, row: &[u8], x: &[f32], scratch: &mut Vec<f32>) -> f32 {
-    scratch.resize(x.len(), 0.0);
-    dequantize(format, row, scratch);
-    dot_f32(scratch, x)
 }
 
 /// f32 dot product with eight partial sums, so the compiler can vectorize it; the summation order is fixed.
@@ -266,9 +281,34 @@ fn tq2_0_block(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// I2_S (bitnet.cpp, x86): byte j of a 32-byte block holds elements j, j + 32, j + 64, j + 96 in bits 7:6, 5:4,
+/// 3:2, 1:0; codes 0, 1, 2 mean -1, 0, +1. The tensor's scale is applied by `dequantize`.
+fn i2_s_block(b: &[u8], y: &mut [f32]) {
+    for (e, y) in y.iter_mut().enumerate() {
+        let code = (b[e % 32] >> (6 - 2 * (e / 32))) & 3;
+        *y = (code as i8 - 1) as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn i2_s_follows_bitnet_cpp_packing() {
+        // Written out by hand from the published layout: byte 0 = 0b10_01_00_10 holds elements 0, 32, 64, 96 as
+        // codes 2, 1, 0, 2 (+1, 0, -1, +1); byte 5 = 0b00_00_00_01 holds elements 5, 37, 69, 101 as -1, -1, -1, 0.
+        let mut tensor = vec![0x55u8; 32]; // every other element 0
+        tensor[0] = 0b10_01_00_10;
+        tensor[5] = 0b00_00_00_01;
+        tensor.extend(0.25f32.to_le_bytes());
+        tensor.extend([0u8; 28]);
+        let mut y = vec![9f32; 128];
+        dequantize(QuantFormat::I2_S, &tensor, &mut y);
+        assert_eq!((y[0], y[32], y[64], y[96]), (0.25, 0.0, -0.25, 0.25));
+        assert_eq!((y[5], y[37], y[69], y[101]), (-0.25, -0.25, -0.25, 0.0));
+        assert_eq!(y.iter().filter(|&&v| v == 0.0).count(), 128 - 6);
+    }
 
     #[test]
     fn q8_k_is_scale_times_code() {

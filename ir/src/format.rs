@@ -26,6 +26,8 @@ pub enum QuantFormat {
     Q8_K,
     TQ1_0,
     TQ2_0,
+    /// BitNet's I2_S (bitnet.cpp): 2-bit ternary codes, one f32 scale for the whole tensor after its blocks.
+    I2_S,
 }
 
 /// One row of the format table.
@@ -63,7 +65,7 @@ const fn row(
 
 /// The table. Byte counts are those of ggml's `block_*` structs (checked against the `#[repr(C)]` layouts in
 /// `dequant`).
-pub const FORMATS: [FormatInfo; 16] = [
+pub const FORMATS: [FormatInfo; 17] = [
     row(QuantFormat::F32, 0, "f32", 1, 4),
     row(QuantFormat::F16, 1, "f16", 1, 2),
     row(QuantFormat::Q4_0, 2, "q4_0", 32, 2 + 16),
@@ -110,7 +112,16 @@ pub const FORMATS: [FormatInfo; 16] = [
         (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2,
     ),
     row(QuantFormat::TQ2_0, 35, "tq2_0", QK_K, QK_K / 4 + 2),
+    // bitnet.cpp's x86 packing: 128 codes in 32 bytes. Upstream ggml once gave id 36 to IQ4_NL_4_4, a
+    // repacking that never reached files, so 36 is read as I2_S; its trailer is checked like any tensor size.
+    row(QuantFormat::I2_S, 36, "i2_s", I2S_BLOCK, I2S_BLOCK / 4),
 ];
+
+/// Codes per I2_S block.
+pub const I2S_BLOCK: usize = 128;
+
+/// Bytes after an I2_S tensor's blocks: its f32 scale, padded to 32 as bitnet.cpp writes it.
+pub const I2S_TRAILER: usize = 32;
 
 impl QuantFormat {
     pub fn info(self) -> &'static FormatInfo {
@@ -150,6 +161,25 @@ impl QuantFormat {
         (elems / info.block_elems).checked_mul(info.block_bytes)
     }
 
+    /// Bytes a tensor of this format carries after its blocks (I2_S's per-tensor scale; 0 for the rest).
+    pub fn tensor_trailer_bytes(self) -> usize {
+        match self {
+            QuantFormat::I2_S => I2S_TRAILER,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of a whole tensor of this format with `elems` elements in rows of `row_elems`, trailer included, or
+    /// `None` when its rows are not whole blocks or the count overflows.
+    pub fn tensor_bytes(self, row_elems: usize, elems: usize) -> Option<usize> {
+        if row_elems == 0 || !elems.is_multiple_of(row_elems) {
+            return None;
+        }
+        self.row_bytes(row_elems)?
+            .checked_mul(elems / row_elems)?
+            .checked_add(self.tensor_trailer_bytes())
+    }
+
     /// Whether this is a plain floating-point format (one element per block).
     pub fn is_float(self) -> bool {
         matches!(
@@ -183,7 +213,9 @@ pub fn unsupported_gguf_type_name(id: u32) -> Option<&'static str> {
         27 => "I64",
         28 => "F64",
         29 => "IQ1_M",
-        36..=39 => "I2_S/TL1/TL2 (BitNet) or a newer upstream type",
+        37 => "I8_S (bitnet.cpp) or an upstream repacking",
+        38 => "TL1 (bitnet.cpp) or an upstream repacking",
+        39 => "TL2 (bitnet.cpp) or MXFP4 (upstream); kiln reads neither",
         _ => return None,
     })
 }
@@ -191,6 +223,17 @@ pub fn unsupported_gguf_type_name(id: u32) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn i2_s_tensors_carry_their_scale_after_the_codes() {
+        // bitnet.cpp: a tensor of n weights takes n / 4 + 32 bytes.
+        assert_eq!(
+            QuantFormat::I2_S.tensor_bytes(2560, 2560 * 640),
+            Some(2560 * 640 / 4 + 32)
+        );
+        assert_eq!(QuantFormat::Q8_0.tensor_bytes(64, 128), Some(2 * 2 * 34));
+        assert_eq!(QuantFormat::I2_S.tensor_bytes(100, 200), None);
+    }
 
     #[test]
     fn table_is_consistent() {
@@ -221,6 +264,7 @@ mod tests {
             (QuantFormat::Q8_K, 292),
             (QuantFormat::TQ1_0, 54),
             (QuantFormat::TQ2_0, 66),
+            (QuantFormat::I2_S, 32),
         ];
         for (format, bytes) in expected {
             assert_eq!(format.block_bytes(), bytes, "{format}");

@@ -48,8 +48,12 @@ pub fn f16_fields(format: QuantFormat) -> &'static [usize] {
         QuantFormat::Q6_K => &[208],
         QuantFormat::TQ1_0 => &[52],
         QuantFormat::TQ2_0 => &[64],
-        // Plain floats have no blocks to repack; Q8_K's scale is f32 already.
-        QuantFormat::F32 | QuantFormat::F16 | QuantFormat::BF16 | QuantFormat::Q8_K => &[],
+        // Plain floats have no blocks to repack; Q8_K's scale is f32 already, and I2_S's is the tensor's.
+        QuantFormat::F32
+        | QuantFormat::F16
+        | QuantFormat::BF16
+        | QuantFormat::Q8_K
+        | QuantFormat::I2_S => &[],
     }
 }
 
@@ -72,8 +76,9 @@ impl Layout {
             }
     }
 
-    /// Bytes a weight of this format and row-major shape takes in this layout, or `None` when its rows are not
-    /// whole blocks, the layout does not fit it, or the size overflows.
+    /// Bytes a weight of this format and row-major shape takes in this layout (the format's tensor trailer, which
+    /// every layout keeps at the end, included), or `None` when its rows are not whole blocks, the layout does not
+    /// fit it, or the size overflows.
     pub fn stored_bytes(self, format: QuantFormat, shape: &[usize]) -> Option<usize> {
         let (inner, outer) = shape.split_last()?;
         if !inner.is_multiple_of(format.block_elems()) || !self.fits(format, shape) {
@@ -82,7 +87,9 @@ impl Layout {
         let blocks = outer
             .iter()
             .try_fold(inner / format.block_elems(), |acc, &d| acc.checked_mul(d))?;
-        blocks.checked_mul(self.block_bytes(format))
+        blocks
+            .checked_mul(self.block_bytes(format))?
+            .checked_add(format.tensor_trailer_bytes())
     }
 
     /// Whether `format` and a `[rows, cols]` shape can be stored this way.
@@ -95,13 +102,15 @@ impl Layout {
             && (self.interleave == 1 || shape.len() == 2)
     }
 
-    /// Repacks GGUF bytes of a `[rows, cols]` (or 1-D) weight into this layout.
+    /// Repacks GGUF bytes of a `[rows, cols]` (or 1-D) weight into this layout; a tensor trailer stays last.
     pub fn repack(self, format: QuantFormat, shape: &[usize], gguf: &[u8]) -> Vec<u8> {
         let (src_bytes, dst_bytes) = (format.block_bytes(), self.block_bytes(format));
+        let (gguf, trailer) = gguf.split_at(gguf.len() - format.tensor_trailer_bytes());
         let blocks = gguf.len() / src_bytes;
         let rows = if shape.len() == 2 { shape[0] } else { 1 };
         let per_row = blocks / rows;
-        let mut out = vec![0u8; blocks * dst_bytes];
+        let mut out = vec![0u8; blocks * dst_bytes + trailer.len()];
+        out[blocks * dst_bytes..].copy_from_slice(trailer);
         for r in 0..rows {
             for b in 0..per_row {
                 let src = &gguf[(r * per_row + b) * src_bytes..][..src_bytes];

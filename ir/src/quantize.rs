@@ -5,19 +5,21 @@
 //! Q8_0, Q4_0, F16 and F32 round as ggml's reference quantizers do. The ternary formats use BitNet b1.58's
 //! absmean rule instead of ggml's absmax one: each block's scale is the mean magnitude of its values, and a
 //! value becomes round(clamp(x / scale, -1, 1)). Absmax maps most values of an ordinary weight matrix to zero;
-//! absmean keeps a third of them on each side, which is what a ternary-trained model's weights look like.
+//! absmean keeps a third of them on each side, which is what a ternary-trained model's weights look like. I2_S
+//! takes one absmean scale for the whole tensor, as BitNet b1.58 does.
 
 use crate::format::{QuantFormat, QK_K};
 use half::f16;
 
 /// Formats `quantize` can write.
-pub const TARGETS: [QuantFormat; 6] = [
+pub const TARGETS: [QuantFormat; 7] = [
     QuantFormat::F32,
     QuantFormat::F16,
     QuantFormat::Q8_0,
     QuantFormat::Q4_0,
     QuantFormat::TQ1_0,
     QuantFormat::TQ2_0,
+    QuantFormat::I2_S,
 ];
 
 /// Whether `format` can hold rows of `row_len` values (whole blocks) and `quantize` writes it.
@@ -25,7 +27,7 @@ pub fn fits(format: QuantFormat, row_len: usize) -> bool {
     TARGETS.contains(&format) && row_len.is_multiple_of(format.block_elems())
 }
 
-/// Quantizes `x` (a whole number of blocks) to `format`'s GGUF bytes.
+/// Quantizes `x`, a whole tensor (a whole number of blocks), to `format`'s GGUF bytes.
 ///
 /// Panics when `format` is not in `TARGETS` or `x` is not whole blocks: callers check `fits` first.
 pub fn quantize(format: QuantFormat, x: &[f32]) -> Vec<u8> {
@@ -35,6 +37,9 @@ pub fn quantize(format: QuantFormat, x: &[f32]) -> Vec<u8> {
         "cannot quantize {} values to {format}",
         x.len()
     );
+    if format == QuantFormat::I2_S {
+        return i2_s_tensor(x);
+    }
     let block: fn(&[f32], &mut [u8]) = match format {
         QuantFormat::F32 => |x, out| out.copy_from_slice(&x[0].to_le_bytes()),
         QuantFormat::F16 => |x, out| out.copy_from_slice(&f16::from_f32(x[0]).to_le_bytes()),
@@ -42,7 +47,7 @@ pub fn quantize(format: QuantFormat, x: &[f32]) -> Vec<u8> {
         QuantFormat::Q4_0 => q4_0_block,
         QuantFormat::TQ1_0 => tq1_0_block,
         QuantFormat::TQ2_0 => tq2_0_block,
-        other => unreachable!("{other} is not a quantize target"),
+        other => unreachable!("{other} is not a block-wise quantize target"),
     };
     let mut out = vec![0u8; x.len() / info.block_elems * info.block_bytes];
     for (x, out) in x
@@ -86,7 +91,7 @@ fn q4_0_block(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// The absmean scale of a block and its ternary digits (0, 1, 2 for -1, 0, +1).
+/// The absmean scale of a block (or tensor) and its ternary digits (0, 1, 2 for -1, 0, +1).
 fn ternary(x: &[f32]) -> (f32, Vec<u8>) {
     let scale = x.iter().map(|v| v.abs()).sum::<f32>() / x.len() as f32;
     let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
@@ -137,6 +142,20 @@ fn tq1_0_block(x: &[f32], out: &mut [u8]) {
     put_f16(out, 52, scale);
 }
 
+/// I2_S as bitnet.cpp writes it on x86: per 128 values, byte j holds elements j, j + 32, j + 64, j + 96 in bits
+/// 7:6, 5:4, 3:2, 1:0; then the f32 scale, padded to 32 bytes.
+fn i2_s_tensor(x: &[f32]) -> Vec<u8> {
+    let (scale, t) = ternary(x);
+    let mut out = vec![0u8; x.len() / 4 + crate::format::I2S_TRAILER];
+    for (block, digits) in out.chunks_exact_mut(32).zip(t.chunks_exact(128)) {
+        for (j, byte) in block.iter_mut().enumerate() {
+            *byte = (0..4).fold(0, |q, n| q | digits[j + 32 * n] << (6 - 2 * n));
+        }
+    }
+    out[x.len() / 4..][..4].copy_from_slice(&scale.to_le_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +201,18 @@ mod tests {
                 // Absmean leaves both signs populated.
                 assert!(digits.contains(&0) && digits.contains(&2), "{format}");
             }
+        }
+    }
+
+    #[test]
+    fn i2_s_keeps_the_tensor_absmean_digits() {
+        let x = values(3 * 128);
+        let bytes = quantize(QuantFormat::I2_S, &x);
+        assert_eq!(bytes.len(), 3 * 32 + 32);
+        let (scale, digits) = ternary(&x);
+        let y = round_trip(QuantFormat::I2_S, &x);
+        for (d, v) in digits.iter().zip(&y) {
+            assert_eq!(*v, scale * (*d as f32 - 1.0));
         }
     }
 }

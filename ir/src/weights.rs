@@ -1,6 +1,6 @@
 //! How executors reach weight data without knowing where it lives (a GGUF mmap, or a plan's repacked weights).
 
-use crate::dequant::dequantize;
+use crate::dequant::{dequantize_blocks, i2_s_scale};
 use crate::format::QuantFormat;
 use crate::layout::{Layout, MAX_BLOCK_BYTES};
 
@@ -27,21 +27,40 @@ impl WeightView<'_> {
         );
         let per_row = self.row_elems() / elems;
         if self.layout == Layout::GGUF {
-            dequantize(
+            dequantize_blocks(
                 self.format,
                 &self.data[r * per_row * stored..(r + 1) * per_row * stored],
                 out,
             );
-            return;
+        } else {
+            let mut block = [0u8; MAX_BLOCK_BYTES];
+            let block = &mut block[..self.format.block_bytes()];
+            for (b, chunk) in out.chunks_exact_mut(elems).enumerate() {
+                let at = self.layout.block_index(r, b, per_row) * stored;
+                self.layout
+                    .narrow(self.format, &self.data[at..at + stored], block);
+                dequantize_blocks(self.format, block, chunk);
+            }
         }
-        let mut block = [0u8; MAX_BLOCK_BYTES];
-        let block = &mut block[..self.format.block_bytes()];
-        for (b, chunk) in out.chunks_exact_mut(elems).enumerate() {
-            let at = self.layout.block_index(r, b, per_row) * stored;
-            self.layout
-                .narrow(self.format, &self.data[at..at + stored], block);
-            dequantize(self.format, block, chunk);
+        if let Some(scale) = self.tensor_scale() {
+            out.iter_mut().for_each(|y| *y *= scale);
         }
+    }
+
+    /// The scale of the whole tensor, for formats that keep one after their blocks (I2_S), in every layout.
+    pub fn tensor_scale(&self) -> Option<f32> {
+        self.trailer().map(i2_s_scale)
+    }
+
+    /// Where the tensor's scale lies (for kernels that read it), or null for formats without one.
+    pub fn tensor_scale_ptr(&self) -> *const f32 {
+        self.trailer()
+            .map_or(std::ptr::null(), |t| t.as_ptr().cast())
+    }
+
+    fn trailer(&self) -> Option<&[u8]> {
+        let trailer = self.format.tensor_trailer_bytes();
+        (trailer > 0).then(|| &self.data[self.data.len() - trailer..])
     }
 }
 

@@ -14,8 +14,9 @@ use std::time::Instant;
 pub struct QuantizeArgs {
     /// The GGUF model to read.
     pub model: PathBuf,
-    /// The format to write the weight matrices in: f32, f16, q8_0, q4_0, or the ternary tq1_0 and tq2_0 (absmean
-    /// ternarization, BitNet b1.58's rule; embeddings and the LM head are kept).
+    /// The format to write the weight matrices in: f32, f16, q8_0, q4_0, or the ternary tq1_0, tq2_0 and i2_s
+    /// (absmean ternarization, BitNet b1.58's rule: per block of 256 for tq*, one scale per tensor for i2_s, as
+    /// bitnet.cpp writes it; embeddings and the LM head are kept).
     #[arg(long, value_parser = parse_format)]
     pub to: QuantFormat,
     /// Where to write the new GGUF.

@@ -223,6 +223,21 @@ pub fn smollm2_plan() -> Option<PathBuf> {
     .clone()
 }
 
+/// SmolLM2 re-quantized by `kiln quantize --to FORMAT` into the test's scratch directory: (source, output).
+pub fn quantized_smollm2(format: &str) -> Option<(PathBuf, PathBuf)> {
+    let source = model("smollm2")?;
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("smollm2-{format}.gguf"));
+    kiln_ok(&[
+        "quantize",
+        source.to_str().unwrap(),
+        "--to",
+        format,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    Some((source, out))
+}
+
 /// `kiln run PATH -p "The capital of France is" -n N --temp 0 --json [EXTRA...]`: the reference prompt, greedy,
 /// as JSON text.
 pub fn greedy_json(path: &Path, n: usize, extra: &[&str]) -> String {

@@ -148,6 +148,8 @@ impl MatMul {
             row_begin: begin as u64,
             row_end: end as u64,
             tokens: self.tokens as u64,
+            w_scale: self.view(&self.w).tensor_scale_ptr(),
+            w2_scale: self.view(&self.w2).tensor_scale_ptr(),
         });
     }
 }

@@ -10,7 +10,7 @@ use kiln_ir::QuantFormat;
 use rand::Rng;
 
 /// Every weight format the code generators have matmuls for.
-pub const FORMATS: [QuantFormat; 13] = [
+pub const FORMATS: [QuantFormat; 14] = [
     QuantFormat::Q4_0,
     QuantFormat::Q4_1,
     QuantFormat::Q5_0,
@@ -21,6 +21,7 @@ pub const FORMATS: [QuantFormat; 13] = [
     QuantFormat::Q6_K,
     QuantFormat::TQ2_0,
     QuantFormat::TQ1_0,
+    QuantFormat::I2_S,
     QuantFormat::F32,
     QuantFormat::F16,
     QuantFormat::BF16,
@@ -48,6 +49,15 @@ pub fn random_weight(rng: &mut impl Rng, format: QuantFormat, rows: usize, k: us
                 .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                 .collect(),
         };
+    }
+    if format == QuantFormat::I2_S {
+        // Codes 0..2 only (3 never occurs in bitnet.cpp's files), then the tensor's scale.
+        bytes
+            .iter_mut()
+            .for_each(|b| *b = (0..4).fold(0, |q, i| q | (rng.gen_range(0..3u8) << (2 * i))));
+        bytes.extend(rng.gen_range(0.01f32..0.05).to_le_bytes());
+        bytes.extend([0u8; 28]);
+        return bytes;
     }
     for block in bytes.chunks_exact_mut(format.block_bytes()) {
         for &f in f16_fields(format) {

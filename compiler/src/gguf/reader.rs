@@ -233,10 +233,10 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
                 format!("{offset} is not a multiple of the alignment {alignment}"),
             ));
         }
-        let elements = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let size = elements
-            .and_then(|_| format.row_bytes(dims[0]))
-            .and_then(|row| dims[1..].iter().try_fold(row, |acc, &d| acc.checked_mul(d)));
+        let size = dims
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|elements| format.tensor_bytes(dims[0], elements));
         let Some(size) = size else {
             return Err(malformed(
                 dims_at,

@@ -36,13 +36,14 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
-    /// Bytes of its data, when the shape is whole blocks.
+    /// Bytes of its data (the format's tensor trailer included), when its rows are whole blocks.
     pub fn bytes(&self) -> Option<usize> {
         let elems = self
             .shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))?;
-        self.format.row_bytes(elems)
+        self.format
+            .tensor_bytes(*self.shape.last().unwrap_or(&1), elems)
     }
 }
 

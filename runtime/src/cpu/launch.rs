@@ -439,6 +439,8 @@ impl<'p> Step<'p> {
                         row_begin: 0,
                         row_end: 0,
                         tokens: rows as u64,
+                        w_scale: call.w.tensor_scale_ptr(),
+                        w2_scale: w2.map_or(std::ptr::null(), |w| w.tensor_scale_ptr()),
                     };
                     let args = Shared(args);
                     let interleave = call.interleave;
