@@ -93,6 +93,11 @@ impl Kb<'_> {
                 let hx = self.b.ins().fmul(half, x);
                 self.b.ins().fmul(hx, one_plus)
             }
+            Activation::ReluSqr => {
+                let zero = self.f32(0.0);
+                let r = self.b.ins().fmax(x, zero);
+                self.b.ins().fmul(r, r)
+            }
         }
     }
 }

@@ -47,6 +47,7 @@ fn run_case(isa: &CpuIsa, rng: &mut impl Rng, c: &Case) -> f32 {
             Epilogue::Residual => extra[i] + acc[i],
             Epilogue::Gated(Activation::Silu) => silu(acc[i]) * acc2[i],
             Epilogue::Gated(Activation::Gelu) => gelu(acc[i]) * acc2[i],
+            Epilogue::Gated(Activation::ReluSqr) => acc[i].max(0.0).powi(2) * acc2[i],
         })
         .collect();
     let scale = expected.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
@@ -88,6 +89,7 @@ fn matmuls_match_the_reference_over_formats_shapes_and_epilogues() {
         Epilogue::Residual,
         Epilogue::Gated(Activation::Silu),
         Epilogue::Gated(Activation::Gelu),
+        Epilogue::Gated(Activation::ReluSqr),
     ];
     for format in FORMATS {
         for layout in layouts_of(format) {

@@ -8,17 +8,16 @@ use crate::formats::{decode_name, helper, Helper};
 use kiln_ir::cpu_abi::{ActFormat, Epilogue, FloatRound};
 use kiln_ir::cuda_abi::{MATMUL_TOKENS, MATMUL_WARPS, ROW_THREADS};
 use kiln_ir::layout::Layout;
-use kiln_ir::{Activation, QuantFormat};
+use kiln_ir::QuantFormat;
 
 /// The C expression that finishes one output value `v` (and `v2`, the up projection of a gated epilogue) of token
-/// `t`, row `r`.
-fn epilogue_expr(epilogue: Epilogue) -> &'static str {
+/// `t`, row `r`. Each activation is a prelude function of the same name.
+fn epilogue_expr(epilogue: Epilogue) -> String {
     match epilogue {
-        Epilogue::Store => "v",
-        Epilogue::Bias => "v + extra[r]",
-        Epilogue::Residual => "extra[(u64)t * extra_stride + r] + v",
-        Epilogue::Gated(Activation::Silu) => "silu(v) * v2",
-        Epilogue::Gated(Activation::Gelu) => "gelu(v) * v2",
+        Epilogue::Store => "v".into(),
+        Epilogue::Bias => "v + extra[r]".into(),
+        Epilogue::Residual => "extra[(u64)t * extra_stride + r] + v".into(),
+        Epilogue::Gated(act) => format!("{}(v) * v2", act.name()),
     }
 }
 

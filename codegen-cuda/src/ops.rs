@@ -105,15 +105,14 @@ pub fn attention(name: &str, head_dim: usize, group: usize) -> String {
 }
 
 pub fn elementwise(name: &str, op: ElementOp) -> String {
+    // Each activation is a prelude function of the same name.
     let expr = match op {
-        ElementOp::Add => "a[i] + b[i % b_len]",
-        ElementOp::Mul => "a[i] * b[i % b_len]",
-        ElementOp::Scale => "a[i] * factor",
-        ElementOp::Silu => "silu(a[i])",
-        ElementOp::Gelu => "gelu(a[i])",
-        ElementOp::Copy => "a[i]",
-        ElementOp::GateSilu => "silu(a[i]) * b[i]",
-        ElementOp::GateGelu => "gelu(a[i]) * b[i]",
+        ElementOp::Add => "a[i] + b[i % b_len]".to_string(),
+        ElementOp::Mul => "a[i] * b[i % b_len]".to_string(),
+        ElementOp::Scale => "a[i] * factor".to_string(),
+        ElementOp::Act(act) => format!("{}(a[i])", act.name()),
+        ElementOp::Copy => "a[i]".to_string(),
+        ElementOp::Gate(act) => format!("{}(a[i]) * b[i]", act.name()),
     };
     format!(
         "// out[i] = {expr}\n\

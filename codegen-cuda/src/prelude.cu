@@ -95,6 +95,8 @@ __device__ __forceinline__ u32 spread_bit4(u32 b) {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
+__device__ __forceinline__ float relu_sqr(float x) { return x > 0.0f ? x * x : 0.0f; }
+
 // GELU, tanh approximation (as ggml and `gelu_pytorch_tanh`).
 __device__ __forceinline__ float gelu(float x) {
     return 0.5f * x * (1.0f + tanhf(0.7978846f * x * (1.0f + 0.044715f * x * x)));

@@ -136,7 +136,10 @@ fn small_ops() {
             group: 3,
         },
         CudaKernel::Elementwise {
-            op: ElementOp::GateGelu,
+            op: ElementOp::Gate(Activation::Gelu),
+        },
+        CudaKernel::Elementwise {
+            op: ElementOp::Act(Activation::ReluSqr),
         },
     ];
     for kernel in kernels {

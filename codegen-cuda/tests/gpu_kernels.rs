@@ -97,6 +97,7 @@ fn cases() -> Vec<Case> {
         Epilogue::Residual,
         Epilogue::Gated(Activation::Silu),
         Epilogue::Gated(Activation::Gelu),
+        Epilogue::Gated(Activation::ReluSqr),
     ];
     for format in FORMATS {
         for layout in layouts_of(format) {
@@ -234,8 +235,7 @@ fn matmuls_match_the_reference_over_formats_shapes_and_epilogues() {
                 Epilogue::Store => acc[i],
                 Epilogue::Bias => acc[i] + extra[i % c.n],
                 Epilogue::Residual => extra[i] + acc[i],
-                Epilogue::Gated(Activation::Silu) => reference::silu(acc[i]) * acc2[i],
-                Epilogue::Gated(Activation::Gelu) => reference::gelu(acc[i]) * acc2[i],
+                Epilogue::Gated(act) => reference::activation(act)(acc[i]) * acc2[i],
             })
             .collect();
         let err = relative_error(&got, &expected);

@@ -33,14 +33,12 @@ pub enum ElementOp {
     Mul,
     /// `out[i] = a[i] * factor`
     Scale,
-    Silu,
-    Gelu,
+    /// `out[i] = act(a[i])`
+    Act(crate::Activation),
     /// `out[i] = a[i]` (a reshape)
     Copy,
-    /// `out[i] = silu(a[i]) * b[i]` (a gated FFN whose gate and up weights differ in format)
-    GateSilu,
-    /// `out[i] = gelu(a[i]) * b[i]`
-    GateGelu,
+    /// `out[i] = act(a[i]) * b[i]` (a gated FFN whose gate and up weights differ in format)
+    Gate(crate::Activation),
 }
 
 impl ElementOp {
@@ -49,11 +47,11 @@ impl ElementOp {
             ElementOp::Add => "add",
             ElementOp::Mul => "mul",
             ElementOp::Scale => "scale",
-            ElementOp::Silu => "silu",
-            ElementOp::Gelu => "gelu",
+            ElementOp::Act(act) => act.name(),
             ElementOp::Copy => "copy",
-            ElementOp::GateSilu => "gate_silu",
-            ElementOp::GateGelu => "gate_gelu",
+            ElementOp::Gate(crate::Activation::Silu) => "gate_silu",
+            ElementOp::Gate(crate::Activation::Gelu) => "gate_gelu",
+            ElementOp::Gate(crate::Activation::ReluSqr) => "gate_relu_sqr",
         }
     }
 }
@@ -231,8 +229,7 @@ pub fn op_kernels(op: &Op, shapes: &NodeShapes) -> Vec<CudaKernel> {
         Op::Add => out.push(elementwise(ElementOp::Add)),
         Op::Mul => out.push(elementwise(ElementOp::Mul)),
         Op::Scale { .. } => out.push(elementwise(ElementOp::Scale)),
-        Op::Silu => out.push(elementwise(ElementOp::Silu)),
-        Op::Gelu => out.push(elementwise(ElementOp::Gelu)),
+        Op::Activation(act) => out.push(elementwise(ElementOp::Act(*act))),
         Op::Reshape => out.push(elementwise(ElementOp::Copy)),
         Op::Rope(rope) => {
             out.push(elementwise(ElementOp::Copy));
@@ -283,10 +280,7 @@ pub fn op_kernels(op: &Op, shapes: &NodeShapes) -> Vec<CudaKernel> {
         Op::GatedFfn { act, .. } => {
             // Two separate matmuls when gate and up differ in format: the gate is applied after.
             if matmuls.is_some_and(|p| p.calls.len() == 2) {
-                out.push(elementwise(match act {
-                    crate::Activation::Silu => ElementOp::GateSilu,
-                    crate::Activation::Gelu => ElementOp::GateGelu,
-                }));
+                out.push(elementwise(ElementOp::Gate(*act)));
             }
         }
         Op::MatMulResidual { post_norm: Some(_) } => out.push(CudaKernel::RmsNorm {

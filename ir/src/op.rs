@@ -50,12 +50,14 @@ impl RopeParams {
     }
 }
 
-/// The gate activation of a gated FFN.
+/// An elementwise activation (and the gate activation of a gated FFN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Activation {
     Silu,
     /// GELU, tanh approximation.
     Gelu,
+    /// `max(x, 0)^2` (BitNet b1.58's FFN).
+    ReluSqr,
 }
 
 impl Activation {
@@ -63,11 +65,12 @@ impl Activation {
         match self {
             Activation::Silu => "silu",
             Activation::Gelu => "gelu",
+            Activation::ReluSqr => "relu_sqr",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Activation::Silu, Activation::Gelu]
+        [Activation::Silu, Activation::Gelu, Activation::ReluSqr]
             .into_iter()
             .find(|a| a.name() == s)
     }
@@ -94,9 +97,8 @@ pub enum Op {
     Scale {
         factor: f32,
     },
-    Silu,
-    /// GELU, tanh approximation.
-    Gelu,
+    /// Elementwise; printed by the activation's name (`silu`, `gelu`, `relu_sqr`).
+    Activation(Activation),
     /// Same elements, new shape (given by the result type).
     Reshape,
     /// RoPE of `x[tokens, heads, head_dim]` at `positions`.
@@ -168,8 +170,7 @@ impl Op {
             Op::Add => "add",
             Op::Mul => "mul",
             Op::Scale { .. } => "scale",
-            Op::Silu => "silu",
-            Op::Gelu => "gelu",
+            Op::Activation(act) => act.name(),
             Op::Reshape => "reshape",
             Op::Rope(_) => "rope",
             Op::Attention { .. } => "attention",
@@ -190,7 +191,7 @@ impl Op {
             Op::RmsNorm { .. } => vec![F32, F32],
             Op::MatMul => vec![F32, Weight],
             Op::Add | Op::Mul => vec![F32, F32],
-            Op::Scale { .. } | Op::Silu | Op::Gelu | Op::Reshape => vec![F32],
+            Op::Scale { .. } | Op::Activation(_) | Op::Reshape => vec![F32],
             Op::Rope(_) => vec![F32, I32],
             Op::Attention { .. } => vec![F32, F32, F32, I32],
             Op::NormMatMul { .. } => vec![F32, F32, Weight],
@@ -241,7 +242,7 @@ impl Op {
                 }
                 Ok(a.clone())
             }
-            Op::Scale { .. } | Op::Silu | Op::Gelu => Ok(operands[0].clone()),
+            Op::Scale { .. } | Op::Activation(_) => Ok(operands[0].clone()),
             Op::Reshape => {
                 if operands[0].volume() != declared.volume() || declared.dtype != DType::F32 {
                     return Err(format!("cannot reshape {} to {declared}", operands[0]));

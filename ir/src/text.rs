@@ -94,7 +94,7 @@ fn attrs_of(op: &Op) -> Vec<(&'static str, Attr)> {
             ("act", Attr::Ident(act.name().into())),
         ],
         Op::MatMulResidual { post_norm } => vec![("post_norm", float_or_none(*post_norm))],
-        Op::Embed | Op::MatMul | Op::Add | Op::Mul | Op::Silu | Op::Gelu | Op::Reshape => vec![],
+        Op::Embed | Op::MatMul | Op::Add | Op::Mul | Op::Activation(_) | Op::Reshape => vec![],
     }
 }
 
@@ -411,8 +411,6 @@ fn build_op(name: &str, attrs: HashMap<String, Attr>) -> Result<Op, String> {
         "scale" => Op::Scale {
             factor: a.float("factor")?,
         },
-        "silu" => Op::Silu,
-        "gelu" => Op::Gelu,
         "reshape" => Op::Reshape,
         "rope" => Op::Rope(a.rope()?),
         "attention" => Op::Attention {
@@ -452,13 +450,16 @@ fn build_op(name: &str, attrs: HashMap<String, Attr>) -> Result<Op, String> {
             act: {
                 let s = a.ident("act")?;
                 Activation::parse(&s)
-                    .ok_or_else(|| format!("unknown activation `{s}` (silu, gelu)"))?
+                    .ok_or_else(|| format!("unknown activation `{s}` (silu, gelu, relu_sqr)"))?
             },
         },
         "matmul_residual" => Op::MatMulResidual {
             post_norm: a.optional_float("post_norm")?,
         },
-        other => return Err(format!("unknown op `{other}`")),
+        other => match Activation::parse(other) {
+            Some(act) => Op::Activation(act),
+            None => return Err(format!("unknown op `{other}`")),
+        },
     };
     if let Some(extra) = a.0.keys().next() {
         return Err(format!("op `{name}` has no attribute `{extra}`"));

@@ -13,7 +13,7 @@ use crate::gguf::GgufFile;
 use hparams::Meta;
 use kiln_ir::model::ModelInfo;
 use kiln_ir::{
-    verify, Activation, DType, Dim, Graph, NodeId, Op, Operand, RopeParams, TensorType, VerifyError,
+    verify, DType, Dim, Graph, NodeId, Op, Operand, RopeParams, TensorType, VerifyError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -258,11 +258,10 @@ impl Decoder<'_> {
         let h = self.norm(x, &format!("{p}.ffn_norm.weight"), d)?;
         let gate = self.linear(h, &format!("{p}.ffn_gate"), hp.d_ffn, d)?;
         let up = self.linear(h, &format!("{p}.ffn_up"), hp.d_ffn, d)?;
-        let act = match self.arch.ffn_activation {
-            Activation::Silu => Op::Silu,
-            Activation::Gelu => Op::Gelu,
-        };
-        let gate = self.op(act, vec![Operand::Value(gate)])?;
+        let gate = self.op(
+            Op::Activation(self.arch.ffn_activation),
+            vec![Operand::Value(gate)],
+        )?;
         let m = self.op(Op::Mul, vec![Operand::Value(gate), Operand::Value(up)])?;
         let mut down = self.linear(m, &format!("{p}.ffn_down"), d, hp.d_ffn)?;
         if self.arch.post_norms {

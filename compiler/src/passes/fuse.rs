@@ -174,10 +174,9 @@ impl Matcher<'_> {
         let [a, up] = self.operands(id) else {
             return None;
         };
-        let act_id = self.node(*a, 1, |op| matches!(op, Op::Silu | Op::Gelu))?;
-        let act = match self.g.node(act_id).op {
-            Op::Silu => Activation::Silu,
-            _ => Activation::Gelu,
+        let act_id = self.node(*a, 1, |op| matches!(op, Op::Activation(_)))?;
+        let Op::Activation(act) = self.g.node(act_id).op else {
+            return None;
         };
         let gate = self.node(self.operands(act_id)[0], 1, |op| *op == Op::MatMul)?;
         let up = self.node(*up, 1, |op| *op == Op::MatMul)?;

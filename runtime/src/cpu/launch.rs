@@ -12,7 +12,7 @@ use kiln_ir::cpu_abi::{
 };
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
-use kiln_ir::{Activation, Dim, NodeId, Op, Operand, RopeParams};
+use kiln_ir::{Dim, NodeId, Op, Operand, RopeParams};
 use std::collections::HashMap;
 
 /// The arena as one step sees it: `t` tokens laid out, of which this launch covers rows `first..first + rows`.
@@ -265,12 +265,8 @@ impl<'p> Step<'p> {
                     *o = x * factor;
                 }
             }
-            Op::Silu | Op::Gelu => {
-                let f = if matches!(self.op, Op::Silu) {
-                    reference::silu
-                } else {
-                    reference::gelu
-                };
+            Op::Activation(act) => {
+                let f = reference::activation(*act);
                 for (o, &x) in out.iter_mut().zip(self.f32_operand(ctx, 0)) {
                     *o = f(x);
                 }
@@ -550,7 +546,7 @@ impl<'p> Step<'p> {
                 }
             }
             Op::GatedFfn { act, .. } if self.calls.len() == 2 => {
-                let f = activation(*act);
+                let f = reference::activation(*act);
                 for (o, &u) in out.iter_mut().zip(temp) {
                     *o = f(*o) * u;
                 }
@@ -573,13 +569,6 @@ impl<'p> Step<'p> {
             }
             _ => {}
         }
-    }
-}
-
-fn activation(act: Activation) -> fn(f32) -> f32 {
-    match act {
-        Activation::Silu => reference::silu,
-        Activation::Gelu => reference::gelu,
     }
 }
 
@@ -671,7 +660,7 @@ fn reference_call(
                     Epilogue::Bias => v + *target.extra.add(j),
                     Epilogue::Residual => *target.extra.add(t * target.extra_stride + j) + v,
                     Epilogue::Gated(act) => {
-                        activation(act)(v) * acc2.as_ref().expect("gated")[t * n + j]
+                        reference::activation(act)(v) * acc2.as_ref().expect("gated")[t * n + j]
                     }
                 };
                 *target.out.add(t * target.stride + j) = value;

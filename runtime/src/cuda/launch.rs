@@ -234,7 +234,7 @@ impl Step {
                 1,
                 *factor,
             )),
-            Op::Silu | Op::Gelu | Op::Reshape => out.push(elementwise(
+            Op::Activation(_) | Op::Reshape => out.push(elementwise(
                 &self.finish[0],
                 self.operand(env, 0),
                 0,

@@ -80,10 +80,7 @@ pub fn gated_ffn(args: &Args, eps: f32, act: Activation) -> (Vec<usize>, Vec<f32
     let h = rms_norm(&args.f32(0), &args.f32(1), eps);
     let (shape, gate) = matmul_value(&h, args.shape(0), args.weight(2));
     let (_, up) = matmul_value(&h, args.shape(0), args.weight(3));
-    let act: fn(f32) -> f32 = match act {
-        Activation::Silu => kernels::silu,
-        Activation::Gelu => kernels::gelu,
-    };
+    let act = kernels::activation(act);
     let gate: Vec<f32> = gate.iter().map(|&g| act(g)).collect();
     (shape, kernels::broadcast(&gate, &up, |a, b| a * b))
 }

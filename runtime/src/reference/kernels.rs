@@ -3,7 +3,7 @@
 use kiln_ir::activation::ActivationFormat;
 use kiln_ir::dequant::{dequantize, dot_f32};
 use kiln_ir::weights::WeightView;
-use kiln_ir::{RopeParams, RopeStyle};
+use kiln_ir::{Activation, RopeParams, RopeStyle};
 use rayon::prelude::*;
 
 /// `x[t, k] @ W[n, k]^T -> [t, n]`: the activations are rounded to the weight's activation format, then each
@@ -69,6 +69,21 @@ pub fn silu(x: f32) -> f32 {
 pub fn gelu(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+/// `max(x, 0)^2`.
+pub fn relu_sqr(x: f32) -> f32 {
+    let r = x.max(0.0);
+    r * r
+}
+
+/// The function of an activation.
+pub fn activation(act: Activation) -> fn(f32) -> f32 {
+    match act {
+        Activation::Silu => silu,
+        Activation::Gelu => gelu,
+        Activation::ReluSqr => relu_sqr,
+    }
 }
 
 /// Rotates `x[t, heads, head_dim]` in place by each token's position.

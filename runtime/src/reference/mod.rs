@@ -195,8 +195,7 @@ fn eval(
             args.shape(0),
             args.f32(0).iter().map(|x| x * factor).collect(),
         ),
-        Op::Silu => map(kernels::silu),
-        Op::Gelu => map(kernels::gelu),
+        Op::Activation(act) => map(kernels::activation(*act)),
         Op::Reshape => {
             let shape = declared
                 .iter()
