@@ -7,7 +7,10 @@ mod common;
 use kiln_compiler::{lower, GgufFile};
 
 fn lowered_text(name: &str) -> Option<String> {
-    let path = common::model(name)?;
+    lowered_text_of(common::model(name)?)
+}
+
+fn lowered_text_of(path: std::path::PathBuf) -> Option<String> {
     let gguf = GgufFile::open(path).unwrap();
     let lowered = lower(&gguf).unwrap();
     let text = kiln_ir::text::print(&lowered.graph);
@@ -43,7 +46,28 @@ fn gemma3_270m() {
 }
 
 fn compiled_text(name: &str) -> Option<String> {
-    let path = common::model(name)?;
+    compiled_text_of(common::model(name)?)
+}
+
+/// The synthetic BitNet b1.58 model (`common::bitnet`): sub-norms before the attention output and the FFN down
+/// projection, a squared-ReLU gate.
+#[test]
+fn bitnet_synthetic() {
+    let Some(text) = common::bitnet::synthetic_bitnet().and_then(lowered_text_of) else {
+        return;
+    };
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn compiled_bitnet_synthetic() {
+    let Some(text) = common::bitnet::synthetic_bitnet().and_then(compiled_text_of) else {
+        return;
+    };
+    insta::assert_snapshot!(text);
+}
+
+fn compiled_text_of(path: std::path::PathBuf) -> Option<String> {
     let gguf = GgufFile::open(path).unwrap();
     let graph =
         kiln_compiler::passes::run_pipeline(lower(&gguf).unwrap().graph, |_, _, _| {}).unwrap();

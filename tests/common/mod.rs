@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests: the real models, and running the `kiln` binary.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod bitnet;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

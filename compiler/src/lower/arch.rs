@@ -24,9 +24,12 @@ pub struct Arch {
     pub sliding_window_every: Option<usize>,
     /// RoPE base of sliding-window layers (fixed by the architecture, not in metadata).
     pub local_rope_base: Option<f32>,
+    /// BitNet's sub-layer norms: RMSNorm of the attention output before its projection (`attn_sub_norm`) and of
+    /// the gated FFN's product before the down projection (`ffn_sub_norm`).
+    pub sub_norms: bool,
 }
 
-pub const ARCHITECTURES: [Arch; 3] = [
+pub const ARCHITECTURES: [Arch; 4] = [
     Arch {
         name: "llama",
         rope_style: RopeStyle::Interleaved,
@@ -37,6 +40,7 @@ pub const ARCHITECTURES: [Arch; 3] = [
         scale_embeddings: false,
         sliding_window_every: None,
         local_rope_base: None,
+        sub_norms: false,
     },
     Arch {
         name: "qwen2",
@@ -48,6 +52,7 @@ pub const ARCHITECTURES: [Arch; 3] = [
         scale_embeddings: false,
         sliding_window_every: None,
         local_rope_base: None,
+        sub_norms: false,
     },
     Arch {
         name: "gemma3",
@@ -59,6 +64,21 @@ pub const ARCHITECTURES: [Arch; 3] = [
         scale_embeddings: true,
         sliding_window_every: Some(6),
         local_rope_base: Some(10_000.0),
+        sub_norms: false,
+    },
+    // BitNet b1.58 (bitnet.cpp's keys; RoPE as llama.cpp's `bitnet`): its ternary projections read per-token int8
+    // activations, which the I2_S format's activation quantization provides.
+    Arch {
+        name: "bitnet",
+        rope_style: RopeStyle::Neox,
+        qkv_bias: false,
+        qk_norm: false,
+        post_norms: false,
+        ffn_activation: Activation::ReluSqr,
+        scale_embeddings: false,
+        sliding_window_every: None,
+        local_rope_base: None,
+        sub_norms: true,
     },
 ];
 

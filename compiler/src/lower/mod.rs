@@ -247,7 +247,10 @@ impl Decoder<'_> {
             window,
         };
         let a = self.op(attention, [q, k, v, positions].map(Operand::Value).to_vec())?;
-        let a = self.reshape(a, &[q_width]);
+        let mut a = self.reshape(a, &[q_width]);
+        if self.arch.sub_norms {
+            a = self.norm(a, &format!("{p}.attn_sub_norm.weight"), q_width)?;
+        }
         let mut o = self.linear(a, &format!("{p}.attn_output"), d, q_width)?;
         if self.arch.post_norms {
             o = self.norm(o, &format!("{p}.post_attention_norm.weight"), d)?;
@@ -262,7 +265,10 @@ impl Decoder<'_> {
             Op::Activation(self.arch.ffn_activation),
             vec![Operand::Value(gate)],
         )?;
-        let m = self.op(Op::Mul, vec![Operand::Value(gate), Operand::Value(up)])?;
+        let mut m = self.op(Op::Mul, vec![Operand::Value(gate), Operand::Value(up)])?;
+        if self.arch.sub_norms {
+            m = self.norm(m, &format!("{p}.ffn_sub_norm.weight"), hp.d_ffn)?;
+        }
         let mut down = self.linear(m, &format!("{p}.ffn_down"), d, hp.d_ffn)?;
         if self.arch.post_norms {
             down = self.norm(down, &format!("{p}.post_ffw_norm.weight"), d)?;
