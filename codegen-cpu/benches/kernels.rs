@@ -21,13 +21,14 @@ use std::time::Duration;
 const ROWS: usize = 4096;
 const K: usize = 2048;
 
-/// The layout `kiln compile` gives matmul weights: f32 scales, rows interleaved by 4 (floats stay as GGUF has them).
+/// The layout `kiln compile` gives matmul weights: f32 scales where the format has f16 ones, rows interleaved by 4
+/// (floats stay as GGUF has them).
 fn plan_layout(format: QuantFormat) -> Layout {
-    if f16_fields(format).is_empty() {
+    if format.is_float() {
         Layout::GGUF
     } else {
         Layout {
-            f32_scales: true,
+            f32_scales: !f16_fields(format).is_empty(),
             interleave: 4,
         }
     }
