@@ -50,6 +50,21 @@ check(all(c.usage is None for c in chunks), "no usage chunks unless asked for")
 with_usage = list(client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}))
 check(with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == chat.usage.completion_tokens, f"usage chunk {with_usage[-1]}")
 
+# n choices: each its own generation (greedy ones agree), in index order; usage counts the prompt once.
+three = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, n=3)
+check([t.index for t in three.choices] == [0, 1, 2] and all(t.text == expected for t in three.choices), f"n=3 greedy {three.choices}")
+check(three.usage.prompt_tokens == 5 and three.usage.completion_tokens == 48, f"n=3 usage {three.usage}")
+sampled = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=1.0, seed=7, n=4)
+check(len({t.text for t in sampled.choices}) > 1, f"n=4 sampled choices all alike: {[t.text for t in sampled.choices]}")
+by_index = {}
+for ch in client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0, n=2, stream=True):
+    for choice in ch.choices:
+        entry = by_index.setdefault(choice.index, {"text": "", "role": None, "finish": None})
+        entry["text"] += choice.delta.content or ""
+        entry["role"] = entry["role"] or choice.delta.role
+        entry["finish"] = choice.finish_reason or entry["finish"]
+check(sorted(by_index) == [0, 1] and all(e["text"] == answer and e["role"] == "assistant" and e["finish"] for e in by_index.values()), f"n=2 streamed chat {by_index}")
+
 penalized = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, frequency_penalty=2.0)
 check(penalized.choices[0].text != expected, "a frequency penalty changes the greedy continuation")
 try:

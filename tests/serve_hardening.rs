@@ -85,7 +85,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     };
     ok(&s);
     // Each bad request, and the status and error code it must get.
-    let cases: [(&str, &str, u16, &str); 9] = [
+    let cases: [(&str, &str, u16, &str); 10] = [
         ("/v1/completions", r#"{"prompt": "#, 400, "invalid_json"),
         ("/v1/completions", r#"{"prompt": 5}"#, 400, "invalid_json"),
         (
@@ -108,7 +108,13 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ),
         (
             "/v1/completions",
-            r#"{"prompt": "x", "n": 3}"#,
+            r#"{"prompt": "x", "n": 17}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "n": 0}"#,
             400,
             "invalid_value",
         ),

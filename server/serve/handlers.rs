@@ -53,15 +53,15 @@ fn request_id(prefix: &str) -> String {
     )
 }
 
+/// The most choices (`n`) one request may ask for.
+const MAX_CHOICES: usize = 16;
+
 /// Validates the sampling fields and builds the job's settings.
 fn sampler(
     m: &Served,
     p: &Sampling,
     prompt_tokens: usize,
 ) -> Result<(SamplerConfig, usize), ApiError> {
-    if p.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request("n", "only n=1 is supported"));
-    }
     let room = m.ctx.saturating_sub(prompt_tokens);
     if room == 0 {
         return Err(ApiError::bad_request(
@@ -140,12 +140,14 @@ pub fn finish_reason(finish: FinishReason) -> &'static str {
     }
 }
 
-/// The receiving end of a started request's events.
-type Started = tokio::sync::mpsc::UnboundedReceiver<Event>;
+/// The receiving end of a started request's events, each with the index of its choice.
+type Started = tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>;
 
 /// A queued request.
 struct Queued {
     id: String,
+    /// How many choices it generates.
+    choices: usize,
     events: Started,
     /// `Some(include_usage)` when the client asked to stream.
     stream: Option<bool>,
@@ -153,7 +155,8 @@ struct Queued {
     logprobs: bool,
 }
 
-/// Validates and queues a request on its model's engine.
+/// Validates and queues a request on its model's engine: one job per choice (`n`), each with its own seed, their
+/// events merged into one channel. Dropping that channel (a client gone) drops every job's, which cancels them.
 fn start(
     s: &Shared,
     m: &Served,
@@ -165,38 +168,60 @@ fn start(
         return Err(ApiError::bad_request("prompt", "the prompt is empty"));
     }
     let (sampler, max_tokens) = sampler(m, &p, prompt.len())?;
+    let choices = p.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&choices) {
+        return Err(ApiError::bad_request(
+            "n",
+            format!("n must be between 1 and {MAX_CHOICES}"),
+        ));
+    }
     let logprobs = requested_logprobs(&p, kind == "chatcmpl")?;
     let stop = p.stop.into_vec();
     if stop.len() > 4 {
         return Err(ApiError::bad_request("stop", "at most 4 stop sequences"));
     }
     let waiting = s.metrics.waiting.get();
-    if waiting >= s.max_waiting {
+    if waiting + choices as i64 > s.max_waiting {
         return Err(ApiError::busy(waiting));
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (merged_tx, merged_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = request_id(kind);
-    tracing::info!(request_id = %id, prompt_tokens = prompt.len(), max_tokens, stream = p.stream, "request queued");
+    tracing::info!(request_id = %id, prompt_tokens = prompt.len(), max_tokens, choices, stream = p.stream, "request queued");
     let arrived = std::time::Instant::now();
-    let job = Job {
-        id: id.clone(),
-        arrived,
-        deadline: s.request_timeout.map(|t| arrived + t),
-        prompt,
-        max_tokens,
-        sampler,
-        stop,
-        logprobs,
-        events: tx,
-    };
-    s.metrics.waiting.inc();
-    m.submit(job)?;
+    for index in 0..choices {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = Job {
+            id: id.clone(),
+            arrived,
+            deadline: s.request_timeout.map(|t| arrived + t),
+            prompt: prompt.clone(),
+            max_tokens,
+            sampler: SamplerConfig {
+                seed: sampler.seed.wrapping_add(index as u64),
+                ..sampler.clone()
+            },
+            stop: stop.clone(),
+            logprobs,
+            events: tx,
+        };
+        s.metrics.waiting.inc();
+        m.submit(job)?;
+        let merged = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                if merged.send((index, event)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let stream = p
         .stream
         .then(|| p.stream_options.is_some_and(|o| o.include_usage));
     Ok(Queued {
         id,
-        events: rx,
+        choices,
+        events: merged_rx,
         stream,
         logprobs: logprobs.is_some(),
     })
@@ -280,28 +305,38 @@ fn completion_logprobs(tokens: &[TokenLogprob]) -> Value {
     })
 }
 
-/// Runs a request to the end: its text, finish reason, usage and logprobs.
-async fn collect(
-    mut started: Started,
-) -> Result<(String, &'static str, Value, Vec<TokenLogprob>), ApiError> {
-    let (mut text, mut all_logprobs) = (String::new(), Vec::new());
-    while let Some(event) = started.recv().await {
+/// One finished choice: its text, finish reason and logprobs.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    finish: Option<&'static str>,
+    logprobs: Vec<TokenLogprob>,
+}
+
+/// Runs a request's choices to the end: each choice, in index order, and the usage (the prompt counted once, the
+/// completion tokens of every choice).
+async fn collect(q: Queued) -> Result<(Vec<Choice>, Value), ApiError> {
+    let mut choices: Vec<Choice> = (0..q.choices).map(|_| Choice::default()).collect();
+    let (mut completion, mut done) = (0, 0);
+    let mut events = q.events;
+    while let Some((index, event)) = events.recv().await {
+        let choice = &mut choices[index];
         match event {
-            Event::Text { text: t, logprobs } => {
-                text.push_str(&t);
-                all_logprobs.extend(logprobs);
+            Event::Text { text, logprobs } => {
+                choice.text.push_str(&text);
+                choice.logprobs.extend(logprobs);
             }
             Event::Done {
                 finish,
                 prompt_tokens,
                 completion_tokens,
             } => {
-                return Ok((
-                    text,
-                    finish_reason(finish),
-                    usage(prompt_tokens, completion_tokens),
-                    all_logprobs,
-                ));
+                choice.finish = Some(finish_reason(finish));
+                completion += completion_tokens;
+                done += 1;
+                if done == q.choices {
+                    return Ok((choices, usage(prompt_tokens, completion)));
+                }
             }
             Event::Failed(message) => return Err(ApiError::internal(message)),
         }
@@ -309,36 +344,45 @@ async fn collect(
     Err(ApiError::internal("the engine dropped the request"))
 }
 
-/// Streams a request as Server-Sent Events: `chunk(text, finish)` builds each JSON chunk; with `include_usage` a
-/// last chunk has empty `choices` and the `usage`; `data: [DONE]` ends the stream. A client that goes away drops
-/// the stream, which drops the request's channel, which cancels its generation.
+/// Streams a request as Server-Sent Events: `chunk(choice, text, finish)` builds each JSON chunk; once every
+/// choice has finished, with `include_usage` a last chunk has empty `choices` and the `usage`, and `data: [DONE]`
+/// ends the stream. A client that goes away drops the stream, which drops the request's channels, which cancels
+/// its generation.
 fn stream(
-    mut started: Started,
+    q: Queued,
     include_usage: bool,
-    chunk: impl Fn(Option<&str>, Option<&str>, &[TokenLogprob]) -> Value + Send + 'static,
+    chunk: impl Fn(usize, Option<&str>, Option<&str>, &[TokenLogprob]) -> Value + Send + 'static,
 ) -> Response {
     let (tx, rx) =
         tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, std::convert::Infallible>>();
+    let (choices, mut started) = (q.choices, q.events);
     tokio::spawn(async move {
         let send = |data: String| tx.send(Ok(SseEvent::default().data(data))).is_ok();
-        while let Some(event) = started.recv().await {
+        let (mut completion, mut done) = (0, 0);
+        while let Some((index, event)) = started.recv().await {
             let sent = match event {
                 Event::Text { text, logprobs } => {
-                    send(chunk(Some(&text), None, &logprobs).to_string())
+                    send(chunk(index, Some(&text), None, &logprobs).to_string())
                 }
                 Event::Done {
                     finish,
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    let mut sent = send(chunk(None, Some(finish_reason(finish)), &[]).to_string());
-                    if include_usage {
-                        let mut last = chunk(None, None, &[]);
-                        last["choices"] = json!([]);
-                        last["usage"] = usage(prompt_tokens, completion_tokens);
-                        sent = sent && send(last.to_string());
+                    let mut sent =
+                        send(chunk(index, None, Some(finish_reason(finish)), &[]).to_string());
+                    (completion, done) = (completion + completion_tokens, done + 1);
+                    if done < choices {
+                        sent
+                    } else {
+                        if include_usage {
+                            let mut last = chunk(index, None, None, &[]);
+                            last["choices"] = json!([]);
+                            last["usage"] = usage(prompt_tokens, completion);
+                            sent = sent && send(last.to_string());
+                        }
+                        sent && send("[DONE]".into())
                     }
-                    sent && send("[DONE]".into())
                 }
                 Event::Failed(message) => send(
                     json!({ "error": { "message": message, "type": "server_error" } }).to_string(),
@@ -376,7 +420,7 @@ pub async fn completions(
     let m = s.registry()?.resolve(req.sampling.model.as_deref())?;
     let ids = m.model.tokenizer.encode(&prompt, true);
     let q = start(&s, m, "cmpl", ids, req.sampling)?;
-    let (id, created, name, want_logprobs) = (q.id, now(), m.name.clone(), q.logprobs);
+    let (id, created, name, want_logprobs) = (q.id.clone(), now(), m.name.clone(), q.logprobs);
     let logprobs = move |tokens: &[TokenLogprob]| {
         if want_logprobs {
             completion_logprobs(tokens)
@@ -386,17 +430,24 @@ pub async fn completions(
     };
     if let Some(include_usage) = q.stream {
         return Ok(stream(
-            q.events,
+            q,
             include_usage,
-            move |text, finish, tokens| {
+            move |index, text, finish, tokens| {
                 json!({ "id": id, "object": "text_completion", "created": created, "model": name,
-                "choices": [{ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs(tokens) }] })
+            "choices": [{ "index": index, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs(tokens) }] })
             },
         ));
     }
-    let (text, finish, usage, tokens) = collect(q.events).await?;
-    Ok(Json(json!({ "id": id, "object": "text_completion", "created": created, "model": name,
-        "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs(&tokens) }], "usage": usage }))
+    let (choices, usage) = collect(q).await?;
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(index, c)| json!({ "index": index, "text": c.text, "finish_reason": c.finish, "logprobs": logprobs(&c.logprobs) }))
+        .collect();
+    Ok(Json(
+        json!({ "id": id, "object": "text_completion", "created": created, "model": name,
+        "choices": choices, "usage": usage }),
+    )
     .into_response())
 }
 
@@ -429,7 +480,7 @@ pub async fn chat_completions(
         }
     }
     let q = start(&s, m, "chatcmpl", ids, req.sampling)?;
-    let (id, created, name, want_logprobs) = (q.id, now(), m.name.clone(), q.logprobs);
+    let (id, created, name, want_logprobs) = (q.id.clone(), now(), m.name.clone(), q.logprobs);
     let logprobs = move |tokens: &[TokenLogprob]| {
         if want_logprobs {
             chat_logprobs(tokens)
@@ -438,27 +489,39 @@ pub async fn chat_completions(
         }
     };
     if let Some(include_usage) = q.stream {
-        let first = std::sync::atomic::AtomicBool::new(true);
+        // Each choice's first chunk carries the role.
+        let started: Vec<std::sync::atomic::AtomicBool> = (0..q.choices)
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect();
         return Ok(stream(
-            q.events,
+            q,
             include_usage,
-            move |text, finish, tokens| {
+            move |index, text, finish, tokens| {
                 let mut delta = json!({});
-                if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                if !started[index].swap(true, std::sync::atomic::Ordering::Relaxed) {
                     delta["role"] = json!("assistant");
                 }
                 if let Some(text) = text {
                     delta["content"] = json!(text);
                 }
                 json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs(tokens) }] })
+            "choices": [{ "index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs(tokens) }] })
             },
         ));
     }
-    let (text, finish, usage, tokens) = collect(q.events).await?;
-    Ok(Json(json!({ "id": id, "object": "chat.completion", "created": created, "model": name,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish,
-            "logprobs": logprobs(&tokens) }], "usage": usage }))
+    let (choices, usage) = collect(q).await?;
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            json!({ "index": index, "message": { "role": "assistant", "content": c.text },
+            "finish_reason": c.finish, "logprobs": logprobs(&c.logprobs) })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "id": id, "object": "chat.completion", "created": created, "model": name,
+        "choices": choices, "usage": usage }),
+    )
     .into_response())
 }
 
