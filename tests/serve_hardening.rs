@@ -445,3 +445,93 @@ fn a_request_past_its_timeout_stops_with_finish_reason_length() {
         "{stderr}"
     );
 }
+
+/// Waits (up to 30 s) for a server log line containing `text`.
+fn wait_for_log(s: &Server, text: &str) {
+    let logged = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        s.log.lock().unwrap().iter().any(|l| l.contains(text))
+    });
+    assert!(
+        logged,
+        "no log line with {text:?}: {:?}",
+        s.log.lock().unwrap()
+    );
+}
+
+#[test]
+fn sighup_reloads_the_plans_and_a_failed_reload_keeps_the_old_ones() {
+    let (Some(first), Some((_, ternary))) = (plan(), common::quantized_smollm2("tq2_0")) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let second = dir.join("reload-second.plan");
+    common::kiln_ok(&[
+        "compile",
+        ternary.to_str().unwrap(),
+        "-o",
+        second.to_str().unwrap(),
+    ]);
+    // The server serves whatever lies at this path; it is replaced by renaming, as a deployment would.
+    let served = dir.join("reload-served.plan");
+    let replace = |from: &std::path::Path| {
+        let staged = dir.join("reload-staged.plan");
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, &served).unwrap();
+    };
+    replace(std::path::Path::new(&first));
+    let s = Server::start(&[], served.to_str().unwrap(), &[], &[]);
+    let greedy = |max_tokens: usize| {
+        let (status, _, body) = post_json(
+            &s,
+            "/v1/completions",
+            &format!(
+                r#"{{"prompt": "The capital of France is", "max_tokens": {max_tokens}, "temperature": 0}}"#
+            ),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let tokens = v["usage"]["completion_tokens"].as_u64().unwrap();
+        (
+            v["choices"][0]["text"].as_str().unwrap().to_string(),
+            tokens,
+        )
+    };
+    let hangup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &s.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let (before, _) = greedy(8);
+
+    // A request in flight across the reload finishes on the model it started with.
+    let address = s.address.clone();
+    let in_flight = std::thread::spawn(move || {
+        request(
+            &address,
+            "POST",
+            "/v1/completions",
+            &["Content-Type: application/json"],
+            br#"{"prompt": "1, 2, 3, 4,", "max_tokens": 200, "temperature": 0, "stop": ["never"]}"#,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    replace(&second);
+    hangup();
+    wait_for_log(&s, "reloaded");
+    let (after, _) = greedy(8);
+    assert_ne!(after, before, "the reloaded plan answers differently");
+    let (status, _, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 200, "{body}");
+
+    // A plan that cannot load changes nothing: the error is logged and the loaded model keeps answering.
+    std::fs::write(dir.join("reload-staged.plan"), b"not a plan").unwrap();
+    std::fs::rename(dir.join("reload-staged.plan"), &served).unwrap();
+    hangup();
+    wait_for_log(&s, "reload failed");
+    assert_eq!(greedy(8).0, after);
+}

@@ -417,7 +417,8 @@ pub async fn completions(
             ))
         }
     };
-    let m = s.registry()?.resolve(req.sampling.model.as_deref())?;
+    let registry = s.registry()?;
+    let m = registry.resolve(req.sampling.model.as_deref())?;
     let ids = m.model.tokenizer.encode(&prompt, true);
     let q = start(&s, m, "cmpl", ids, req.sampling)?;
     let (id, created, name, want_logprobs) = (q.id.clone(), now(), m.name.clone(), q.logprobs);
@@ -456,7 +457,8 @@ pub async fn chat_completions(
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = parse(body)?;
-    let m = s.registry()?.resolve(req.sampling.model.as_deref())?;
+    let registry = s.registry()?;
+    let m = registry.resolve(req.sampling.model.as_deref())?;
     let template = m.template.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "messages",
@@ -530,7 +532,8 @@ pub async fn tokenize(
     body: Result<Json<TokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req = parse(body)?;
-    let m = s.registry()?.resolve(req.model.as_deref())?;
+    let registry = s.registry()?;
+    let m = registry.resolve(req.model.as_deref())?;
     let tokens = m
         .model
         .tokenizer
@@ -545,7 +548,8 @@ pub async fn detokenize(
     body: Result<Json<DetokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req = parse(body)?;
-    let m = s.registry()?.resolve(req.model.as_deref())?;
+    let registry = s.registry()?;
+    let m = registry.resolve(req.model.as_deref())?;
     let text = m
         .model
         .tokenizer

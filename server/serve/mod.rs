@@ -62,8 +62,9 @@ pub struct ServeArgs {
 }
 
 pub struct AppState {
-    /// Set once every model is loaded; until then `/health` and `/ready` answer 503 and requests are refused.
-    registry: std::sync::OnceLock<Registry>,
+    /// Set once every model is loaded (until then `/health` and `/ready` answer 503 and requests are refused), and
+    /// replaced whole by a reload. A request holds the registry it started with, so it finishes on those models.
+    registry: std::sync::RwLock<Option<Arc<Registry>>>,
     metrics: Arc<Metrics>,
     max_waiting: i64,
     /// `--request-timeout`, when set.
@@ -73,8 +74,36 @@ pub struct AppState {
 
 impl AppState {
     /// The models, or 503 while they load.
-    fn registry(&self) -> Result<&Registry, ApiError> {
-        self.registry.get().ok_or_else(ApiError::loading)
+    fn registry(&self) -> Result<Arc<Registry>, ApiError> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(ApiError::loading)
+    }
+
+    fn set_registry(&self, registry: Registry) {
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(registry));
+    }
+}
+
+/// What loading the models takes, kept to load them again on SIGHUP.
+struct ModelSet {
+    models: Vec<(String, PathBuf)>,
+    aliases: Vec<(String, String)>,
+    ctx: usize,
+    engine: crate::commands::EngineArgs,
+    metrics: Arc<Metrics>,
+}
+
+impl ModelSet {
+    fn load(&self) -> anyhow::Result<Registry> {
+        let paths: Vec<(String, &std::path::Path)> = self
+            .models
+            .iter()
+            .map(|(n, p)| (n.clone(), p.as_path()))
+            .collect();
+        Registry::load(&paths, &self.aliases, self.ctx, &self.engine, &self.metrics)
     }
 }
 
@@ -124,7 +153,7 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
         );
     }
     let state = Arc::new(AppState {
-        registry: std::sync::OnceLock::new(),
+        registry: std::sync::RwLock::new(None),
         metrics: Arc::clone(&metrics),
         max_waiting: args.max_waiting,
         request_timeout: request_timeout(args.request_timeout)?,
@@ -170,21 +199,27 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
             format!("http://{}/metrics", metrics_listener.local_addr()?),
         );
         tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
-        let (ctx, engine) = (args.ctx, args.engine.clone());
+        let set = Arc::new(ModelSet {
+            models,
+            aliases,
+            ctx: args.ctx,
+            engine: args.engine.clone(),
+            metrics,
+        });
+        let (loader, loaded) = (Arc::clone(&set), Arc::clone(&state));
         let loading = tokio::task::spawn_blocking(move || {
-            let paths: Vec<(String, &std::path::Path)> = models
-                .iter()
-                .map(|(n, p)| (n.clone(), p.as_path()))
-                .collect();
-            let registry = Registry::load(&paths, &aliases, ctx, &engine, &metrics)?;
+            let registry = loader.load()?;
             let count = registry.len();
-            let _ = state.registry.set(registry);
+            loaded.set_registry(registry);
             anyhow::Ok(count)
         });
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
         tokio::spawn(async move {
             match loading.await {
-                Ok(Ok(count)) => announce_ready(json_logs, count),
+                Ok(Ok(count)) => {
+                    announce_ready(json_logs, count);
+                    reload_on_hangup(set, state).await;
+                }
                 Ok(Err(e)) => {
                     let _ = failed_tx.send(e);
                 }
@@ -217,6 +252,40 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
             None => Ok(()),
         }
     })
+}
+
+/// On each SIGHUP, loads every model again from its path and, when all load, serves them instead: requests in
+/// flight finish on the old ones, whose engines stop once their queues are empty. A failed load is logged and
+/// changes nothing.
+async fn reload_on_hangup(set: Arc<ModelSet>, state: Shared) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; plans will not be reloaded");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the models");
+            let loader = Arc::clone(&set);
+            match tokio::task::spawn_blocking(move || loader.load()).await {
+                Ok(Ok(registry)) => {
+                    let count = registry.len();
+                    state.set_registry(registry);
+                    tracing::info!(models = count, "reloaded");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!("reload failed, still serving the models loaded before: {e:#}")
+                }
+                Err(e) => {
+                    tracing::error!("reload stopped, still serving the models loaded before: {e}")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (set, state);
 }
 
 fn announce_ready(json_logs: bool, models: usize) {
