@@ -77,7 +77,7 @@ fn unknown_architecture() {
     let path = temp_file("mamba.gguf", &gguf_with_architecture("mamba"));
     assert_one_line_error(
         &["run", path.to_str().unwrap(), "-p", "hi"],
-        "unsupported architecture `mamba` (kiln knows: llama, qwen2, gemma3)",
+        "unsupported architecture `mamba` (kiln knows: llama, qwen2, gemma3, bitnet)",
     );
 }
 
