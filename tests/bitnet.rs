@@ -24,14 +24,7 @@ fn greedy(path: &Path, extra: &[&str]) -> (Vec<u64>, Vec<(u64, f64)>) {
 fn i2_s_model() -> Option<(PathBuf, PathBuf)> {
     let source = common::bitnet::synthetic_bitnet()?;
     let out = source.with_file_name("bitnet-synthetic-i2_s.gguf");
-    common::kiln_ok(&[
-        "quantize",
-        source.to_str().unwrap(),
-        "--to",
-        "i2_s",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    common::quantize(&source, "i2_s", &out);
     Some((source, out))
 }
 
@@ -66,13 +59,7 @@ fn a_bitnet_model_round_trips_through_quantize_compile_and_run() {
     }
     assert_eq!(formats("token_embd.weight"), [QuantFormat::F16]);
 
-    let plan = i2s.with_extension("plan");
-    common::kiln_ok(&[
-        "compile",
-        i2s.to_str().unwrap(),
-        "-o",
-        plan.to_str().unwrap(),
-    ]);
+    let plan = common::compile(&i2s, None);
     let inspect = common::kiln_ok(&["inspect", plan.to_str().unwrap()]);
     for want in [
         "(bitnet)",

@@ -66,16 +66,7 @@ fn ternary_files_hold_absmean_digits_and_both_packings_run_alike() {
     // Compiled, their matmuls run the generated TQ2_0 and TQ1_0 kernels, whose integer sums agree exactly.
     let plans: Vec<PathBuf> = [&tq2, &tq1]
         .iter()
-        .map(|gguf| {
-            let plan = gguf.with_extension("plan");
-            common::kiln_ok(&[
-                "compile",
-                gguf.to_str().unwrap(),
-                "-o",
-                plan.to_str().unwrap(),
-            ]);
-            plan
-        })
+        .map(|gguf| common::compile(gguf, None))
         .collect();
     assert_eq!(greedy_ids(&plans[0], 6), greedy_ids(&plans[1], 6));
 }
@@ -136,13 +127,7 @@ fn i2_s_holds_one_absmean_scale_per_tensor_and_its_kernel_agrees_with_the_refere
     }
     // Compiled, the I2_S matmuls run the generated kernel (per-token int8 activations); interpreted, the reference
     // dot product. The model is nonsense and amplifies every rounding difference, but the first token holds.
-    let plan = i2s.with_extension("plan");
-    common::kiln_ok(&[
-        "compile",
-        i2s.to_str().unwrap(),
-        "-o",
-        plan.to_str().unwrap(),
-    ]);
+    let plan = common::compile(&i2s, None);
     let inspect = common::kiln_ok(&["inspect", plan.to_str().unwrap()]);
     assert!(
         inspect.contains("i2_s[576, 1536] x4"),

@@ -465,13 +465,7 @@ fn sighup_reloads_the_plans_and_a_failed_reload_keeps_the_old_ones() {
         return;
     };
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let second = dir.join("reload-second.plan");
-    common::kiln_ok(&[
-        "compile",
-        ternary.to_str().unwrap(),
-        "-o",
-        second.to_str().unwrap(),
-    ]);
+    let second = common::compile(&ternary, Some(&dir.join("reload-second.plan")));
     // The server serves whatever lies at this path; it is replaced by renaming, as a deployment would.
     let served = dir.join("reload-served.plan");
     let replace = |from: &std::path::Path| {

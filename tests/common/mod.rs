@@ -214,13 +214,7 @@ pub fn smollm2_plan() -> Option<PathBuf> {
         // One file in cargo's scratch directory, replaced (atomically, by the plan writer) by each test binary:
         // nothing accumulates across runs.
         let plan = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2.plan");
-        kiln_ok(&[
-            "compile",
-            gguf.to_str().unwrap(),
-            "-o",
-            plan.to_str().unwrap(),
-        ]);
-        Some(plan)
+        Some(compile(&gguf, Some(&plan)))
     })
     .clone()
 }
@@ -229,6 +223,12 @@ pub fn smollm2_plan() -> Option<PathBuf> {
 pub fn quantized_smollm2(format: &str) -> Option<(PathBuf, PathBuf)> {
     let source = model("smollm2")?;
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("smollm2-{format}.gguf"));
+    quantize(&source, format, &out);
+    Some((source, out))
+}
+
+/// `kiln quantize SOURCE --to FORMAT -o OUT`, which must succeed.
+pub fn quantize(source: &Path, format: &str, out: &Path) {
     kiln_ok(&[
         "quantize",
         source.to_str().unwrap(),
@@ -237,7 +237,18 @@ pub fn quantized_smollm2(format: &str) -> Option<(PathBuf, PathBuf)> {
         "-o",
         out.to_str().unwrap(),
     ]);
-    Some((source, out))
+}
+
+/// `kiln compile GGUF -o PLAN` (the plan beside the model, or at `plan`), which must succeed; returns the plan.
+pub fn compile(gguf: &Path, plan: Option<&Path>) -> PathBuf {
+    let plan = plan.map_or_else(|| gguf.with_extension("plan"), Path::to_path_buf);
+    kiln_ok(&[
+        "compile",
+        gguf.to_str().unwrap(),
+        "-o",
+        plan.to_str().unwrap(),
+    ]);
+    plan
 }
 
 /// `kiln run PATH -p "The capital of France is" -n N --temp 0 --json [EXTRA...]`: the reference prompt, greedy,
