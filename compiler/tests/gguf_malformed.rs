@@ -136,6 +136,20 @@ fn reads_version_2_and_nested_arrays() {
 }
 
 #[test]
+fn reads_i2_s_with_its_scale_trailer() {
+    let mut data = vec![0x55u8; 32]; // 128 codes of 1: zeros
+    data[0] = 0b10_00_01_01; // element 0: +1, element 32: -1
+    data.extend(0.5f32.to_le_bytes());
+    data.extend([0u8; 28]);
+    let file = GgufFile::from_bytes(valid().tensor("t", &[128], 36, 64, &data).bytes()).unwrap();
+    let t = file.tensor("t").unwrap();
+    assert_eq!((t.format, t.size), (kiln_ir::QuantFormat::I2_S, 64));
+    let mut y = vec![0f32; 128];
+    kiln_ir::dequant::dequantize(t.format, file.tensor_data(t), &mut y);
+    assert_eq!((y[0], y[32], y[1]), (0.5, -0.5, 0.0));
+}
+
+#[test]
 fn honours_general_alignment() {
     let f32s: Vec<u8> = [1.0f32; 4].iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut b = Builder::new()
@@ -184,6 +198,11 @@ fn malformed_files_give_precise_errors() {
         ("overlap", valid().tensor("t", &[4], 0, 32, &[]).bytes(), "overlaps tensor"),
         ("duplicate tensor", valid().tensor("a", &[4], 0, 64, &[0; 16]).bytes(), "tensor `a` name: duplicate tensor name"),
         ("truncated data", { let b = valid().bytes(); b[..b.len() - 1].to_vec() }, "tensor `b` data: 16 bytes at data offset 32 run past the end of the file (47 data bytes)"),
+        // I2_S (id 36) carries its 32-byte scale trailer after the codes: 128 weights take 32 + 32 bytes, and a
+        // tensor laid out without the trailer runs into the next one.
+        ("i2_s without its trailer", valid().tensor("t", &[128], 36, 64, &[0x55; 32]).tensor("u", &[16], 0, 96, &[0; 64]).bytes(),
+            "tensor `t` data: overlaps tensor `u` at data offset 96"),
+        ("tl2 or mxfp4", valid().tensor("t", &[32], 39, 64, &[0; 32]).bytes(), "type 39 (TL2 (bitnet.cpp) or MXFP4 (upstream); kiln reads neither) is not supported"),
     ];
     for (what, bytes, want) in cases {
         let got = error_of(bytes);
