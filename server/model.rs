@@ -97,7 +97,14 @@ impl Model {
     /// An executor over this model's weights, for sequences of up to `ctx` positions (0: the model's trained
     /// context length, capped at 4096 to keep the KV cache small): a plan's generated code on the device
     /// `--device` picks, or the reference interpreter for GGUF files and when asked for.
-    pub fn executor(&self, ctx: usize, engine: &EngineArgs) -> Result<Box<dyn Engine + '_>> {
+    /// An executor for this model with a context of `ctx` (0: the model's, at most 4096) that keeps up to `slots`
+    /// sequences at once where it can (the CPU executor; the others keep one).
+    pub fn executor(
+        &self,
+        ctx: usize,
+        engine: &EngineArgs,
+        slots: usize,
+    ) -> Result<Box<dyn Engine + '_>> {
         let ctx = if ctx == 0 {
             self.info.context_length.min(4096)
         } else {
@@ -136,7 +143,7 @@ impl Model {
                 Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot run on cuda:{ordinal}"))),
             }
         }
-        let executor = CpuExecutor::new(plan, engine.threads(), ctx)?;
+        let executor = CpuExecutor::new(plan, engine.threads(), ctx)?.with_slots(slots);
         if executor.fallbacks() > 0 {
             tracing::warn!(
                 launches = executor.fallbacks(),

@@ -128,3 +128,54 @@ fn qwen2_compiled_perplexity_matches_the_reference() {
 fn gemma3_compiled_perplexity_matches_the_reference() {
     perplexities_agree("gemma3");
 }
+
+/// A sequence's logits are bitwise the same whether it runs alone or batched with others (a prompt chunk of one
+/// sequence and decode tokens of others in one step), in any slot.
+#[test]
+fn batching_sequences_changes_no_logit() {
+    use kiln_runtime::SeqTokens;
+    let Some(path) = common::smollm2_plan() else {
+        return;
+    };
+    let plan = PlanFile::open(&path).unwrap();
+    let (a, b) = (
+        [504u32, 3575, 282, 4649, 314],
+        [33u32, 28, 216, 28, 223, 28, 230, 28, 1041],
+    );
+    // Alone: A's prompt, then three tokens one at a time.
+    let mut alone = CpuExecutor::new(&plan, 2, 64).unwrap();
+    let mut expected = vec![alone.forward_last(&a, 0).unwrap()];
+    for (i, &next) in [28u32, 1041, 3575].iter().enumerate() {
+        expected.push(alone.forward_last(&[next], a.len() + i).unwrap());
+    }
+    // Batched: A in slot 2, next to B in slot 0, whose prompt arrives in two chunks while A decodes.
+    let mut batched = CpuExecutor::new(&plan, 2, 64).unwrap().with_slots(3);
+    assert_eq!(batched.slots(), 3);
+    let seq = |slot, tokens, start| SeqTokens {
+        slot,
+        tokens,
+        start,
+    };
+    let mut got = batched.step_batch(&[seq(2, &a[..], 0)]).unwrap();
+    let first = batched
+        .step_batch(&[seq(0, &b[..4], 0), seq(2, &[28], a.len())])
+        .unwrap();
+    let second = batched
+        .step_batch(&[seq(0, &b[4..], 4), seq(2, &[1041], a.len() + 1)])
+        .unwrap();
+    let third = batched
+        .step_batch(&[seq(2, &[3575], a.len() + 2), seq(0, &[28], b.len())])
+        .unwrap();
+    got.extend([first[1].clone(), second[1].clone(), third[0].clone()]);
+    for (step, (e, g)) in expected.iter().zip(&got).enumerate() {
+        assert!(
+            e == g,
+            "step {step}: batched logits differ from the sequence alone"
+        );
+    }
+    // B's last rows are its own: the same as B alone.
+    let mut b_alone = CpuExecutor::new(&plan, 2, 64).unwrap();
+    assert!(b_alone.forward_last(&b, 0).unwrap() == second[0]);
+    // A slot the executor does not keep is an error.
+    assert!(batched.step_batch(&[seq(3, &a[..], 0)]).is_err());
+}

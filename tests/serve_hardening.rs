@@ -177,7 +177,7 @@ fn api_keys_and_a_full_queue() {
     let s = Server::start(
         &[],
         &plan,
-        &["--max-waiting", "1"],
+        &["--max-waiting", "1", "--max-running", "1"],
         &[("KILN_API_KEYS", "sekrit, other")],
     );
     assert_eq!(
@@ -213,8 +213,9 @@ fn api_keys_and_a_full_queue() {
         200
     );
 
-    // One request runs, one waits, the third is turned away with Retry-After. The first runs for seconds (a count
-    // that goes on without an end-of-text token), so the second still waits when the third comes.
+    // One request runs (one at a time: --max-running 1), one waits, the third is turned away with Retry-After. The
+    // first runs for seconds (a count that goes on without an end-of-text token), so the second still waits when
+    // the third comes.
     let auth = [
         "Content-Type: application/json",
         "Authorization: Bearer sekrit",

@@ -1,4 +1,5 @@
-//! The interface every executor offers: run a step of tokens of one sequence, get logits.
+//! The interface every executor offers: run a step of tokens of one sequence, get logits; and, where the executor
+//! keeps several sequences, a step of tokens from many at once.
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -22,6 +23,16 @@ pub enum ExecError {
     EmptyInput,
     #[error("the GPU failed while {doing}: {reason}")]
     Device { doing: &'static str, reason: String },
+    #[error("sequence slot {slot} does not exist (this executor keeps {slots})")]
+    NoSlot { slot: usize, slots: usize },
+}
+
+/// One sequence's part of a batched step: `tokens` at positions `start..` of the sequence in cache slot `slot`.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqTokens<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    pub start: usize,
 }
 
 /// Checks a step of `tokens` at `start..` against a sequence with `cached` positions in a context of `max`.
@@ -86,4 +97,23 @@ pub trait Engine {
     /// The most positions a sequence may use.
     fn max_context(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// How many sequences the executor keeps at once, each in its cache slot `0..slots()`. `step` uses slot 0.
+    fn slots(&self) -> usize {
+        1
+    }
+    /// Runs the tokens of several sequences (distinct slots) as one step and returns each sequence's last-token
+    /// logits, in order. The result does not depend on what else is in the batch. This default runs them one
+    /// after another, for executors with one slot.
+    fn step_batch(&mut self, batch: &[SeqTokens]) -> Result<Vec<Vec<f32>>, ExecError> {
+        batch
+            .iter()
+            .map(|s| match s.slot {
+                0 => self.forward_last(s.tokens, s.start),
+                slot => Err(ExecError::NoSlot {
+                    slot,
+                    slots: self.slots(),
+                }),
+            })
+            .collect()
+    }
 }

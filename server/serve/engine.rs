@@ -1,15 +1,17 @@
-//! The engine thread: it owns one model's executor and runs one job at a time, streaming text back as it is
-//! generated. (Continuous batching across requests comes with the batched executor.)
+//! The engine thread: it owns one model's executor and schedules its jobs with continuous batching. Each step
+//! feeds a prompt chunk of one new sequence together with the next token of every sequence already generating, so
+//! requests join and leave the batch at any step; text streams back as it is generated. Every op of a step works
+//! per token (attention within each token's own sequence), so a request's tokens do not depend on its neighbours.
 
 use super::handlers::finish_reason;
 use super::metrics::Metrics;
 use crate::commands::EngineArgs;
 use crate::model::Model;
-use kiln_runtime::generate::{generate, log_softmax, top_logits, FinishReason};
+use kiln_runtime::generate::{log_softmax, top_logits, FinishReason};
 use kiln_runtime::stop::StopMatcher;
 use kiln_runtime::tokenizer::StreamDecoder;
-use kiln_runtime::{Sampler, SamplerConfig, Tokenizer};
-use std::ops::ControlFlow;
+use kiln_runtime::{Engine, Sampler, SamplerConfig, SeqTokens, Tokenizer};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -54,12 +56,14 @@ pub enum Event {
     Failed(String),
 }
 
-/// Starts the engine thread; jobs sent on the returned channel run in order.
+/// Starts the engine thread, which schedules the jobs sent on the returned channel: up to `max_running` (and the
+/// executor's slots) generate together, one batched step at a time.
 pub fn spawn(
     model: Arc<Model>,
     ctx: usize,
     engine_args: EngineArgs,
     metrics: Arc<Metrics>,
+    max_running: usize,
 ) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     // The executor is built once, on the engine thread (it owns it; a GPU executor is not `Send`), and start-up
@@ -68,7 +72,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("kiln-engine".into())
         .spawn(move || {
-            let mut engine = match model.executor(ctx, &engine_args) {
+            let mut engine = match model.executor(ctx, &engine_args, max_running) {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
                     engine
@@ -78,17 +82,14 @@ pub fn spawn(
                     return;
                 }
             };
-            for job in rx {
-                metrics.waiting.dec();
-                metrics.running.inc();
-                metrics
-                    .queue_time
-                    .observe(job.arrived.elapsed().as_secs_f64());
-                metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
-                run(&model, engine.as_mut(), job, &metrics, ctx);
-                metrics.running.dec();
-                metrics.kv_cache_usage.set(0.0);
+            Scheduler {
+                model: &model,
+                metrics: &metrics,
+                ctx,
+                slots: engine.slots().min(max_running).max(1),
+                running: Vec::new(),
             }
+            .run(engine.as_mut(), rx);
         })?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(tx),
@@ -119,110 +120,262 @@ fn token_logprob(tokenizer: &Tokenizer, id: u32, logits: &[f32], top: usize) -> 
     }
 }
 
-fn run(
-    model: &Model,
-    engine: &mut dyn kiln_runtime::Engine,
-    job: Job,
-    metrics: &Metrics,
+/// Prompt tokens fed per step: a long prompt goes in chunks, between which the other sequences keep decoding.
+const PREFILL_CHUNK: usize = 256;
+
+/// The sequences an engine generates at once, each in a cache slot of the executor.
+struct Scheduler<'m> {
+    model: &'m Model,
+    metrics: &'m Metrics,
     ctx: usize,
-) {
-    let tokenizer = &model.tokenizer;
-    let mut sampler = Sampler::new(job.sampler);
-    let (mut decoder, mut stop) = (StreamDecoder::default(), StopMatcher::new(job.stop));
-    let events = &job.events;
-    // Logprobs of tokens whose text is still held back; they go out with that text.
-    let mut pending: Vec<TokenLogprob> = Vec::new();
-    let send = |text: String, pending: &mut Vec<TokenLogprob>| {
-        text.is_empty()
-            || events
-                .send(Event::Text {
-                    text,
-                    logprobs: std::mem::take(pending),
-                })
-                .is_ok()
-    };
-    let (mut last_token, mut generated, mut hit_stop_string) = (None::<Instant>, 0, false);
-    let mut timed_out = false;
-    let result = generate(
-        engine,
-        tokenizer,
-        &mut sampler,
-        &job.prompt,
-        0,
-        job.max_tokens,
-        |id, logits| {
-            match last_token {
-                None => metrics
-                    .time_to_first_token
-                    .observe(job.arrived.elapsed().as_secs_f64()),
-                Some(t) => metrics
-                    .inter_token_latency
-                    .observe(t.elapsed().as_secs_f64()),
-            }
-            last_token = Some(Instant::now());
-            generated += 1;
-            metrics.generation_tokens.inc();
-            metrics
-                .kv_cache_usage
-                .set((job.prompt.len() + generated) as f64 / ctx as f64);
-            if let Some(top) = job.logprobs {
-                pending.push(token_logprob(tokenizer, id, logits, top));
-            }
-            let bytes = tokenizer.token_bytes(id).unwrap_or_default();
-            let (text, stopped) = stop.push(&decoder.push(&bytes));
-            hit_stop_string = stopped;
-            timed_out = job.deadline.is_some_and(|d| Instant::now() >= d);
-            match (send(text, &mut pending), stopped) {
-                (false, _) => ControlFlow::Break(FinishReason::Cancelled),
-                (true, true) => ControlFlow::Break(FinishReason::Stop),
-                (true, false) if timed_out => ControlFlow::Break(FinishReason::Length),
-                (true, false) => ControlFlow::Continue(()),
-            }
-        },
-    );
-    let event = match result {
-        Ok(generation) if generation.finish == FinishReason::Cancelled => {
-            tracing::info!(request_id = %job.id, completion_tokens = generation.ids.len(), "request cancelled: the client went away");
-            return;
-        }
-        Ok(generation) => {
-            // Unless a stop string ended it, release what was held back (an unfinished character, or text that
-            // could have begun a stop string).
-            if !hit_stop_string {
-                let (text, stopped) = stop.push(&decoder.finish());
-                let rest = if stopped {
-                    String::new()
+    slots: usize,
+    running: Vec<Sequence>,
+}
+
+impl Scheduler<'_> {
+    /// Runs until the job channel closes and every admitted job is done.
+    fn run(mut self, engine: &mut dyn Engine, jobs: Receiver<Job>) {
+        let mut open = true;
+        loop {
+            // Admit waiting jobs into free slots, blocking for one when nothing runs.
+            while open && self.running.len() < self.slots {
+                let next = if self.running.is_empty() {
+                    jobs.recv().map_err(|_| TryRecvError::Disconnected)
                 } else {
-                    stop.finish()
+                    jobs.try_recv()
                 };
-                if !send(text + &rest, &mut pending) {
-                    return;
+                match next {
+                    Ok(job) => self.admit(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            let e2e = job.arrived.elapsed();
-            if timed_out && generation.finish == FinishReason::Length {
-                tracing::warn!(request_id = %job.id, "request timed out (--request-timeout): generation stopped");
+            if self.running.is_empty() {
+                return;
             }
-            metrics.e2e_latency.observe(e2e.as_secs_f64());
-            metrics.finished(finish_reason(generation.finish));
-            tracing::info!(
-                request_id = %job.id,
-                finish = finish_reason(generation.finish),
-                prompt_tokens = job.prompt.len(),
-                completion_tokens = generation.ids.len(),
-                e2e_ms = e2e.as_millis() as u64,
-                "request finished"
-            );
-            Event::Done {
-                finish: generation.finish,
-                prompt_tokens: job.prompt.len(),
-                completion_tokens: generation.ids.len(),
+            self.step(engine);
+        }
+    }
+
+    fn admit(&mut self, job: Job) {
+        let slot = (0..self.slots)
+            .find(|&slot| self.running.iter().all(|s| s.slot != slot))
+            .expect("admitted only with a slot free");
+        self.metrics.waiting.dec();
+        self.metrics.running.inc();
+        self.metrics
+            .queue_time
+            .observe(job.arrived.elapsed().as_secs_f64());
+        self.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+        self.running.push(Sequence::new(job, slot));
+    }
+
+    /// One batched step: a prompt chunk of the oldest sequence still reading its prompt, then the next token of
+    /// every sequence that is generating (the order the executor computes the fewest logits rows for).
+    fn step(&mut self, engine: &mut dyn Engine) {
+        let prefilling = self.running.iter().position(Sequence::prefilling);
+        let order: Vec<usize> = prefilling
+            .into_iter()
+            .chain((0..self.running.len()).filter(|&i| !self.running[i].prefilling()))
+            .collect();
+        let inputs: Vec<Vec<u32>> = order.iter().map(|&i| self.running[i].input()).collect();
+        let batch: Vec<SeqTokens> = order
+            .iter()
+            .zip(&inputs)
+            .map(|(&i, tokens)| SeqTokens {
+                slot: self.running[i].slot,
+                tokens,
+                start: self.running[i].position,
+            })
+            .collect();
+        let mut done = vec![false; self.running.len()];
+        match engine.step_batch(&batch) {
+            Ok(rows) => {
+                for ((&i, row), input) in order.iter().zip(rows).zip(&inputs) {
+                    let seq = &mut self.running[i];
+                    if let Some(finish) = seq.advance(input.len(), &row, self.model, self.metrics) {
+                        seq.finish(finish, self.metrics);
+                        done[i] = true;
+                    }
+                }
+            }
+            Err(e) => {
+                for &i in &order {
+                    tracing::error!(request_id = %self.running[i].job.id, error = %e, "request failed");
+                    let _ = self.running[i]
+                        .job
+                        .events
+                        .send(Event::Failed(e.to_string()));
+                    done[i] = true;
+                }
             }
         }
-        Err(e) => {
-            tracing::error!(request_id = %job.id, error = %e, "request failed");
-            Event::Failed(e.to_string())
+        let mut index = 0;
+        self.running.retain(|_| {
+            index += 1;
+            !done[index - 1]
+        });
+        for _ in done.iter().filter(|&&d| d) {
+            self.metrics.running.dec();
         }
-    };
-    let _ = events.send(event);
+        let cached: usize = self.running.iter().map(|s| s.position).sum();
+        self.metrics
+            .kv_cache_usage
+            .set(cached as f64 / (self.slots * self.ctx) as f64);
+    }
+}
+
+/// One job in generation: where it is, and what it has sent.
+struct Sequence {
+    job: Job,
+    slot: usize,
+    /// Positions fed so far: the prompt first, then each generated token.
+    position: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: StopMatcher,
+    /// Logprobs of tokens whose text is still held back; they go out with that text.
+    pending: Vec<TokenLogprob>,
+    /// The prompt and the tokens generated so far (for the repetition penalties).
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    last_token: Option<Instant>,
+    hit_stop_string: bool,
+    timed_out: bool,
+}
+
+impl Sequence {
+    fn new(job: Job, slot: usize) -> Self {
+        Sequence {
+            slot,
+            position: 0,
+            sampler: Sampler::new(job.sampler.clone()),
+            decoder: StreamDecoder::default(),
+            stop: StopMatcher::new(job.stop.clone()),
+            pending: Vec::new(),
+            history: job.prompt.clone(),
+            generated: Vec::new(),
+            last_token: None,
+            hit_stop_string: false,
+            timed_out: false,
+            job,
+        }
+    }
+
+    fn prefilling(&self) -> bool {
+        self.position < self.job.prompt.len()
+    }
+
+    /// The tokens this sequence feeds next: a chunk of its prompt, or the token it generated last.
+    fn input(&self) -> Vec<u32> {
+        if self.prefilling() {
+            let end = (self.position + PREFILL_CHUNK).min(self.job.prompt.len());
+            self.job.prompt[self.position..end].to_vec()
+        } else {
+            vec![*self
+                .generated
+                .last()
+                .expect("generating after a first token")]
+        }
+    }
+
+    /// Sends text now safe to send, with the logprobs held for it; false when the client has gone.
+    fn send(&mut self, text: String) -> bool {
+        text.is_empty()
+            || self
+                .job
+                .events
+                .send(Event::Text {
+                    text,
+                    logprobs: std::mem::take(&mut self.pending),
+                })
+                .is_ok()
+    }
+
+    /// Takes a step's result: `fed` positions went in, and `logits` are its last token's. Returns why the
+    /// sequence ends, if it does.
+    fn advance(
+        &mut self,
+        fed: usize,
+        logits: &[f32],
+        model: &Model,
+        metrics: &Metrics,
+    ) -> Option<FinishReason> {
+        self.position += fed;
+        if self.prefilling() {
+            return None;
+        }
+        let tokenizer = &model.tokenizer;
+        let id = self.sampler.sample(logits, &self.history, &self.generated);
+        if tokenizer.is_end_of_generation(id) {
+            return Some(FinishReason::Stop);
+        }
+        match self.last_token {
+            None => metrics
+                .time_to_first_token
+                .observe(self.job.arrived.elapsed().as_secs_f64()),
+            Some(t) => metrics
+                .inter_token_latency
+                .observe(t.elapsed().as_secs_f64()),
+        }
+        self.last_token = Some(Instant::now());
+        self.generated.push(id);
+        self.history.push(id);
+        metrics.generation_tokens.inc();
+        if let Some(top) = self.job.logprobs {
+            self.pending.push(token_logprob(tokenizer, id, logits, top));
+        }
+        let bytes = tokenizer.token_bytes(id).unwrap_or_default();
+        let (text, stopped) = self.stop.push(&self.decoder.push(&bytes));
+        self.hit_stop_string = stopped;
+        self.timed_out = self.job.deadline.is_some_and(|d| Instant::now() >= d);
+        if !self.send(text) {
+            Some(FinishReason::Cancelled)
+        } else if stopped {
+            Some(FinishReason::Stop)
+        } else if self.timed_out || self.generated.len() == self.job.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
+    /// Ends the sequence: releases held-back text (unless a stop string ended it) and reports the outcome.
+    fn finish(&mut self, finish: FinishReason, metrics: &Metrics) {
+        let (id, completion_tokens) = (self.job.id.clone(), self.generated.len());
+        if finish == FinishReason::Cancelled {
+            tracing::info!(request_id = %id, completion_tokens, "request cancelled: the client went away");
+            return;
+        }
+        if !self.hit_stop_string {
+            let (text, stopped) = self.stop.push(&self.decoder.finish());
+            let rest = if stopped {
+                String::new()
+            } else {
+                self.stop.finish()
+            };
+            if !self.send(text + &rest) {
+                return;
+            }
+        }
+        let e2e = self.job.arrived.elapsed();
+        if self.timed_out && finish == FinishReason::Length {
+            tracing::warn!(request_id = %id, "request timed out (--request-timeout): generation stopped");
+        }
+        metrics.e2e_latency.observe(e2e.as_secs_f64());
+        metrics.finished(finish_reason(finish));
+        tracing::info!(
+            request_id = %id,
+            finish = finish_reason(finish),
+            prompt_tokens = self.job.prompt.len(),
+            completion_tokens,
+            e2e_ms = e2e.as_millis() as u64,
+            "request finished"
+        );
+        let _ = self.job.events.send(Event::Done {
+            finish,
+            prompt_tokens: self.job.prompt.len(),
+            completion_tokens,
+        });
+    }
 }

@@ -57,6 +57,11 @@ pub struct ServeArgs {
     /// Context size per request in tokens (0: each model's, at most 4096).
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
+    /// Sequences each model generates at once (continuous batching: every step feeds one prompt chunk and the next
+    /// token of each running sequence). The CPU executor batches; the GPU and the reference interpreter run one
+    /// sequence at a time.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_running: u16,
     #[command(flatten)]
     pub engine: crate::commands::EngineArgs,
 }
@@ -92,6 +97,7 @@ struct ModelSet {
     models: Vec<(String, PathBuf)>,
     aliases: Vec<(String, String)>,
     ctx: usize,
+    max_running: usize,
     engine: crate::commands::EngineArgs,
     metrics: Arc<Metrics>,
 }
@@ -103,7 +109,14 @@ impl ModelSet {
             .iter()
             .map(|(n, p)| (n.clone(), p.as_path()))
             .collect();
-        Registry::load(&paths, &self.aliases, self.ctx, &self.engine, &self.metrics)
+        Registry::load(
+            &paths,
+            &self.aliases,
+            self.ctx,
+            self.max_running,
+            &self.engine,
+            &self.metrics,
+        )
     }
 }
 
@@ -203,6 +216,7 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
             models,
             aliases,
             ctx: args.ctx,
+            max_running: args.max_running as usize,
             engine: args.engine.clone(),
             metrics,
         });

@@ -23,11 +23,12 @@ pub struct Served {
 }
 
 impl Served {
-    /// Opens the model and starts its engine thread.
+    /// Opens the model and starts its engine thread, which generates up to `max_running` sequences at once.
     pub fn load(
         name: &str,
         path: &Path,
         ctx: usize,
+        max_running: usize,
         engine_args: &EngineArgs,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -67,6 +68,7 @@ impl Served {
             ctx,
             engine_args.clone(),
             Arc::clone(metrics),
+            max_running,
         )?);
         Ok(Served {
             name: name.to_string(),
@@ -105,6 +107,7 @@ impl Registry {
         models: &[(String, &Path)],
         aliases: &[(String, String)],
         ctx: usize,
+        max_running: usize,
         engine_args: &EngineArgs,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -121,6 +124,7 @@ impl Registry {
                 name,
                 path,
                 ctx,
+                max_running,
                 engine_args,
                 metrics,
             )?));

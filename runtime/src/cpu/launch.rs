@@ -223,12 +223,16 @@ impl<'p> Step<'p> {
         }
     }
 
+    /// Runs the launch on the step's tokens: token `t` is at `positions[t]` of the sequence in cache slot
+    /// `slots[t]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         ctx: &Ctx,
         positions: &[i32],
+        slots: &[usize],
         pool: &Pool,
-        caches: &mut HashMap<usize, KvCache>,
+        caches: &mut KvCaches,
         scratch: &mut Scratch,
     ) -> Result<(), ExecError> {
         let out = ctx.f32s_mut(&self.output);
@@ -307,14 +311,7 @@ impl<'p> Step<'p> {
                     k_at: 0,
                     v_at: 0,
                 };
-                attention(
-                    &rows,
-                    positions,
-                    caches.entry(*layer).or_default(),
-                    &shape,
-                    pool,
-                    out,
-                );
+                attention(&rows, positions, slots, caches, *layer, &shape, pool, out);
             }
             Op::AttentionQkv {
                 layer,
@@ -344,14 +341,7 @@ impl<'p> Step<'p> {
                     k_at: qw,
                     v_at: qw + kvw,
                 };
-                attention(
-                    &rows,
-                    positions,
-                    caches.entry(*layer).or_default(),
-                    &shape,
-                    pool,
-                    out,
-                );
+                attention(&rows, positions, slots, caches, *layer, &shape, pool, out);
             }
             Op::NormMatMul { .. }
             | Op::MatMul
@@ -690,22 +680,33 @@ struct Rows<'a> {
     v_at: usize,
 }
 
-/// Appends the step's keys and values to the cache, then attends every (token, head) pair, spread over the pool.
+/// The KV caches of every sequence slot and layer.
+pub type KvCaches = HashMap<(usize, usize), KvCache>;
+
+/// Appends the step's keys and values to each token's sequence cache (slot `slots[t]`, this `layer`), then attends
+/// every (token, head) pair, spread over the pool. Tokens of one sequence see each other (causally) through the
+/// cache; tokens of different sequences never do.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     rows: &Rows,
     positions: &[i32],
-    cache: &mut KvCache,
+    slots: &[usize],
+    caches: &mut KvCaches,
+    layer: usize,
     s: &AttentionShape,
     pool: &Pool,
     out: &mut [f32],
 ) {
     let (hd, kvw) = (s.head_dim, s.kv_heads * s.head_dim);
-    for (t, &pos) in positions.iter().enumerate() {
+    for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
         let k = &rows.k[t * rows.kv_stride + rows.k_at..][..kvw];
         let v = &rows.v[t * rows.kv_stride + rows.v_at..][..kvw];
-        cache.write(pos as usize, k, v);
+        caches
+            .entry((slot, layer))
+            .or_default()
+            .write(pos as usize, k, v);
     }
-    let cache = &*cache;
+    let token_caches: Vec<&KvCache> = slots.iter().map(|&slot| &caches[&(slot, layer)]).collect();
     let group = s.heads / s.kv_heads;
     let pairs = positions.len() * s.heads;
     let out_ptr = Shared(out.as_mut_ptr());
@@ -719,7 +720,7 @@ fn attention(
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(pair * hd), hd) };
             ops::attend(
                 q,
-                cache,
+                token_caches[t],
                 h / group,
                 positions[t] as usize,
                 s,
@@ -763,7 +764,9 @@ mod tests {
         attention(
             &rows,
             &positions,
-            &mut KvCache::default(),
+            &vec![0; t],
+            &mut KvCaches::new(),
+            0,
             &s,
             &Pool::new(1),
             &mut out,

@@ -10,14 +10,12 @@ mod launch;
 mod ops;
 pub mod pool;
 
-use crate::engine::{check_step, Engine, ExecError, Logits};
+use crate::engine::{check_step, Engine, ExecError, Logits, SeqTokens};
 use crate::plan::PlanFile;
 use code::NativeCode;
 use kiln_ir::schedule::Slot;
-use launch::Step;
-use ops::KvCache;
+use launch::{KvCaches, Step};
 use pool::Pool;
-use std::collections::HashMap;
 
 pub use code::KernelFn;
 
@@ -31,11 +29,12 @@ pub struct CpuExecutor<'p> {
     arena_bytes_per_token: usize,
     /// The activation arena, in f32 units (every slot is 4-byte aligned).
     arena: Vec<f32>,
-    caches: HashMap<usize, KvCache>,
+    caches: KvCaches,
     scratch: launch::Scratch,
     vocab: usize,
     max_context: usize,
-    cached: usize,
+    /// Positions cached per sequence slot; its length is the number of slots.
+    cached: Vec<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,12 +81,19 @@ impl<'p> CpuExecutor<'p> {
             logits,
             arena_bytes_per_token: schedule.arena_bytes_per_token,
             arena: Vec::new(),
-            caches: HashMap::new(),
+            caches: KvCaches::new(),
             scratch: launch::Scratch::default(),
             vocab,
             max_context,
-            cached: 0,
+            cached: vec![0],
         })
+    }
+
+    /// Keeps `slots` sequences at once (for `step_batch`). A slot's cache grows as it is written and is reused by
+    /// the next sequence in the slot, so unused slots cost nothing.
+    pub fn with_slots(mut self, slots: usize) -> Self {
+        self.cached = vec![0; slots.max(1)];
+        self
     }
 
     /// Launches that run reference code because the plan has no generated function for them.
@@ -95,44 +101,64 @@ impl<'p> CpuExecutor<'p> {
         self.steps.iter().filter(|s| s.is_fallback()).count()
     }
 
-    /// Runs the schedule for `tokens` at `start..`; with `last_only`, the final launch (the LM head) computes only
-    /// the last token's row. Returns the logits rows computed.
-    fn run(&mut self, tokens: &[u32], start: usize, last_only: bool) -> Result<Logits, ExecError> {
-        check_step(tokens, start, self.cached, self.max_context)?;
+    /// Runs the schedule for the sequences of `batch`, their tokens one after another; the final launch (the LM
+    /// head) computes only the rows from `logits_from` on, which it returns. Every op works token by token (or,
+    /// for attention, within each token's own sequence), so a row's result does not depend on the rest.
+    fn run(&mut self, batch: &[SeqTokens], logits_from: usize) -> Result<Logits, ExecError> {
+        let slots = self.cached.len();
+        for (i, s) in batch.iter().enumerate() {
+            let cached = *self.cached.get(s.slot).ok_or(ExecError::NoSlot {
+                slot: s.slot,
+                slots,
+            })?;
+            check_step(s.tokens, s.start, cached, self.max_context)?;
+            assert!(
+                batch[..i].iter().all(|other| other.slot != s.slot),
+                "a batch holds each sequence once"
+            );
+        }
+        let mut tokens = Vec::new();
+        let (mut positions, mut token_slots) = (Vec::new(), Vec::new());
+        for s in batch {
+            tokens.extend(s.tokens.iter().map(|&id| id as i32));
+            positions.extend((s.start..s.start + s.tokens.len()).map(|p| p as i32));
+            token_slots.extend(std::iter::repeat_n(s.slot, s.tokens.len()));
+        }
         let t = tokens.len();
         let units = (t * self.arena_bytes_per_token).div_ceil(4);
         if self.arena.len() < units {
             self.arena.resize(units, 0.0);
         }
-        let positions: Vec<i32> = (start..start + t).map(|p| p as i32).collect();
         let arena = self.arena.as_mut_ptr() as *mut u8;
         for (name, slot) in &self.inputs {
-            let values: Vec<i32> = match name.as_str() {
-                "tokens" => tokens.iter().map(|&id| id as i32).collect(),
-                _ => positions.clone(),
+            let values = match name.as_str() {
+                "tokens" => &tokens,
+                _ => &positions,
             };
             let ctx = launch::Ctx::new(arena, t, 0, t);
             // Slots are padded per token; the values are packed at their start.
-            ctx.i32s_mut(slot)[..t].copy_from_slice(&values);
+            ctx.i32s_mut(slot)[..t].copy_from_slice(values);
         }
         let last = self.steps.len() - 1;
         for (i, step) in self.steps.iter().enumerate() {
-            let ctx = if last_only && i == last && step.writes(&self.logits) {
-                launch::Ctx::new(arena, t, t - 1, 1)
+            let ctx = if i == last && step.writes(&self.logits) {
+                launch::Ctx::new(arena, t, logits_from, t - logits_from)
             } else {
                 launch::Ctx::new(arena, t, 0, t)
             };
             step.run(
                 &ctx,
                 &positions,
+                &token_slots,
                 &self.pool,
                 &mut self.caches,
                 &mut self.scratch,
             )?;
         }
-        self.cached = start + t;
-        let (first_row, rows) = if last_only { (t - 1, 1) } else { (0, t) };
-        let ctx = launch::Ctx::new(arena, t, first_row, rows);
+        for s in batch {
+            self.cached[s.slot] = s.start + s.tokens.len();
+        }
+        let ctx = launch::Ctx::new(arena, t, logits_from, t - logits_from);
         Ok(Logits {
             vocab: self.vocab,
             data: ctx.f32s(&self.logits).to_vec(),
@@ -142,7 +168,41 @@ impl<'p> CpuExecutor<'p> {
 
 impl Engine for CpuExecutor<'_> {
     fn step(&mut self, tokens: &[u32], start: usize, last_only: bool) -> Result<Logits, ExecError> {
-        self.run(tokens, start, last_only)
+        let seq = SeqTokens {
+            slot: 0,
+            tokens,
+            start,
+        };
+        let from = if last_only {
+            tokens.len().max(1) - 1
+        } else {
+            0
+        };
+        self.run(&[seq], from)
+    }
+
+    fn slots(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// One step for the whole batch. The LM head runs from the first sequence's last token on: with a prompt
+    /// chunk first and single decode tokens after it (how the server batches), exactly the rows wanted.
+    fn step_batch(&mut self, batch: &[SeqTokens]) -> Result<Vec<Vec<f32>>, ExecError> {
+        let Some(first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let from = first.tokens.len().max(1) - 1;
+        let logits = self.run(batch, from)?;
+        let mut last = from;
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, s) in batch.iter().enumerate() {
+            if i > 0 {
+                last += s.tokens.len();
+            }
+            let at = (last - from) * self.vocab;
+            rows.push(logits.data[at..at + self.vocab].to_vec());
+        }
+        Ok(rows)
     }
 
     fn max_context(&self) -> usize {
