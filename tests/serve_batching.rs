@@ -88,3 +88,38 @@ fn sixteen_concurrent_greedy_requests_answer_as_each_does_alone() {
     );
     eprintln!("at most {most_running} requests ran at once");
 }
+
+/// `scripts/load_test.py` at 32 concurrent clients for a few seconds: every streamed request completes. (The
+/// throughput table it prints is a measurement, reported in the README, not asserted here.)
+#[test]
+fn the_load_test_sees_no_errors_at_32_clients() {
+    let Some(plan) = common::smollm2_plan() else {
+        return;
+    };
+    let s = Server::start(&[], plan.to_str().unwrap(), &[], &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/load_test.py");
+    let out = std::process::Command::new("python3")
+        .args([
+            script,
+            &format!("http://{}", s.address),
+            "--clients",
+            "32",
+            "--seconds",
+            "4",
+            "--max-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let level: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(level["errors"], 0, "{level}");
+    assert!(level["requests"].as_u64().unwrap() >= 32, "{level}");
+    eprintln!("{level}");
+}
