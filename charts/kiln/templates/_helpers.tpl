@@ -89,6 +89,8 @@ documents (a test compares them). Call with (dict "root" $ "group" $group).
 - {{ $v.server.ctx | quote }}
 - --threads
 - {{ $v.server.threads | quote }}
+- --max-running
+- {{ $v.server.maxRunning | quote }}
 - --max-waiting
 - {{ $v.server.maxWaiting | quote }}
 - --max-body-bytes
