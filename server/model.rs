@@ -98,12 +98,14 @@ impl Model {
     /// context length, capped at 4096 to keep the KV cache small): a plan's generated code on the device
     /// `--device` picks, or the reference interpreter for GGUF files and when asked for.
     /// An executor for this model with a context of `ctx` (0: the model's, at most 4096) that keeps up to `slots`
-    /// sequences at once where it can (the CPU executor; the others keep one).
+    /// sequences at once, with `kv_positions` cached positions among them (0: a full context each), where it can
+    /// (the CPU executor; the others keep one sequence).
     pub fn executor(
         &self,
         ctx: usize,
         engine: &EngineArgs,
         slots: usize,
+        kv_positions: usize,
     ) -> Result<Box<dyn Engine + '_>> {
         let ctx = if ctx == 0 {
             self.info.context_length.min(4096)
@@ -143,7 +145,8 @@ impl Model {
                 Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot run on cuda:{ordinal}"))),
             }
         }
-        let executor = CpuExecutor::new(plan, engine.threads(), ctx)?.with_slots(slots);
+        let executor =
+            CpuExecutor::new(plan, engine.threads(), ctx)?.with_slots(slots, kv_positions);
         if executor.fallbacks() > 0 {
             tracing::warn!(
                 launches = executor.fallbacks(),

@@ -149,7 +149,7 @@ fn batching_sequences_changes_no_logit() {
         expected.push(alone.forward_last(&[next], a.len() + i).unwrap());
     }
     // Batched: A in slot 2, next to B in slot 0, whose prompt arrives in two chunks while A decodes.
-    let mut batched = CpuExecutor::new(&plan, 2, 64).unwrap().with_slots(3);
+    let mut batched = CpuExecutor::new(&plan, 2, 64).unwrap().with_slots(3, 0);
     assert_eq!(batched.slots(), 3);
     let seq = |slot, tokens, start| SeqTokens {
         slot,

@@ -25,6 +25,17 @@ pub enum ExecError {
     Device { doing: &'static str, reason: String },
     #[error("sequence slot {slot} does not exist (this executor keeps {slots})")]
     NoSlot { slot: usize, slots: usize },
+    #[error(
+        "the KV cache is full ({positions} positions in all sequences; raise --kv-cache-tokens)"
+    )]
+    KvFull { positions: usize },
+}
+
+/// How many positions an executor's KV cache holds among all its sequences, handed out in pages of `page`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvBudget {
+    pub positions: usize,
+    pub page: usize,
 }
 
 /// One sequence's part of a batched step: `tokens` at positions `start..` of the sequence in cache slot `slot`.
@@ -101,6 +112,12 @@ pub trait Engine {
     fn slots(&self) -> usize {
         1
     }
+    /// The KV cache's size, where it is shared by the slots (else each slot holds a whole context).
+    fn kv_budget(&self) -> Option<KvBudget> {
+        None
+    }
+    /// Frees the KV cache of the sequence in `slot`, which has ended.
+    fn release(&mut self, _slot: usize) {}
     /// Runs the tokens of several sequences (distinct slots) as one step and returns each sequence's last-token
     /// logits, in order. The result does not depend on what else is in the batch. This default runs them one
     /// after another, for executors with one slot.

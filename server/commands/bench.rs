@@ -56,7 +56,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let model = Model::open(&args.model)?;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     let ctx = longest.max(16 + args.decode);
-    let mut engine = model.executor(ctx, &args.engine, 1)?;
+    let mut engine = model.executor(ctx, &args.engine, 1, 0)?;
     let vocab = engine.vocab_size();
     // Warm-up: fault in the weights and size the buffers.
     engine.forward_last(&prompt(16, vocab), 0)?;

@@ -56,7 +56,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         &token_text(tokenizer.bos()),
         &token_text(tokenizer.spec().eos),
     )?;
-    let mut engine = model.executor(args.ctx, &args.engine, 1)?;
+    let mut engine = model.executor(args.ctx, &args.engine, 1, 0)?;
     let mut sampler = Sampler::new(sampler_config);
     let mut messages: Vec<Message> = args
         .system

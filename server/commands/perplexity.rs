@@ -42,7 +42,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         args.ctx
     );
     let chunks = args.chunks.map_or(available, |c| c.min(available));
-    let mut engine = model.executor(args.ctx, &args.engine, 1)?;
+    let mut engine = model.executor(args.ctx, &args.engine, 1, 0)?;
     let bar = ProgressBar::new(chunks as u64).with_style(
         ProgressStyle::with_template(
             "{msg} [{bar:30}] {pos}/{len} chunks, {elapsed} elapsed, ~{eta} left",

@@ -35,7 +35,7 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let sampler_config = args.sampling.config()?;
     let model = Model::open(&args.model)?;
-    let mut engine = model.executor(args.ctx, &args.engine, 1)?;
+    let mut engine = model.executor(args.ctx, &args.engine, 1, 0)?;
     let tokenizer = &model.tokenizer;
     let prompt_ids = tokenizer.encode(&args.prompt, true);
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");

@@ -11,6 +11,7 @@ use kiln_runtime::generate::{log_softmax, top_logits, FinishReason};
 use kiln_runtime::stop::StopMatcher;
 use kiln_runtime::tokenizer::StreamDecoder;
 use kiln_runtime::{Engine, Sampler, SamplerConfig, SeqTokens, Tokenizer};
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,43 +57,65 @@ pub enum Event {
     Failed(String),
 }
 
+/// How many sequences an engine runs at once and how many KV positions they share.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub max_running: usize,
+    /// 0: a full context per sequence.
+    pub kv_positions: usize,
+}
+
 /// Starts the engine thread, which schedules the jobs sent on the returned channel: up to `max_running` (and the
-/// executor's slots) generate together, one batched step at a time.
+/// executor's slots) generate together, one batched step at a time, admitted while their KV positions fit. Returns
+/// the channel and the KV positions the engine has in all.
 pub fn spawn(
     model: Arc<Model>,
     ctx: usize,
     engine_args: EngineArgs,
     metrics: Arc<Metrics>,
-    max_running: usize,
-) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
+    capacity: Capacity,
+) -> anyhow::Result<(std::sync::mpsc::Sender<Job>, usize)> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     // The executor is built once, on the engine thread (it owns it; a GPU executor is not `Send`), and start-up
     // waits for the outcome so that a model that cannot run fails `kiln serve`, not its first request.
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<usize, String>>(1);
     std::thread::Builder::new()
         .name("kiln-engine".into())
         .spawn(move || {
-            let mut engine = match model.executor(ctx, &engine_args, max_running) {
-                Ok(engine) => {
-                    let _ = ready_tx.send(Ok(()));
-                    engine
-                }
+            let executor = model.executor(
+                ctx,
+                &engine_args,
+                capacity.max_running,
+                capacity.kv_positions,
+            );
+            let mut engine = match executor {
+                Ok(engine) => engine,
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("{e:#}")));
                     return;
                 }
             };
+            let slots = engine.slots().min(capacity.max_running).max(1);
+            let (kv_positions, page) = match engine.kv_budget() {
+                Some(budget) => (budget.positions, budget.page),
+                // Each slot holds a whole context of its own.
+                None => (slots * ctx, 1),
+            };
+            let _ = ready_tx.send(Ok(kv_positions));
             Scheduler {
                 model: &model,
                 metrics: &metrics,
-                ctx,
-                slots: engine.slots().min(max_running).max(1),
+                slots,
+                kv_positions,
+                page,
+                reserved: 0,
+                queue: VecDeque::new(),
                 running: Vec::new(),
             }
             .run(engine.as_mut(), rx);
         })?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(tx),
+        Ok(Ok(kv_positions)) => Ok((tx, kv_positions)),
         Ok(Err(e)) => Err(anyhow::anyhow!(e)),
         Err(_) => anyhow::bail!("the engine thread stopped while loading the model"),
     }
@@ -123,51 +146,85 @@ fn token_logprob(tokenizer: &Tokenizer, id: u32, logits: &[f32], top: usize) -> 
 /// Prompt tokens fed per step: a long prompt goes in chunks, between which the other sequences keep decoding.
 const PREFILL_CHUNK: usize = 256;
 
-/// The sequences an engine generates at once, each in a cache slot of the executor.
+/// The sequences an engine generates at once, each in a cache slot of the executor, and those waiting for one.
 struct Scheduler<'m> {
     model: &'m Model,
     metrics: &'m Metrics,
-    ctx: usize,
     slots: usize,
+    /// KV positions the running sequences share, handed out in pages of `page`.
+    kv_positions: usize,
+    page: usize,
+    /// KV positions reserved by the running sequences: each its prompt and `max_tokens`, in whole pages, so a
+    /// sequence admitted never runs out of cache.
+    reserved: usize,
+    queue: VecDeque<Job>,
     running: Vec<Sequence>,
 }
 
 impl Scheduler<'_> {
-    /// Runs until the job channel closes and every admitted job is done.
+    /// Runs until the job channel closes and every job is done.
     fn run(mut self, engine: &mut dyn Engine, jobs: Receiver<Job>) {
         let mut open = true;
         loop {
-            // Admit waiting jobs into free slots, blocking for one when nothing runs.
-            while open && self.running.len() < self.slots {
-                let next = if self.running.is_empty() {
+            // Take what the channel holds, blocking only when there is nothing else to do.
+            while open {
+                let next = if self.running.is_empty() && self.queue.is_empty() {
                     jobs.recv().map_err(|_| TryRecvError::Disconnected)
                 } else {
                     jobs.try_recv()
                 };
                 match next {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => self.queue.push_back(job),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
+            self.admit();
             if self.running.is_empty() {
-                return;
+                if !open && self.queue.is_empty() {
+                    return;
+                }
+                continue;
             }
             self.step(engine);
         }
     }
 
-    fn admit(&mut self, job: Job) {
-        let slot = (0..self.slots)
-            .find(|&slot| self.running.iter().all(|s| s.slot != slot))
-            .expect("admitted only with a slot free");
-        self.metrics.waiting.dec();
-        self.metrics.running.inc();
-        self.metrics
-            .queue_time
-            .observe(job.arrived.elapsed().as_secs_f64());
-        self.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
-        self.running.push(Sequence::new(job, slot));
+    /// KV positions a job reserves.
+    fn reservation(&self, job: &Job) -> usize {
+        (job.prompt.len() + job.max_tokens).div_ceil(self.page) * self.page
+    }
+
+    /// Admits waiting jobs, in arrival order, while a slot is free and their KV reservation fits. A job larger than
+    /// the whole cache fails at once (the handlers refuse those, so this is a safeguard).
+    fn admit(&mut self) {
+        while let Some(job) = self.queue.front() {
+            let need = self.reservation(job);
+            if need > self.kv_positions {
+                let job = self.queue.pop_front().expect("a front");
+                self.metrics.waiting.dec();
+                let _ = job.events.send(Event::Failed(format!(
+                    "the request needs {need} KV positions; the cache holds {}",
+                    self.kv_positions
+                )));
+                continue;
+            }
+            if self.running.len() == self.slots || self.reserved + need > self.kv_positions {
+                return;
+            }
+            let job = self.queue.pop_front().expect("a front");
+            let slot = (0..self.slots)
+                .find(|&slot| self.running.iter().all(|s| s.slot != slot))
+                .expect("a slot is free");
+            self.metrics.waiting.dec();
+            self.metrics.running.inc();
+            self.metrics
+                .queue_time
+                .observe(job.arrived.elapsed().as_secs_f64());
+            self.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+            self.reserved += need;
+            self.running.push(Sequence::new(job, slot, need));
+        }
     }
 
     /// One batched step: a prompt chunk of the oldest sequence still reading its prompt, then the next token of
@@ -210,18 +267,22 @@ impl Scheduler<'_> {
                 }
             }
         }
+        for (i, seq) in self.running.iter().enumerate() {
+            if done[i] {
+                engine.release(seq.slot);
+                self.reserved -= seq.reservation;
+                self.metrics.running.dec();
+            }
+        }
         let mut index = 0;
         self.running.retain(|_| {
             index += 1;
             !done[index - 1]
         });
-        for _ in done.iter().filter(|&&d| d) {
-            self.metrics.running.dec();
-        }
         let cached: usize = self.running.iter().map(|s| s.position).sum();
         self.metrics
             .kv_cache_usage
-            .set(cached as f64 / (self.slots * self.ctx) as f64);
+            .set(cached as f64 / self.kv_positions as f64);
     }
 }
 
@@ -229,6 +290,8 @@ impl Scheduler<'_> {
 struct Sequence {
     job: Job,
     slot: usize,
+    /// KV positions reserved for it.
+    reservation: usize,
     /// Positions fed so far: the prompt first, then each generated token.
     position: usize,
     sampler: Sampler,
@@ -245,9 +308,10 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(job: Job, slot: usize) -> Self {
+    fn new(job: Job, slot: usize, reservation: usize) -> Self {
         Sequence {
             slot,
+            reservation,
             position: 0,
             sampler: Sampler::new(job.sampler.clone()),
             decoder: StreamDecoder::default(),

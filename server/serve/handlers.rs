@@ -79,6 +79,15 @@ fn sampler(
             format!("max_tokens must be between 1 and {room} ({prompt_tokens} prompt tokens in a context of {})", m.ctx),
         ));
     }
+    if prompt_tokens + max_tokens > m.kv_positions {
+        return Err(ApiError::bad_request(
+            "max_tokens",
+            format!(
+                "{prompt_tokens} prompt tokens and max_tokens {max_tokens} need more than the {} KV-cache positions this server has (--kv-cache-tokens)",
+                m.kv_positions
+            ),
+        ));
+    }
     let temperature = p.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad_request(

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// sequence at a time.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_running: u16,
+    /// KV-cache positions per model, shared by its running sequences in pages of 16 (0: a full context for each).
+    /// A request waits until its prompt and max_tokens fit; one larger than the whole cache gets 400.
+    #[arg(long, default_value_t = 0)]
+    pub kv_cache_tokens: usize,
     #[command(flatten)]
     pub engine: crate::commands::EngineArgs,
 }
@@ -97,7 +101,7 @@ struct ModelSet {
     models: Vec<(String, PathBuf)>,
     aliases: Vec<(String, String)>,
     ctx: usize,
-    max_running: usize,
+    capacity: engine::Capacity,
     engine: crate::commands::EngineArgs,
     metrics: Arc<Metrics>,
 }
@@ -113,7 +117,7 @@ impl ModelSet {
             &paths,
             &self.aliases,
             self.ctx,
-            self.max_running,
+            self.capacity,
             &self.engine,
             &self.metrics,
         )
@@ -216,7 +220,10 @@ pub fn run(args: &ServeArgs, json_logs: bool) -> anyhow::Result<()> {
             models,
             aliases,
             ctx: args.ctx,
-            max_running: args.max_running as usize,
+            capacity: engine::Capacity {
+                max_running: args.max_running as usize,
+                kv_positions: args.kv_cache_tokens,
+            },
             engine: args.engine.clone(),
             metrics,
         });

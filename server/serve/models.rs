@@ -1,7 +1,7 @@
 //! The models a server serves: each with its own engine thread, found by name or alias.
 
 use super::api::ApiError;
-use super::engine::{self, Job};
+use super::engine::{self, Capacity, Job};
 use super::metrics::Metrics;
 use crate::commands::EngineArgs;
 use crate::model::{Model, Source};
@@ -19,16 +19,18 @@ pub struct Served {
     /// Context size per request.
     pub ctx: usize,
     pub template: Option<ChatTemplate>,
+    /// KV positions its engine has for all the sequences it runs at once.
+    pub kv_positions: usize,
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
 impl Served {
-    /// Opens the model and starts its engine thread, which generates up to `max_running` sequences at once.
+    /// Opens the model and starts its engine thread, which generates up to `capacity.max_running` sequences at once.
     pub fn load(
         name: &str,
         path: &Path,
         ctx: usize,
-        max_running: usize,
+        capacity: Capacity,
         engine_args: &EngineArgs,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -63,19 +65,20 @@ impl Served {
             ),
         };
         metrics.plan_loaded(name, &format, &target);
-        let jobs = Mutex::new(engine::spawn(
+        let (jobs, kv_positions) = engine::spawn(
             Arc::clone(&model),
             ctx,
             engine_args.clone(),
             Arc::clone(metrics),
-            max_running,
-        )?);
+            capacity,
+        )?;
         Ok(Served {
             name: name.to_string(),
             model,
             ctx,
             template,
-            jobs,
+            kv_positions,
+            jobs: Mutex::new(jobs),
         })
     }
 
@@ -107,7 +110,7 @@ impl Registry {
         models: &[(String, &Path)],
         aliases: &[(String, String)],
         ctx: usize,
-        max_running: usize,
+        capacity: Capacity,
         engine_args: &EngineArgs,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -124,7 +127,7 @@ impl Registry {
                 name,
                 path,
                 ctx,
-                max_running,
+                capacity,
                 engine_args,
                 metrics,
             )?));

@@ -2,7 +2,8 @@
 //! per step.
 
 use super::code::{KernelFn, NativeCode};
-use super::ops::{self, AttentionShape, KvCache, RopeTable};
+use super::kv::{PagedKv, SeqKv};
+use super::ops::{self, AttentionShape, RopeTable};
 use super::pool::{split, Pool};
 use crate::engine::ExecError;
 use crate::plan::PlanFile;
@@ -13,7 +14,6 @@ use kiln_ir::cpu_abi::{
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::{Dim, NodeId, Op, Operand, RopeParams};
-use std::collections::HashMap;
 
 /// The arena as one step sees it: `t` tokens laid out, of which this launch covers rows `first..first + rows`.
 pub struct Ctx {
@@ -232,7 +232,7 @@ impl<'p> Step<'p> {
         positions: &[i32],
         slots: &[usize],
         pool: &Pool,
-        caches: &mut KvCaches,
+        kv: &mut PagedKv,
         scratch: &mut Scratch,
     ) -> Result<(), ExecError> {
         let out = ctx.f32s_mut(&self.output);
@@ -311,7 +311,7 @@ impl<'p> Step<'p> {
                     k_at: 0,
                     v_at: 0,
                 };
-                attention(&rows, positions, slots, caches, *layer, &shape, pool, out);
+                attention(&rows, positions, slots, kv, *layer, &shape, pool, out)?;
             }
             Op::AttentionQkv {
                 layer,
@@ -341,7 +341,7 @@ impl<'p> Step<'p> {
                     k_at: qw,
                     v_at: qw + kvw,
                 };
-                attention(&rows, positions, slots, caches, *layer, &shape, pool, out);
+                attention(&rows, positions, slots, kv, *layer, &shape, pool, out)?;
             }
             Op::NormMatMul { .. }
             | Op::MatMul
@@ -680,10 +680,7 @@ struct Rows<'a> {
     v_at: usize,
 }
 
-/// The KV caches of every sequence slot and layer.
-pub type KvCaches = HashMap<(usize, usize), KvCache>;
-
-/// Appends the step's keys and values to each token's sequence cache (slot `slots[t]`, this `layer`), then attends
+/// Appends the step's keys and values to each token's sequence (slot `slots[t]`) at this `layer`, then attends
 /// every (token, head) pair, spread over the pool. Tokens of one sequence see each other (causally) through the
 /// cache; tokens of different sequences never do.
 #[allow(clippy::too_many_arguments)]
@@ -691,22 +688,20 @@ fn attention(
     rows: &Rows,
     positions: &[i32],
     slots: &[usize],
-    caches: &mut KvCaches,
+    kv: &mut PagedKv,
     layer: usize,
     s: &AttentionShape,
     pool: &Pool,
     out: &mut [f32],
-) {
+) -> Result<(), ExecError> {
     let (hd, kvw) = (s.head_dim, s.kv_heads * s.head_dim);
     for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
         let k = &rows.k[t * rows.kv_stride + rows.k_at..][..kvw];
         let v = &rows.v[t * rows.kv_stride + rows.v_at..][..kvw];
-        caches
-            .entry((slot, layer))
-            .or_default()
-            .write(pos as usize, k, v);
+        kv.write(layer, slot, pos as usize, k, v)?;
     }
-    let token_caches: Vec<&KvCache> = slots.iter().map(|&slot| &caches[&(slot, layer)]).collect();
+    let kv = &*kv;
+    let sequences: Vec<SeqKv> = slots.iter().map(|&slot| kv.sequence(layer, slot)).collect();
     let group = s.heads / s.kv_heads;
     let pairs = positions.len() * s.heads;
     let out_ptr = Shared(out.as_mut_ptr());
@@ -720,7 +715,7 @@ fn attention(
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(pair * hd), hd) };
             ops::attend(
                 q,
-                token_caches[t],
+                &sequences[t],
                 h / group,
                 positions[t] as usize,
                 s,
@@ -729,6 +724,7 @@ fn attention(
             );
         }
     });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -765,12 +761,13 @@ mod tests {
             &rows,
             &positions,
             &vec![0; t],
-            &mut KvCaches::new(),
+            &mut PagedKv::new(1, t),
             0,
             &s,
             &Pool::new(1),
             &mut out,
-        );
+        )
+        .unwrap();
         let (q, k, v) = crate::reference::fused_unpack(&qkv, heads, kv_heads, hd);
         let expected = reference::attention(&q, &k, &v, &positions, &mut Default::default(), &s);
         let diff = out

@@ -6,15 +6,17 @@
 //! matmul whose function the plan lacks runs the reference code instead, and `fallbacks()` counts them.
 
 pub mod code;
+mod kv;
 mod launch;
 mod ops;
 pub mod pool;
 
-use crate::engine::{check_step, Engine, ExecError, Logits, SeqTokens};
+use crate::engine::{check_step, Engine, ExecError, KvBudget, Logits, SeqTokens};
 use crate::plan::PlanFile;
 use code::NativeCode;
 use kiln_ir::schedule::Slot;
-use launch::{KvCaches, Step};
+use kv::PagedKv;
+use launch::Step;
 use pool::Pool;
 
 pub use code::KernelFn;
@@ -29,7 +31,7 @@ pub struct CpuExecutor<'p> {
     arena_bytes_per_token: usize,
     /// The activation arena, in f32 units (every slot is 4-byte aligned).
     arena: Vec<f32>,
-    caches: KvCaches,
+    kv: PagedKv,
     scratch: launch::Scratch,
     vocab: usize,
     max_context: usize,
@@ -81,7 +83,7 @@ impl<'p> CpuExecutor<'p> {
             logits,
             arena_bytes_per_token: schedule.arena_bytes_per_token,
             arena: Vec::new(),
-            caches: KvCaches::new(),
+            kv: PagedKv::new(1, max_context),
             scratch: launch::Scratch::default(),
             vocab,
             max_context,
@@ -89,10 +91,17 @@ impl<'p> CpuExecutor<'p> {
         })
     }
 
-    /// Keeps `slots` sequences at once (for `step_batch`). A slot's cache grows as it is written and is reused by
-    /// the next sequence in the slot, so unused slots cost nothing.
-    pub fn with_slots(mut self, slots: usize) -> Self {
-        self.cached = vec![0; slots.max(1)];
+    /// Keeps `slots` sequences at once (for `step_batch`), with room for `kv_positions` cached positions among
+    /// them all (0: every slot's full context). The KV cache is paged: memory follows the positions in use, and a
+    /// released sequence's pages serve the next.
+    pub fn with_slots(mut self, slots: usize, kv_positions: usize) -> Self {
+        let slots = slots.max(1);
+        let capacity = match kv_positions {
+            0 => slots * self.max_context,
+            n => n,
+        };
+        self.cached = vec![0; slots];
+        self.kv = PagedKv::new(slots, capacity);
         self
     }
 
@@ -151,7 +160,7 @@ impl<'p> CpuExecutor<'p> {
                 &positions,
                 &token_slots,
                 &self.pool,
-                &mut self.caches,
+                &mut self.kv,
                 &mut self.scratch,
             )?;
         }
@@ -183,6 +192,18 @@ impl Engine for CpuExecutor<'_> {
 
     fn slots(&self) -> usize {
         self.cached.len()
+    }
+
+    fn kv_budget(&self) -> Option<KvBudget> {
+        Some(KvBudget {
+            positions: self.kv.pages().1 * kv::PAGE,
+            page: kv::PAGE,
+        })
+    }
+
+    fn release(&mut self, slot: usize) {
+        self.kv.release(slot);
+        self.cached[slot] = 0;
     }
 
     /// One step for the whole batch. The LM head runs from the first sequence's last token on: with a prompt

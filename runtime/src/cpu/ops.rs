@@ -1,8 +1,9 @@
 //! The CPU executor's small ops, in Rust: RMSNorm, RoPE, attention over the KV cache, elementwise ops. They move
 //! a few KB per token, next to the megabytes of weights the generated matmuls stream.
 
+use super::kv::SeqKv;
 use crate::reference::kernels as reference;
-pub use crate::reference::kernels::{AttentionShape, KvCache};
+pub use crate::reference::kernels::AttentionShape;
 use kiln_ir::dequant::dot_f32 as dot;
 use kiln_ir::{RopeParams, RopeStyle};
 
@@ -65,11 +66,11 @@ impl RopeTable {
     }
 }
 
-/// Attends one query head at position `pos` to the cached keys at or before it (within the window), writing
-/// `head_dim` values to `out`. `scores` is scratch.
+/// Attends one query head at position `pos` to the sequence's cached keys at or before it (within the window),
+/// writing `head_dim` values to `out`. `scores` is scratch.
 pub fn attend(
     q: &[f32],
-    cache: &KvCache,
+    kv: &SeqKv,
     kv_head: usize,
     pos: usize,
     s: &AttentionShape,
@@ -77,12 +78,9 @@ pub fn attend(
     out: &mut [f32],
 ) {
     let hd = s.head_dim;
-    let kv_width = s.kv_heads * hd;
     let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
     scores.clear();
-    scores.extend(
-        (first..=pos).map(|j| dot(q, &cache.k[j * kv_width + kv_head * hd..][..hd]) * s.scale),
-    );
+    scores.extend((first..=pos).map(|j| dot(q, &kv.key(j)[kv_head * hd..][..hd]) * s.scale));
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for sc in scores.iter_mut() {
@@ -92,6 +90,6 @@ pub fn attend(
     out.fill(0.0);
     let inv = 1.0 / sum;
     for (j, &p) in (first..=pos).zip(scores.iter()) {
-        axpy(out, p * inv, &cache.v[j * kv_width + kv_head * hd..][..hd]);
+        axpy(out, p * inv, &kv.value(j)[kv_head * hd..][..hd]);
     }
 }
