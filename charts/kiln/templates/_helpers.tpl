@@ -91,6 +91,8 @@ documents (a test compares them). Call with (dict "root" $ "group" $group).
 - {{ $v.server.threads | quote }}
 - --max-running
 - {{ $v.server.maxRunning | quote }}
+- --kv-cache-tokens
+- {{ $v.server.kvCacheTokens | int64 | quote }}
 - --max-waiting
 - {{ $v.server.maxWaiting | quote }}
 - --max-body-bytes
