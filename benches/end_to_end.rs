@@ -1,6 +1,8 @@
-//! The whole model through the CPU executor: SmolLM2-135M Q4_1 compiled to a plan, then a 128-token prefill and
-//! single-token decode steps, on every core: `cargo bench --bench end_to_end`. `kiln bench PLAN` reports the same
-//! measurements for any plan, with llama-bench's methodology.
+//! The whole model through the CPU executor, on every core: `cargo bench --bench end_to_end`.
+//! - SmolLM2-135M Q4_1 compiled to a plan: a 128-token prefill and single-token decode steps.
+//! - A synthetic BitNet b1.58 model (8 layers, d = 1024, FFN 2816: every projection ternary) quantized to I2_S and
+//!   to TQ2_0: decode steps of each, the two ternary kernels side by side on the same digits.
+//! `kiln bench PLAN` reports the same measurements for any plan, with llama-bench's methodology.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -21,13 +23,8 @@ fn end_to_end(c: &mut Criterion) {
         return;
     };
     let plan_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2-bench.plan");
-    common::kiln_ok(&[
-        "compile",
-        gguf.to_str().unwrap(),
-        "-o",
-        plan_path.to_str().unwrap(),
-    ]);
-    let plan = PlanFile::open(&plan_path).expect("the plan just written loads");
+    let plan = PlanFile::open(&common::compile(&gguf, Some(&plan_path)))
+        .expect("the plan just written loads");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let context = 512;
     let mut engine = CpuExecutor::new(&plan, threads, context).expect("the executor starts");
@@ -44,9 +41,19 @@ fn end_to_end(c: &mut Criterion) {
         b.iter(|| engine.forward_last(&tokens, 0).expect("prefill runs"))
     });
 
-    // Decode steps after a 16-token prompt; the sequence restarts before it would outgrow the context.
+    bench_decode(&mut group, "decode", &mut engine, context);
+    group.finish();
+}
+
+/// Decode steps after a 16-token prompt; the sequence restarts before it would outgrow the context.
+fn bench_decode(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    name: &str,
+    engine: &mut CpuExecutor,
+    context: usize,
+) {
     group.throughput(Throughput::Elements(1));
-    group.bench_function("decode", |b| {
+    group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             let mut position = context;
@@ -63,8 +70,43 @@ fn end_to_end(c: &mut Criterion) {
             spent
         })
     });
+}
+
+fn ternary_decode(c: &mut Criterion) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let source = dir.join("bitnet-1024.gguf");
+    let shape = common::bitnet::Shape {
+        layers: 8,
+        d: 1024,
+        ffn: 2816,
+        heads: 16,
+        kv_heads: 4,
+    };
+    if common::bitnet::write_synthetic_bitnet(shape, &source).is_none() {
+        return;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let context = 256;
+    let mut group = c.benchmark_group("bitnet_1024");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    for format in ["i2_s", "tq2_0"] {
+        let gguf = dir.join(format!("bitnet-1024-{format}.gguf"));
+        common::quantize(&source, format, &gguf);
+        let plan =
+            PlanFile::open(&common::compile(&gguf, None)).expect("the plan just written loads");
+        let mut engine = CpuExecutor::new(&plan, threads, context).expect("the executor starts");
+        bench_decode(
+            &mut group,
+            &format!("decode_{format}"),
+            &mut engine,
+            context,
+        );
+    }
     group.finish();
 }
 
-criterion_group!(benches, end_to_end);
+criterion_group!(benches, end_to_end, ternary_decode);
 criterion_main!(benches);

@@ -1,9 +1,10 @@
 //! A small synthetic BitNet b1.58 model, written with kiln's own GGUF writer: no ternary model is published in a
 //! registry, and this one is small enough to check every step against the reference interpreter.
 //!
-//! Two layers, d = 128, four heads of 32 over two KV heads, FFN 256; SmolLM2's tokenizer (its vocabulary sets the
-//! embedding's size). Every weight matrix holds random ternary values times one scale per tensor, in F32: what
-//! `kiln quantize --to i2_s` turns into I2_S without changing a digit. Norm gains are near 1, the embeddings F16.
+//! `SMALL` (the test fixture): two layers, d = 128, four heads of 32 over two KV heads, FFN 256. Any shape takes
+//! SmolLM2's tokenizer (its vocabulary sets the embedding's size). Every weight matrix holds random ternary values
+//! times one scale per tensor, in F32: what `kiln quantize --to i2_s` turns into I2_S without changing a digit.
+//! Norm gains are near 1, the embeddings F16.
 
 use kiln_compiler::gguf::{write_gguf, MetaValue, TensorSpec};
 use kiln_compiler::GgufFile;
@@ -11,27 +12,52 @@ use kiln_ir::QuantFormat;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
-const LAYERS: usize = 2;
-const D: usize = 128;
-const FFN: usize = 256;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = D / HEADS;
+/// A model's size.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub layers: usize,
+    pub d: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
 
-/// The model's path, written once per test binary; `None` (skipped) without SmolLM2 for the tokenizer.
+pub const SMALL: Shape = Shape {
+    layers: 2,
+    d: 128,
+    ffn: 256,
+    heads: 4,
+    kv_heads: 2,
+};
+
+/// The `SMALL` model's path, written once per test binary; `None` (skipped) without SmolLM2 for the tokenizer.
 pub fn synthetic_bitnet() -> Option<PathBuf> {
     static MODEL: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let tokenizer = GgufFile::open(super::model("smollm2")?).unwrap();
             let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bitnet-synthetic.gguf");
-            write(&tokenizer, &path);
+            write_synthetic_bitnet(SMALL, &path)?;
             Some(path)
         })
         .clone()
 }
 
-fn write(tokenizer: &GgufFile, path: &std::path::Path) {
+/// Writes a synthetic model of `shape` at `path`; `None` (skipped) without SmolLM2 for the tokenizer.
+pub fn write_synthetic_bitnet(shape: Shape, path: &std::path::Path) -> Option<()> {
+    let tokenizer = GgufFile::open(super::model("smollm2")?).unwrap();
+    write(shape, &tokenizer, path);
+    Some(())
+}
+
+fn write(shape: Shape, tokenizer: &GgufFile, path: &std::path::Path) {
+    let Shape {
+        layers,
+        d,
+        ffn,
+        heads,
+        kv_heads,
+    } = shape;
+    let head_dim = d / heads;
     let u32_key = |k: &str, v: usize| (format!("bitnet.{k}"), MetaValue::U32(v as u32));
     let mut metadata = vec![
         (
@@ -42,13 +68,13 @@ fn write(tokenizer: &GgufFile, path: &std::path::Path) {
             "general.name".into(),
             MetaValue::String("kiln synthetic bitnet".into()),
         ),
-        u32_key("block_count", LAYERS),
+        u32_key("block_count", layers),
         u32_key("context_length", 512),
-        u32_key("embedding_length", D),
-        u32_key("feed_forward_length", FFN),
-        u32_key("attention.head_count", HEADS),
-        u32_key("attention.head_count_kv", KV_HEADS),
-        u32_key("rope.dimension_count", HEAD_DIM),
+        u32_key("embedding_length", d),
+        u32_key("feed_forward_length", ffn),
+        u32_key("attention.head_count", heads),
+        u32_key("attention.head_count_kv", kv_heads),
+        u32_key("rope.dimension_count", head_dim),
         ("bitnet.rope.freq_base".into(), MetaValue::F32(10_000.0)),
         (
             "bitnet.attention.layer_norm_rms_epsilon".into(),
@@ -69,23 +95,23 @@ fn write(tokenizer: &GgufFile, path: &std::path::Path) {
         .expect("SmolLM2 has embeddings")
         .shape[0];
     let mut tensors = vec![
-        spec("token_embd.weight", QuantFormat::F16, &[vocab, D]),
-        spec("output_norm.weight", QuantFormat::F32, &[D]),
+        spec("token_embd.weight", QuantFormat::F16, &[vocab, d]),
+        spec("output_norm.weight", QuantFormat::F32, &[d]),
     ];
-    for l in 0..LAYERS {
+    for l in 0..layers {
         let p = |n: &str| format!("blk.{l}.{n}.weight");
         for (name, shape) in [
-            ("attn_norm", vec![D]),
-            ("attn_q", vec![D, D]),
-            ("attn_k", vec![KV_HEADS * HEAD_DIM, D]),
-            ("attn_v", vec![KV_HEADS * HEAD_DIM, D]),
-            ("attn_sub_norm", vec![D]),
-            ("attn_output", vec![D, D]),
-            ("ffn_norm", vec![D]),
-            ("ffn_gate", vec![FFN, D]),
-            ("ffn_up", vec![FFN, D]),
-            ("ffn_sub_norm", vec![FFN]),
-            ("ffn_down", vec![D, FFN]),
+            ("attn_norm", vec![d]),
+            ("attn_q", vec![d, d]),
+            ("attn_k", vec![kv_heads * head_dim, d]),
+            ("attn_v", vec![kv_heads * head_dim, d]),
+            ("attn_sub_norm", vec![d]),
+            ("attn_output", vec![d, d]),
+            ("ffn_norm", vec![d]),
+            ("ffn_gate", vec![ffn, d]),
+            ("ffn_up", vec![ffn, d]),
+            ("ffn_sub_norm", vec![ffn]),
+            ("ffn_down", vec![d, ffn]),
         ] {
             tensors.push(spec(&p(name), QuantFormat::F32, &shape));
         }

@@ -1,7 +1,8 @@
 //! Layout: choose how the plan stores each weight, for the kernels that read it (see `kiln_ir::layout`).
 //!
 //! Weights that a matmul-family kernel or `embed` reads block by block get f32 scales (where the format has f16
-//! ones) and rows interleaved by `INTERLEAVE` (where the row count allows). Norm gains and biases stay as they are.
+//! ones) and rows interleaved by `INTERLEAVE` (where the row count allows). Plain-float matrices, norm gains and
+//! biases stay as they are.
 
 use kiln_ir::layout::{f16_fields, Layout};
 use kiln_ir::{Graph, Op, Operand};
@@ -37,6 +38,10 @@ pub fn choose_layouts(graph: &Graph) -> Layouts {
             let Some(format) = decl.ty.dtype.format() else {
                 continue;
             };
+            // Plain floats have no blocks to widen, and their kernels read rows as GGUF stores them.
+            if format.is_float() {
+                continue;
+            }
             let shape: Vec<usize> = decl
                 .ty
                 .shape
