@@ -2,6 +2,7 @@
 //! - SmolLM2-135M Q4_1 compiled to a plan: a 128-token prefill and single-token decode steps.
 //! - A synthetic BitNet b1.58 model (8 layers, d = 1024, FFN 2816: every projection ternary) quantized to I2_S and
 //!   to TQ2_0: decode steps of each, the two ternary kernels side by side on the same digits.
+//!
 //! `kiln bench PLAN` reports the same measurements for any plan, with llama-bench's methodology.
 
 #[path = "../tests/common/mod.rs"]
