@@ -4,6 +4,9 @@
 //! once per launch (RMS-normalized on the way where the op has a norm prologue), then each thread computes its
 //! share of output rows with the fused epilogue. The small ops (RoPE, attention, norms) run in Rust (`ops`). A
 //! matmul whose function the plan lacks runs the reference code instead, and `fallbacks()` counts them.
+//!
+//! With `with_slots`, one step may carry tokens of several sequences (`step_batch`): rows of the same launches,
+//! each token attending within its own sequence through the paged KV cache (`kv`).
 
 pub mod code;
 mod kv;
