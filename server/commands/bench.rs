@@ -4,7 +4,7 @@ use super::EngineArgs;
 use crate::model::Model;
 use anyhow::Result;
 use clap::Args;
-use kiln_runtime::Engine;
+use kiln_runtime::{Engine, SeqTokens};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,9 +16,13 @@ pub struct BenchArgs {
     /// Prompt lengths to time prefill at.
     #[arg(long, value_delimiter = ',', default_values_t = [128, 512])]
     pub prefill: Vec<usize>,
-    /// Tokens to decode one at a time.
+    /// Tokens to decode one at a time (per sequence).
     #[arg(long, default_value_t = 128)]
     pub decode: usize,
+    /// Sequences decoded together, one token each per step (the server's continuous batching); decode tok/s is
+    /// their total. Above 1 it needs an executor that batches (the CPU executor).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
@@ -33,6 +37,7 @@ pub struct BenchArgs {
 struct Report {
     prefill_tok_s: BTreeMap<String, f64>,
     decode_tok_s: f64,
+    batch: usize,
     ttft_ms: f64,
     peak_rss_bytes: u64,
     threads: usize,
@@ -53,10 +58,17 @@ fn median(mut xs: Vec<f64>) -> f64 {
 pub fn run(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(args.repeat >= 1, "--repeat must be at least 1");
     anyhow::ensure!(args.decode >= 1, "--decode must be at least 1");
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     let model = Model::open(&args.model)?;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     let ctx = longest.max(16 + args.decode);
-    let mut engine = model.executor(ctx, &args.engine, 1, 0)?;
+    let mut engine = model.executor(ctx, &args.engine, args.batch, 0)?;
+    anyhow::ensure!(
+        engine.slots() >= args.batch,
+        "--batch {} needs an executor that decodes several sequences at once; this one decodes {} (the CPU executor batches)",
+        args.batch,
+        engine.slots()
+    );
     let vocab = engine.vocab_size();
     // Warm-up: fault in the weights and size the buffers.
     engine.forward_last(&prompt(16, vocab), 0)?;
@@ -82,15 +94,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let mut rates = Vec::new();
     for _ in 0..args.repeat {
-        let start = decode_rate(engine.as_mut(), args.decode, vocab)?;
-        rates.push(start);
+        rates.push(decode_rate(
+            engine.as_mut(),
+            args.decode,
+            args.batch,
+            vocab,
+        )?);
     }
     let decode_tok_s = median(rates);
-    eprintln!("decode {:>5} tokens: {decode_tok_s:8.1} tok/s", args.decode);
+    eprintln!(
+        "decode {:>5} tokens x {} sequences: {decode_tok_s:8.1} tok/s",
+        args.decode, args.batch
+    );
 
     let report = Report {
         prefill_tok_s,
         decode_tok_s,
+        batch: args.batch,
         ttft_ms,
         peak_rss_bytes: peak_rss_bytes(),
         threads: args.engine.threads(),
@@ -104,7 +124,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         println!(
             "{:<28} {:>12.1}",
-            format!("decode {} (tok/s)", args.decode),
+            format!("decode {} x{} (tok/s)", args.decode, args.batch),
             report.decode_tok_s
         );
         println!(
@@ -122,18 +142,41 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Decodes `n` tokens one at a time after a short prompt, feeding back the argmax; returns tokens per second.
-fn decode_rate(engine: &mut dyn Engine, n: usize, vocab: usize) -> Result<f64> {
+/// Decodes `n` tokens one at a time in each of `batch` sequences (slots `0..batch`, one step for all) after a
+/// short prompt each, feeding back each argmax; returns the tokens per second of all of them.
+fn decode_rate(engine: &mut dyn Engine, n: usize, batch: usize, vocab: usize) -> Result<f64> {
     let first = prompt(8, vocab);
-    let mut logits = engine.forward_last(&first, 0)?;
+    let mut logits = Vec::with_capacity(batch);
+    for slot in 0..batch {
+        let seq = SeqTokens {
+            slot,
+            tokens: &first,
+            start: 0,
+        };
+        logits.extend(engine.step_batch(&[seq])?);
+    }
     let started = Instant::now();
     for pos in first.len()..first.len() + n {
-        let next = (0..logits.len())
-            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
-            .unwrap_or(0) as u32;
-        logits = engine.forward_last(&[next], pos)?;
+        let next: Vec<[u32; 1]> = logits
+            .iter()
+            .map(|row| {
+                [(0..row.len())
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap_or(0) as u32]
+            })
+            .collect();
+        let seqs: Vec<SeqTokens> = next
+            .iter()
+            .enumerate()
+            .map(|(slot, token)| SeqTokens {
+                slot,
+                tokens: token,
+                start: pos,
+            })
+            .collect();
+        logits = engine.step_batch(&seqs)?;
     }
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    Ok((n * batch) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The process's peak resident set size.
