@@ -267,18 +267,15 @@ impl Scheduler<'_> {
                 }
             }
         }
-        for (i, seq) in self.running.iter().enumerate() {
-            if done[i] {
+        for (seq, done) in std::mem::take(&mut self.running).into_iter().zip(done) {
+            if done {
                 engine.release(seq.slot);
                 self.reserved -= seq.reservation;
                 self.metrics.running.dec();
+            } else {
+                self.running.push(seq);
             }
         }
-        let mut index = 0;
-        self.running.retain(|_| {
-            index += 1;
-            !done[index - 1]
-        });
         let cached: usize = self.running.iter().map(|s| s.position).sum();
         self.metrics
             .kv_cache_usage
