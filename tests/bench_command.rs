@@ -1,6 +1,6 @@
 //! `kiln bench`: the JSON report has every measure, `--batch` decodes several sequences at once on the CPU
-//! executor, and an executor that cannot batch says so in one line. (What the figures are is measured, not
-//! asserted.)
+//! executor, an executor that cannot batch says so in one line, and `--profile` accounts for the time of every
+//! kernel. (What the figures are is measured, not asserted.)
 
 mod common;
 
@@ -57,4 +57,37 @@ fn bench_reports_every_measure_and_decodes_a_batch() {
         stderr.contains("--batch 2 needs an executor that decodes several sequences at once"),
         "{stderr}"
     );
+}
+
+#[test]
+fn bench_profile_accounts_for_every_kernel() {
+    let Some(plan) = common::smollm2_plan() else {
+        return;
+    };
+    let report = bench_json(plan.to_str().unwrap(), &["--profile"]);
+    for phase in ["prefill", "decode"] {
+        let kernels = report["profile"][phase].as_array().unwrap();
+        // SmolLM2's schedule: embed, qkv_rope, attention, matmul_residual, gated_ffn, matmul_residual, LM head.
+        assert_eq!(kernels.len(), 7, "{phase}: {kernels:?}");
+        let share: f64 = kernels.iter().map(|k| k["share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 1e-6, "{phase}: shares sum to {share}");
+        let seconds: Vec<f64> = kernels
+            .iter()
+            .map(|k| k["seconds"].as_f64().unwrap())
+            .collect();
+        assert!(
+            seconds.windows(2).all(|w| w[0] >= w[1]),
+            "{phase}: most time first: {seconds:?}"
+        );
+        let gated = kernels
+            .iter()
+            .find(|k| k["spec"].as_str().unwrap().starts_with("gated_ffn"))
+            .unwrap();
+        // 30 layers, once per step: one prefill run, and the decode runs' 4 steps after an 8-token prompt each.
+        let launches = if phase == "prefill" { 30 } else { 30 * 5 };
+        assert_eq!(gated["launches"], launches, "{phase}: {gated}");
+    }
+    // Without --profile the report has no profile.
+    let report = bench_json(plan.to_str().unwrap(), &[]);
+    assert!(report.get("profile").is_none(), "{report}");
 }

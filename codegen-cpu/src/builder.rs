@@ -21,6 +21,13 @@ pub fn mem() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
 
+/// A kernel's inputs (weights, activations, arguments): memory no kernel writes while it runs. Such loads are
+/// pure to Cranelift, so it places each next to its first use instead of in program order, which keeps a
+/// weight block's values from all being live at once.
+pub fn input() -> MemFlagsData {
+    mem().with_readonly().with_can_move()
+}
+
 /// Little-endian lane reinterpretation.
 fn lanes() -> MemFlagsData {
     MemFlagsData::new().with_endianness(Endianness::Little)
@@ -43,10 +50,15 @@ impl<'a> Kb<'a> {
     }
 
     pub fn arg(&mut self, offset: i32, ty: Type) -> Value {
-        self.b.ins().load(ty, mem(), self.args, offset)
+        self.b.ins().load(ty, input(), self.args, offset)
     }
 
     pub fn load(&mut self, ty: Type, ptr: Value, offset: usize) -> Value {
+        self.b.ins().load(ty, input(), ptr, offset as i32)
+    }
+
+    /// A load of memory this kernel wrote (not an `input`): it stays after the stores before it.
+    pub fn load_written(&mut self, ty: Type, ptr: Value, offset: usize) -> Value {
         self.b.ins().load(ty, mem(), ptr, offset as i32)
     }
 
@@ -136,6 +148,32 @@ impl<'a> Kb<'a> {
         self.b.seal_block(header);
         self.b.switch_to_block(exit);
         self.b.seal_block(exit);
+    }
+
+    /// `if cond { then } else { otherwise }`; values either branch computes reach later code through `Variable`s.
+    pub fn if_else(
+        &mut self,
+        cond: Value,
+        then: impl FnOnce(&mut Kb),
+        otherwise: impl FnOnce(&mut Kb),
+    ) {
+        let (yes, no, done) = (
+            self.b.create_block(),
+            self.b.create_block(),
+            self.b.create_block(),
+        );
+        self.b.ins().brif(cond, yes, &[], no, &[]);
+        for (block, body) in [
+            (yes, Box::new(then) as Box<dyn FnOnce(&mut Kb)>),
+            (no, Box::new(otherwise)),
+        ] {
+            self.b.switch_to_block(block);
+            self.b.seal_block(block);
+            body(self);
+            self.b.ins().jump(done, &[]);
+        }
+        self.b.switch_to_block(done);
+        self.b.seal_block(done);
     }
 
     /// `for i in 0..count` with a count known at generation time.

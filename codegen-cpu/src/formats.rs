@@ -9,7 +9,7 @@ use crate::i2s::I2s;
 use crate::kquants::KQuant;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8X16};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::layout::Layout;
@@ -33,6 +33,11 @@ pub trait BlockDot {
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value>;
     /// Values of one weight block (codes unpacked, scales loaded), shared by every token that meets it.
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value>;
+    /// The types of the values `unpack` returns, where unpacking is work worth doing once for many tokens (the
+    /// matmul then keeps them in a scratch buffer); `None` where `unpack` only hands over an address.
+    fn unpacked(&self) -> Option<Vec<Type>> {
+        None
+    }
     /// Adds `dot(w block, x block)` to `acc`.
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc);
     /// Whether the blocks leave out factors common to the whole row (a whole-tensor weight scale, a per-token
@@ -134,21 +139,37 @@ impl BlockDot for Block32 {
         self.block_bytes
     }
 
-    /// `[dx, dx * sum(qx), codes 0..16, codes 16..32]`
+    /// `[dx, codes 0..16, codes 16..32, the minimum's factor]`: with a minimum, `dx * sum(qx)`; with a code
+    /// offset, the integer sum's starting value `[-offset * sum(qx), 0, 0, 0]`, which keeps the whole block in
+    /// integers.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         let dx = kb.load(F32, x, 0);
         let s0 = kb.load_i16(x, ActFormat::SUMS_AT);
         let s1 = kb.load_i16(x, ActFormat::SUMS_AT + 2);
         let sum = kb.b.ins().iadd(s0, s1);
-        let sum = kb.b.ins().fcvt_from_sint(F32, sum);
-        let dxsum = kb.b.ins().fmul(dx, sum);
+        let min_factor = match self.min_at {
+            Some(_) => {
+                let sum = kb.b.ins().fcvt_from_sint(F32, sum);
+                kb.b.ins().fmul(dx, sum)
+            }
+            None => {
+                let start = kb.b.ins().imul_imm_s(sum, -(self.offset as i64));
+                kb.b.ins().scalar_to_vector(I32X4, start)
+            }
+        };
         let codes = ActFormat::Q8_0.codes_at();
         let c0 = kb.load(I8X16, x, codes);
         let c1 = kb.load(I8X16, x, codes + 16);
-        vec![dx, dxsum, c0, c1]
+        vec![dx, c0, c1, min_factor]
     }
 
-    /// `[codes 0..16, codes 16..32, d, m]`
+    fn unpacked(&self) -> Option<Vec<Type>> {
+        let mut types = vec![I8X16, I8X16, F32];
+        types.extend(self.min_at.map(|_| F32));
+        Some(types)
+    }
+
+    /// `[codes 0..16, codes 16..32, d]`, then `m` for formats with a minimum.
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
         let (mut lo, mut hi) = if self.bytes {
             let flip = kb.i8x16(0x80);
@@ -168,21 +189,19 @@ impl BlockDot for Block32 {
             hi = kb.b.ins().bor(hi, h1);
         }
         let d = kb.load(F32, w, 0);
-        let m = match self.min_at {
-            Some(at) => kb.load(F32, w, at),
-            None => {
-                let k = kb.f32(-self.offset);
-                kb.b.ins().fmul(d, k)
-            }
-        };
-        vec![lo, hi, d, m]
+        let mut values = vec![lo, hi, d];
+        values.extend(self.min_at.map(|at| kb.load(F32, w, at)));
+        values
     }
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
-        let (lo, hi, d, m) = (w[0], w[1], w[2], w[3]);
-        let (dx, dxsum, c0, c1) = (x[0], x[1], x[2], x[3]);
-        let zero = kb.i32x4(0);
-        let isum = kb.dot_u8i8(zero, c0, lo);
+        let (lo, hi, d) = (w[0], w[1], w[2]);
+        let (dx, c0, c1, min_factor) = (x[0], x[1], x[2], x[3]);
+        let start = match self.min_at {
+            Some(_) => kb.i32x4(0),
+            None => min_factor,
+        };
+        let isum = kb.dot_u8i8(start, c0, lo);
         let isum = kb.dot_u8i8(isum, c1, hi);
         let ddx = kb.b.ins().fmul(d, dx);
         let ddx = kb.b.ins().splat(F32X4, ddx);
@@ -190,9 +209,11 @@ impl BlockDot for Block32 {
         let v = kb.b.use_var(acc.v);
         let v = kb.b.ins().fma(fsum, ddx, v);
         kb.b.def_var(acc.v, v);
-        let s = kb.b.use_var(acc.s);
-        let s = kb.b.ins().fma(m, dxsum, s);
-        kb.b.def_var(acc.s, s);
+        if self.min_at.is_some() {
+            let s = kb.b.use_var(acc.s);
+            let s = kb.b.ins().fma(w[3], min_factor, s);
+            kb.b.def_var(acc.s, s);
+        }
     }
 }
 
@@ -246,6 +267,10 @@ impl BlockDot for Float {
 
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         (0..4).map(|i| kb.load(F32X4, x, 16 * i)).collect()
+    }
+
+    fn unpacked(&self) -> Option<Vec<Type>> {
+        Some(vec![F32X4; 4])
     }
 
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {

@@ -1,17 +1,33 @@
-//! Matrix products `out[t, r] = epilogue(dot(W[r], x[t]))`: for each group of interleaved rows and each token,
-//! one pass over the token's quantized activations feeds every row of the group.
+//! Matrix products `out[t, r] = epilogue(dot(W[r], x[t]))`, one group of interleaved rows at a time.
 //!
-//! (Tiling tokens instead, to unpack each weight block once per tile, measured slower on SmolLM2's prefill:
-//! 157 vs 206 tok/s at 512 tokens, as the per-token activation loads then repeat for every row.)
+//! One token (a decode step): each weight block is unpacked once and meets the token's activations, which are
+//! loaded once per block and shared by every row of the group.
+//!
+//! Several tokens (a prompt, or a batch of sequences): unpacking a block costs far more than its dot product
+//! (Q5_0 spreads its fifth bits with a shuffle, a compare and two masks per half; F16 widens every value), so the
+//! group's blocks are first unpacked into a scratch buffer on the stack, then every token's pass reads them back
+//! with plain loads. The buffer holds the group's whole rows (at most `SCRATCH_BYTES`, which stays in L1), so each
+//! token still finishes its dot products in one pass and the epilogue needs no partial sums.
+//! (Tiling tokens without the buffer, unpacking each block once per tile of tokens, measured slower on SmolLM2's
+//! prefill, 157 vs 206 tok/s at 512 tokens: the tile's accumulators and activations overflow the registers.)
 
 use crate::builder::Kb;
 use crate::formats::{BlockDot, RowAcc};
+use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
-use cranelift_codegen::ir::{Function, InstBuilder, Value};
+use cranelift_codegen::ir::{Function, InstBuilder, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use kiln_ir::cpu_abi::offsets::matmul as arg;
 use kiln_ir::cpu_abi::Epilogue;
 use kiln_ir::layout::Layout;
+
+/// The largest scratch buffer of unpacked weights (both tensors of a gated product): a row group of Qwen2.5's
+/// Q5_0 `ffn_down` (K = 4864) takes 29 KiB. Larger groups take the one-token path for every token.
+const SCRATCH_BYTES: usize = 32 * 1024;
+
+/// Tokens from which a call unpacks into the scratch buffer: with two, each block is unpacked once instead of
+/// twice, for the cost of storing and reloading it.
+const SCRATCH_MIN_TOKENS: i64 = 2;
 
 struct Shape<'d> {
     dot: &'d dyn BlockDot,
@@ -23,16 +39,30 @@ struct Shape<'d> {
 
 /// The kernel's arguments, loaded once.
 struct Args {
-    w: Value,
-    w2: Value,
-    /// The weights' whole-tensor scale pointers, for formats that have them.
-    scales: Option<(Value, Value)>,
     x: Value,
     x_stride: Value,
     out: Value,
     out_stride: Value,
     extra: Value,
     extra_stride: Value,
+}
+
+/// One weight tensor of the product (a gated product has two), at the current row group.
+#[derive(Clone, Copy)]
+struct Tensor {
+    /// The group's first block.
+    group: Value,
+    /// The tensor's whole-tensor scale, for formats that have one.
+    scale: Option<Value>,
+}
+
+/// Where the token loop finds a weight block's unpacked values.
+#[derive(Clone, Copy)]
+enum Source<'s> {
+    /// Unpacked from the stored weights at each use.
+    Stored,
+    /// Reloaded from the tensor's region of the scratch buffer.
+    Scratch { at: Value, layout: &'s Scratch },
 }
 
 pub fn build(
@@ -50,41 +80,193 @@ pub fn build(
         blocks: k / dot.elems(),
         act_bytes: dot.elems() / act.block_elems() * act.block_bytes(),
     };
+    let tensors = if matches!(epilogue, Epilogue::Gated(_)) {
+        2
+    } else {
+        1
+    };
+    let scratch = dot
+        .unpacked()
+        .map(|types| Scratch::new(types, &shape, tensors));
+    let scratch = scratch.filter(|s| s.bytes <= SCRATCH_BYTES);
     Kb::build(func, config, |kb| {
         let a = Args {
-            w: kb.arg(arg::W, I64),
-            w2: kb.arg(arg::W2, I64),
             x: kb.arg(arg::X, I64),
             x_stride: kb.arg(arg::X_STRIDE, I64),
             out: kb.arg(arg::OUT, I64),
             out_stride: kb.arg(arg::OUT_STRIDE, I64),
             extra: kb.arg(arg::EXTRA, I64),
             extra_stride: kb.arg(arg::EXTRA_STRIDE, I64),
-            scales: dot
-                .tensor_scaled()
-                .then(|| (kb.arg(arg::W_SCALE, I64), kb.arg(arg::W2_SCALE, I64))),
         };
+        let weights = [arg::W, arg::W2].map(|at| kb.arg(at, I64));
+        let scales =
+            [arg::W_SCALE, arg::W2_SCALE].map(|at| dot.tensor_scaled().then(|| kb.arg(at, I64)));
         let row_begin = kb.arg(arg::ROW_BEGIN, I64);
         let row_end = kb.arg(arg::ROW_END, I64);
         let tokens = kb.arg(arg::TOKENS, I64);
+        let buffer = scratch.as_ref().map(|s| s.allocate(kb));
         // Row r's group starts at r * blocks * block_bytes: a group of R rows holds R rows' worth of blocks.
         let row_bytes = shape.blocks * dot.block_bytes();
         kb.for_range(row_begin, row_end, shape.rows as i64, |kb, row| {
-            let wg = kb.offset(a.w, row, row_bytes);
-            let w2g = kb.offset(a.w2, row, row_bytes);
-            let zero = kb.i64(0);
-            kb.for_range(zero, tokens, 1, |kb, t| {
-                let xt = kb.b.ins().imul(t, a.x_stride);
-                let xt = kb.b.ins().iadd(a.x, xt);
-                let dots = group_dots(kb, &shape, wg, xt, a.scales.map(|s| s.0));
-                let dots2 = matches!(epilogue, Epilogue::Gated(_))
-                    .then(|| group_dots(kb, &shape, w2g, xt, a.scales.map(|s| s.1)));
-                for (lane, &acc) in dots.iter().enumerate() {
-                    let r = kb.b.ins().iadd_imm_s(row, lane as i64);
-                    store(kb, &a, epilogue, r, t, acc, dots2.as_ref().map(|d| d[lane]));
+            let group: Vec<Tensor> = (0..tensors)
+                .map(|i| Tensor {
+                    group: kb.offset(weights[i], row, row_bytes),
+                    scale: scales[i],
+                })
+                .collect();
+            let each_token = |kb: &mut Kb, sources: &[Source]| {
+                token_loop(kb, &shape, &a, epilogue, row, tokens, &group, sources)
+            };
+            match (&scratch, buffer) {
+                (Some(scratch), Some(buffer)) => {
+                    let many = kb.b.ins().icmp_imm_s(
+                        IntCC::SignedGreaterThanOrEqual,
+                        tokens,
+                        SCRATCH_MIN_TOKENS,
+                    );
+                    kb.if_else(
+                        many,
+                        |kb| {
+                            let sources = scratch.fill(kb, &shape, &group, buffer);
+                            each_token(kb, &sources)
+                        },
+                        |kb| each_token(kb, &vec![Source::Stored; tensors]),
+                    );
                 }
-            });
+                _ => each_token(kb, &vec![Source::Stored; tensors]),
+            }
         });
+    });
+}
+
+/// The scratch buffer's layout: per tensor, per block, per row of the group, the unpacked values in order, each
+/// at its own offset, the entry padded to 16 bytes so the vectors stay aligned.
+struct Scratch {
+    types: Vec<Type>,
+    /// Bytes of one block of one row.
+    entry: usize,
+    /// Bytes of one tensor's region.
+    region: usize,
+    bytes: usize,
+}
+
+impl Scratch {
+    fn new(types: Vec<Type>, shape: &Shape, tensors: usize) -> Self {
+        let entry = types
+            .iter()
+            .map(|t| t.bytes() as usize)
+            .sum::<usize>()
+            .next_multiple_of(16);
+        let region = entry * shape.rows * shape.blocks;
+        Scratch {
+            types,
+            entry,
+            region,
+            bytes: region * tensors,
+        }
+    }
+
+    fn allocate(&self, kb: &mut Kb) -> Value {
+        let slot = kb.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            self.bytes as u32,
+            4,
+        ));
+        kb.b.ins().stack_addr(I64, slot, 0)
+    }
+
+    /// Vectors first, then scalars, so the vectors sit at multiples of 16.
+    fn offsets(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.types.len()).collect();
+        order.sort_by_key(|&i| !self.types[i].is_vector());
+        let mut offsets = vec![0; self.types.len()];
+        let mut at = 0;
+        for i in order {
+            offsets[i] = at;
+            at += self.types[i].bytes() as usize;
+        }
+        offsets
+    }
+
+    /// Unpacks the group's blocks of every tensor into `buffer` and says where each tensor's region is.
+    fn fill(&self, kb: &mut Kb, shape: &Shape, group: &[Tensor], buffer: Value) -> Vec<Source<'_>> {
+        let offsets = self.offsets();
+        let stride = self.entry * shape.rows;
+        group
+            .iter()
+            .enumerate()
+            .map(|(i, tensor)| {
+                let at = kb.b.ins().iadd_imm_s(buffer, (i * self.region) as i64);
+                kb.for_count(shape.blocks, |kb, b| {
+                    let wb = kb.offset(tensor.group, b, shape.rows * shape.dot.block_bytes());
+                    let entries = kb.offset(at, b, stride);
+                    for lane in 0..shape.rows {
+                        let wl =
+                            kb.b.ins()
+                                .iadd_imm_s(wb, (lane * shape.dot.block_bytes()) as i64);
+                        let values = shape.dot.unpack(kb, wl);
+                        debug_assert_eq!(
+                            values.len(),
+                            self.types.len(),
+                            "unpacked() lists unpack's values"
+                        );
+                        for (&v, &offset) in values.iter().zip(&offsets) {
+                            kb.store(v, entries, lane * self.entry + offset);
+                        }
+                    }
+                });
+                Source::Scratch { at, layout: self }
+            })
+            .collect()
+    }
+
+    /// The unpacked values of the block entry at `entry`.
+    fn reload(&self, kb: &mut Kb, entry: Value) -> Vec<Value> {
+        let offsets = self.offsets();
+        self.types
+            .iter()
+            .zip(offsets)
+            .map(|(&ty, at)| kb.load(ty, entry, at))
+            .collect()
+    }
+}
+
+/// For each token: the group's dot products of every tensor, the epilogue, the stores. A gated product parks the
+/// first tensor's products in the output and reads them back for the epilogue: held in registers through the
+/// second tensor's pass, they pushed its accumulators onto the stack.
+#[allow(clippy::too_many_arguments)]
+fn token_loop(
+    kb: &mut Kb,
+    shape: &Shape,
+    a: &Args,
+    epilogue: Epilogue,
+    row: Value,
+    tokens: Value,
+    group: &[Tensor],
+    sources: &[Source],
+) {
+    let zero = kb.i64(0);
+    kb.for_range(zero, tokens, 1, |kb, t| {
+        let xt = kb.b.ins().imul(t, a.x_stride);
+        let xt = kb.b.ins().iadd(a.x, xt);
+        let out = kb.b.ins().imul(t, a.out_stride);
+        let out = kb.b.ins().iadd(out, row);
+        let out = kb.offset(a.out, out, 4);
+        let mut dots = group_dots(kb, shape, group[0], sources[0], xt);
+        let second = group.get(1).map(|&tensor| {
+            for (lane, &dot) in dots.iter().enumerate() {
+                kb.store(dot, out, 4 * lane);
+            }
+            let second = group_dots(kb, shape, tensor, sources[1], xt);
+            dots = (0..shape.rows)
+                .map(|lane| kb.load_written(F32, out, 4 * lane))
+                .collect();
+            second
+        });
+        for (lane, &dot) in dots.iter().enumerate() {
+            let r = kb.b.ins().iadd_imm_s(row, lane as i64);
+            store(kb, a, epilogue, r, t, dot, second.as_ref().map(|d| d[lane]));
+        }
     });
 }
 
@@ -147,29 +329,34 @@ fn finish(kb: &mut Kb, accs: &[RowAcc]) -> Vec<Value> {
         .collect()
 }
 
-/// The dot products of the group's rows (starting at `wg`, of the tensor whose scale, if it has one, lies at
-/// `w_scale`) with one token's activations at `xt`.
-fn group_dots(
-    kb: &mut Kb,
-    shape: &Shape,
-    wg: Value,
-    xt: Value,
-    w_scale: Option<Value>,
-) -> Vec<Value> {
+/// The dot products of the group's rows of `tensor` with one token's activations at `xt`.
+fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Value) -> Vec<Value> {
     let accs = accumulators(kb, shape.rows);
     let block_bytes = shape.dot.block_bytes();
     kb.for_count(shape.blocks, |kb, b| {
         let xb = kb.offset(xt, b, shape.act_bytes);
         let x = shape.dot.prepare(kb, xb);
-        let wb = kb.offset(wg, b, shape.rows * block_bytes);
-        for (lane, &acc) in accs.iter().enumerate() {
-            let wl = kb.b.ins().iadd_imm_s(wb, (lane * block_bytes) as i64);
-            let w = shape.dot.unpack(kb, wl);
-            shape.dot.accumulate(kb, &w, &x, acc);
+        match source {
+            Source::Stored => {
+                let wb = kb.offset(tensor.group, b, shape.rows * block_bytes);
+                for (lane, &acc) in accs.iter().enumerate() {
+                    let wl = kb.b.ins().iadd_imm_s(wb, (lane * block_bytes) as i64);
+                    let w = shape.dot.unpack(kb, wl);
+                    shape.dot.accumulate(kb, &w, &x, acc);
+                }
+            }
+            Source::Scratch { at, layout } => {
+                let entries = kb.offset(at, b, shape.rows * layout.entry);
+                for (lane, &acc) in accs.iter().enumerate() {
+                    let entry = kb.b.ins().iadd_imm_s(entries, (lane * layout.entry) as i64);
+                    let w = layout.reload(kb, entry);
+                    shape.dot.accumulate(kb, &w, &x, acc);
+                }
+            }
         }
     });
     let dots = finish(kb, &accs);
-    match w_scale {
+    match tensor.scale {
         Some(scale) => dots
             .into_iter()
             .map(|dot| shape.dot.scale_row(kb, dot, xt, scale))

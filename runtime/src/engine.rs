@@ -88,6 +88,17 @@ impl Logits {
     }
 }
 
+/// Time spent in one kernel of the plan's schedule (`kiln inspect` lists them as `k0`, `k1`, ...) since the
+/// profile was last taken.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    pub kernel: usize,
+    /// The kernel's spec, as `kiln inspect` prints it.
+    pub spec: String,
+    pub launches: usize,
+    pub seconds: f64,
+}
+
 pub trait Engine {
     /// Runs `tokens` at positions `start..start + tokens.len()` of the current sequence, after the tokens cached
     /// at `0..start` (anything cached beyond `start` is discarded). With `last_only` only the last token's logits
@@ -115,6 +126,14 @@ pub trait Engine {
     /// The KV cache's size, where it is shared by the slots (else each slot holds a whole context).
     fn kv_budget(&self) -> Option<KvBudget> {
         None
+    }
+    /// Turns timing of every launch on or off; returns whether this executor can time them.
+    fn set_profiling(&mut self, _on: bool) -> bool {
+        false
+    }
+    /// The time per kernel since the last call (or since profiling was turned on), most time first.
+    fn take_profile(&mut self) -> Vec<KernelTime> {
+        Vec::new()
     }
     /// Frees the KV cache of the sequence in `slot`, which has ended.
     fn release(&mut self, _slot: usize) {}

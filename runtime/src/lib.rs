@@ -16,7 +16,7 @@ pub mod tokenizer;
 
 pub use cpu::CpuExecutor;
 pub use cuda::CudaExecutor;
-pub use engine::{Engine, ExecError, KvBudget, Logits, SeqTokens};
+pub use engine::{Engine, ExecError, KernelTime, KvBudget, Logits, SeqTokens};
 pub use reference::ReferenceExecutor;
 pub use sampler::{Sampler, SamplerConfig};
 pub use tokenizer::Tokenizer;

@@ -4,7 +4,7 @@ use super::EngineArgs;
 use crate::model::Model;
 use anyhow::Result;
 use clap::Args;
-use kiln_runtime::{Engine, SeqTokens};
+use kiln_runtime::{Engine, KernelTime, SeqTokens};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also time every kernel of the schedule and report where prefill and decode spend their time (the CPU
+    /// executor times its launches; the others refuse).
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -41,6 +45,56 @@ struct Report {
     ttft_ms: f64,
     peak_rss_bytes: u64,
     threads: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile: Option<Profile>,
+}
+
+/// Time per kernel over all prefill runs and over all decode runs.
+#[derive(Serialize)]
+struct Profile {
+    prefill: Vec<KernelShare>,
+    decode: Vec<KernelShare>,
+}
+
+#[derive(Serialize)]
+struct KernelShare {
+    kernel: String,
+    spec: String,
+    launches: usize,
+    seconds: f64,
+    share: f64,
+}
+
+fn shares(times: Vec<KernelTime>) -> Vec<KernelShare> {
+    let total: f64 = times.iter().map(|t| t.seconds).sum();
+    times
+        .into_iter()
+        .map(|t| KernelShare {
+            kernel: format!("k{}", t.kernel),
+            spec: t.spec,
+            launches: t.launches,
+            seconds: t.seconds,
+            share: t.seconds / total.max(f64::MIN_POSITIVE),
+        })
+        .collect()
+}
+
+fn print_profile(phase: &str, kernels: &[KernelShare]) {
+    println!("\n{phase}: time per kernel (all runs)");
+    println!(
+        "{:<6} {:>9} {:>10} {:>7}  spec",
+        "kernel", "launches", "ms", "share"
+    );
+    for k in kernels {
+        println!(
+            "{:<6} {:>9} {:>10.1} {:>6.1}%  {}",
+            k.kernel,
+            k.launches,
+            k.seconds * 1e3,
+            k.share * 100.0,
+            k.spec
+        );
+    }
 }
 
 /// Token ids for a synthetic prompt: ordinary vocabulary entries, no special tokens.
@@ -72,6 +126,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let vocab = engine.vocab_size();
     // Warm-up: fault in the weights and size the buffers.
     engine.forward_last(&prompt(16, vocab), 0)?;
+    anyhow::ensure!(
+        !args.profile || engine.set_profiling(true),
+        "--profile needs an executor that times its kernels (the CPU executor)"
+    );
 
     let mut prefill_tok_s = BTreeMap::new();
     let mut ttft_ms = 0.0;
@@ -92,6 +150,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
 
+    let prefill_profile = engine.take_profile();
     let mut rates = Vec::new();
     for _ in 0..args.repeat {
         rates.push(decode_rate(
@@ -114,6 +173,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ttft_ms,
         peak_rss_bytes: peak_rss_bytes(),
         threads: args.engine.threads(),
+        profile: args.profile.then(|| Profile {
+            prefill: shares(prefill_profile),
+            decode: shares(engine.take_profile()),
+        }),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -138,6 +201,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             report.peak_rss_bytes as f64 / (1 << 20) as f64
         );
         println!("{:<28} {:>12}", "threads", report.threads);
+        if let Some(profile) = &report.profile {
+            print_profile("prefill", &profile.prefill);
+            print_profile("decode", &profile.decode);
+        }
     }
     Ok(())
 }

@@ -105,6 +105,8 @@ struct Call<'p> {
 }
 
 pub struct Step<'p> {
+    /// The schedule kernel this launch runs.
+    kernel: usize,
     op: Op,
     operands: Vec<Slot>,
     output: Slot,
@@ -195,6 +197,7 @@ impl<'p> Step<'p> {
             }
         }
         Ok(Step {
+            kernel: launch.kernel,
             op: node.op.clone(),
             operands: launch.operands.clone(),
             output: launch.output.clone(),
@@ -205,6 +208,10 @@ impl<'p> Step<'p> {
             norm,
             calls,
         })
+    }
+
+    pub fn kernel(&self) -> usize {
+        self.kernel
     }
 
     pub fn is_fallback(&self) -> bool {

@@ -14,13 +14,14 @@ mod launch;
 mod ops;
 pub mod pool;
 
-use crate::engine::{check_step, Engine, ExecError, KvBudget, Logits, SeqTokens};
+use crate::engine::{check_step, Engine, ExecError, KernelTime, KvBudget, Logits, SeqTokens};
 use crate::plan::PlanFile;
 use code::NativeCode;
 use kiln_ir::schedule::Slot;
 use kv::PagedKv;
 use launch::Step;
 use pool::Pool;
+use std::time::{Duration, Instant};
 
 pub use code::KernelFn;
 
@@ -40,6 +41,9 @@ pub struct CpuExecutor<'p> {
     max_context: usize,
     /// Positions cached per sequence slot; its length is the number of slots.
     cached: Vec<usize>,
+    /// Each schedule kernel's spec and, while profiling, its launches and time.
+    kernels: Vec<(String, usize, Duration)>,
+    profiling: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,12 @@ impl<'p> CpuExecutor<'p> {
             vocab,
             max_context,
             cached: vec![0],
+            kernels: schedule
+                .kernels
+                .iter()
+                .map(|k| (k.to_string(), 0, Duration::ZERO))
+                .collect(),
+            profiling: false,
         })
     }
 
@@ -158,6 +168,7 @@ impl<'p> CpuExecutor<'p> {
             } else {
                 launch::Ctx::new(arena, t, 0, t)
             };
+            let started = self.profiling.then(Instant::now);
             step.run(
                 &ctx,
                 &positions,
@@ -166,6 +177,11 @@ impl<'p> CpuExecutor<'p> {
                 &mut self.kv,
                 &mut self.scratch,
             )?;
+            if let Some(started) = started {
+                let kernel = &mut self.kernels[step.kernel()];
+                kernel.1 += 1;
+                kernel.2 += started.elapsed();
+            }
         }
         for s in batch {
             self.cached[s.slot] = s.start + s.tokens.len();
@@ -202,6 +218,28 @@ impl Engine for CpuExecutor<'_> {
             positions: self.kv.pages().1 * kv::PAGE,
             page: kv::PAGE,
         })
+    }
+
+    fn set_profiling(&mut self, on: bool) -> bool {
+        self.profiling = on;
+        true
+    }
+
+    fn take_profile(&mut self) -> Vec<KernelTime> {
+        let mut times: Vec<KernelTime> = self
+            .kernels
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, (_, launches, _))| *launches > 0)
+            .map(|(kernel, (spec, launches, time))| KernelTime {
+                kernel,
+                spec: spec.clone(),
+                launches: std::mem::take(launches),
+                seconds: std::mem::take(time).as_secs_f64(),
+            })
+            .collect();
+        times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        times
     }
 
     fn release(&mut self, slot: usize) {
