@@ -4,6 +4,7 @@
 //! ISA flags, and returned as position-independent machine code with no relocations, so a plan can carry it and
 //! the runtime can map it executable without Cranelift.
 
+mod attention;
 mod builder;
 mod formats;
 mod i2s;
@@ -42,6 +43,7 @@ pub enum CodegenError {
 pub fn supports(function: &CpuFunction) -> bool {
     match function {
         CpuFunction::Quantize { .. } => true,
+        CpuFunction::Attention { head_dim } => head_dim.is_multiple_of(8),
         CpuFunction::MatMul { format, layout, .. } => {
             formats::block_dot(*format, *layout).is_some()
         }
@@ -56,6 +58,15 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
     match function {
         CpuFunction::Quantize { act, k, norm } => {
             quantize::build(&mut func, isa.target().frontend_config(), *act, *k, *norm)
+        }
+        CpuFunction::Attention { head_dim } if !head_dim.is_multiple_of(8) => {
+            return Err(CodegenError::Unsupported(
+                function.to_string(),
+                format!("a head width of {head_dim}, not a multiple of 8"),
+            ))
+        }
+        CpuFunction::Attention { head_dim } => {
+            attention::build(&mut func, isa.target().frontend_config(), *head_dim)
         }
         CpuFunction::MatMul {
             format,

@@ -108,3 +108,12 @@ fn activation_quantizers() {
         insta::assert_snapshot!(format!("quantize_{}_norm_{norm}", act.name()), clif(f));
     }
 }
+
+#[test]
+fn attention() {
+    // A small head: two vectors per score, one pass of the weighted sum.
+    insta::assert_snapshot!(
+        "attention_hd8",
+        clif(CpuFunction::Attention { head_dim: 8 })
+    );
+}

@@ -54,7 +54,13 @@ pub enum CpuFunction {
         k: usize,
         epilogue: Epilogue,
     },
+    /// One query head attending to a sequence's cached keys and values (paged, `KV_PAGE` positions per page):
+    /// scores, softmax, the weighted sum of values. Takes `AttentionArgs`.
+    Attention { head_dim: usize },
 }
+
+/// Positions per page of the CPU executor's KV cache, which generated attention walks.
+pub const KV_PAGE: usize = 16;
 
 impl fmt::Display for CpuFunction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,6 +75,7 @@ impl fmt::Display for CpuFunction {
                 k,
                 epilogue,
             } => write!(f, "matmul_{format}_{layout}_k{k}_{}", epilogue.name()),
+            CpuFunction::Attention { head_dim } => write!(f, "attention_hd{head_dim}"),
         }
     }
 }
@@ -201,6 +208,31 @@ pub struct MatMulArgs {
     pub w2_scale: *const f32,
 }
 
+/// Position `j` of the sequence is at `k + ((pages[j / KV_PAGE] * KV_PAGE + j % KV_PAGE) * width + kv_offset)`
+/// (and likewise in `v`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionArgs {
+    /// The query head (`head_dim` values).
+    pub q: *const f32,
+    /// The layer's key and value pools.
+    pub k: *const f32,
+    pub v: *const f32,
+    /// The sequence's page table.
+    pub pages: *const u32,
+    /// Values per cached position (all KV heads).
+    pub width: u64,
+    /// The KV head's first value within a position.
+    pub kv_offset: u64,
+    /// The positions attended: `first..=last`.
+    pub first: u64,
+    pub last: u64,
+    pub out: *mut f32,
+    /// Room for `last - first + 1` scores.
+    pub scores: *mut f32,
+    pub scale: f32,
+}
+
 /// Field offsets, for the code generator.
 pub mod offsets {
     use super::*;
@@ -231,6 +263,21 @@ pub mod offsets {
         pub const ROW_BEGIN: i32 = offset_of!(MatMulArgs, row_begin) as i32;
         pub const ROW_END: i32 = offset_of!(MatMulArgs, row_end) as i32;
         pub const TOKENS: i32 = offset_of!(MatMulArgs, tokens) as i32;
+    }
+
+    pub mod attention {
+        use super::*;
+        pub const Q: i32 = offset_of!(AttentionArgs, q) as i32;
+        pub const K: i32 = offset_of!(AttentionArgs, k) as i32;
+        pub const V: i32 = offset_of!(AttentionArgs, v) as i32;
+        pub const PAGES: i32 = offset_of!(AttentionArgs, pages) as i32;
+        pub const WIDTH: i32 = offset_of!(AttentionArgs, width) as i32;
+        pub const KV_OFFSET: i32 = offset_of!(AttentionArgs, kv_offset) as i32;
+        pub const FIRST: i32 = offset_of!(AttentionArgs, first) as i32;
+        pub const LAST: i32 = offset_of!(AttentionArgs, last) as i32;
+        pub const OUT: i32 = offset_of!(AttentionArgs, out) as i32;
+        pub const SCORES: i32 = offset_of!(AttentionArgs, scores) as i32;
+        pub const SCALE: i32 = offset_of!(AttentionArgs, scale) as i32;
     }
 }
 
@@ -300,6 +347,20 @@ pub fn op_matmuls(op: &crate::Op, weights: &[Option<MatMulWeight>]) -> Option<Op
         _ => return None,
     };
     Some(OpMatMuls { norm, calls })
+}
+
+/// The attention function of an attention node (its head width is the last dim of its query, or fused QKV,
+/// operand); `None` for other nodes.
+pub fn attention_function(graph: &crate::Graph, node: &crate::Node) -> Option<CpuFunction> {
+    use crate::{Op, Operand};
+    if !matches!(node.op, Op::Attention { .. } | Op::AttentionQkv { .. }) {
+        return None;
+    }
+    let Operand::Value(q) = node.operands.first()? else {
+        return None;
+    };
+    let head_dim = graph.node(*q).ty.shape.last()?.clone().fixed()?;
+    Some(CpuFunction::Attention { head_dim })
 }
 
 /// Every function the executor calls for `op`.

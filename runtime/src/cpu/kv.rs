@@ -7,8 +7,8 @@
 use crate::engine::ExecError;
 use std::collections::HashMap;
 
-/// Positions per page.
-pub const PAGE: usize = 16;
+/// Positions per page (generated attention walks the pages too).
+pub const PAGE: usize = kiln_ir::cpu_abi::KV_PAGE;
 
 pub struct PagedKv {
     /// The most pages that may be in use at once.
@@ -127,6 +127,16 @@ impl SeqKv<'_> {
 
     pub fn value(&self, pos: usize) -> &[f32] {
         &self.v[self.at(pos)..][..self.width]
+    }
+
+    /// The key pool, value pool, page table and width, as generated attention takes them (`AttentionArgs`).
+    pub fn raw(&self) -> (*const f32, *const f32, *const u32, usize) {
+        (
+            self.k.as_ptr(),
+            self.v.as_ptr(),
+            self.table.as_ptr(),
+            self.width,
+        )
     }
 }
 

@@ -9,7 +9,8 @@ use crate::engine::ExecError;
 use crate::plan::PlanFile;
 use crate::reference::kernels as reference;
 use kiln_ir::cpu_abi::{
-    node_weights, op_matmuls, ActFormat, CpuFunction, Epilogue, MatMulArgs, QuantizeArgs,
+    attention_function, node_weights, op_matmuls, ActFormat, AttentionArgs, CpuFunction, Epilogue,
+    MatMulArgs, QuantizeArgs,
 };
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
@@ -119,6 +120,8 @@ pub struct Step<'p> {
     operand_dims: Vec<Vec<usize>>,
     norm: bool,
     calls: Vec<Call<'p>>,
+    /// The generated attention function, for attention ops (else the Rust `ops::attend` runs).
+    attend: Option<KernelFn>,
 }
 
 /// Threads do not share `Step`s mutably; the raw pointers inside argument blocks are plain data.
@@ -207,6 +210,7 @@ impl<'p> Step<'p> {
             operand_dims,
             norm,
             calls,
+            attend: attention_function(graph, node).and_then(|f| code.get(&f)),
         })
     }
 
@@ -318,7 +322,17 @@ impl<'p> Step<'p> {
                     k_at: 0,
                     v_at: 0,
                 };
-                attention(&rows, positions, slots, kv, *layer, &shape, pool, out)?;
+                attention(
+                    &rows,
+                    positions,
+                    slots,
+                    kv,
+                    *layer,
+                    &shape,
+                    self.attend,
+                    pool,
+                    out,
+                )?;
             }
             Op::AttentionQkv {
                 layer,
@@ -348,7 +362,17 @@ impl<'p> Step<'p> {
                     k_at: qw,
                     v_at: qw + kvw,
                 };
-                attention(&rows, positions, slots, kv, *layer, &shape, pool, out)?;
+                attention(
+                    &rows,
+                    positions,
+                    slots,
+                    kv,
+                    *layer,
+                    &shape,
+                    self.attend,
+                    pool,
+                    out,
+                )?;
             }
             Op::NormMatMul { .. }
             | Op::MatMul
@@ -698,6 +722,7 @@ fn attention(
     kv: &mut PagedKv,
     layer: usize,
     s: &AttentionShape,
+    attend: Option<KernelFn>,
     pool: &Pool,
     out: &mut [f32],
 ) -> Result<(), ExecError> {
@@ -720,15 +745,31 @@ fn attention(
             let q = &rows.q[t * rows.q_stride + rows.q_at + h * hd..][..hd];
             // SAFETY: each (token, head) pair owns its `head_dim` outputs.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(pair * hd), hd) };
-            ops::attend(
-                q,
-                &sequences[t],
-                h / group,
-                positions[t] as usize,
-                s,
-                &mut scores,
-                o,
-            );
+            let (seq, kv_head, pos) = (&sequences[t], h / group, positions[t] as usize);
+            match attend {
+                Some(f) => {
+                    let first = s.first_attended(pos);
+                    scores.resize(pos + 1 - first, 0.0);
+                    let (k, v, pages, width) = seq.raw();
+                    let args = AttentionArgs {
+                        q: q.as_ptr(),
+                        k,
+                        v,
+                        pages,
+                        width: width as u64,
+                        kv_offset: (kv_head * hd) as u64,
+                        first: first as u64,
+                        last: pos as u64,
+                        out: o.as_mut_ptr(),
+                        scores: scores.as_mut_ptr(),
+                        scale: s.scale,
+                    };
+                    // SAFETY: `f` takes `AttentionArgs`; the positions `first..=pos` are cached (written above),
+                    // `scores` has room for them, and `o` holds `head_dim` values.
+                    unsafe { f(&args as *const AttentionArgs as *const u8) };
+                }
+                None => ops::attend(q, seq, kv_head, pos, s, &mut scores, o),
+            }
         }
     });
     Ok(())
@@ -771,6 +812,7 @@ mod tests {
             &mut PagedKv::new(1, t),
             0,
             &s,
+            None,
             &Pool::new(1),
             &mut out,
         )

@@ -78,7 +78,7 @@ pub fn attend(
     out: &mut [f32],
 ) {
     let hd = s.head_dim;
-    let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let first = s.first_attended(pos);
     scores.clear();
     scores.extend((first..=pos).map(|j| dot(q, &kv.key(j)[kv_head * hd..][..hd]) * s.scale));
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -135,6 +135,13 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
+impl AttentionShape {
+    /// The first position a query at `pos` attends to (causal, within the sliding window if there is one).
+    pub fn first_attended(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+}
+
 /// Writes `k`, `v` at `positions` into the cache, then attends each query to the cached keys at or before its
 /// position (and within the window). Returns `[t, heads, head_dim]`.
 pub fn attention(
@@ -159,7 +166,7 @@ pub fn attention(
     let mut scores = Vec::new();
     for (t, &pos) in positions.iter().enumerate() {
         let pos = pos as usize;
-        let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let first = s.first_attended(pos);
         for h in 0..s.heads {
             let kvh = h / group;
             let qh = &q[(t * s.heads + h) * hd..][..hd];

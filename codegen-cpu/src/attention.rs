@@ -1,0 +1,138 @@
+//! Attention of one query head over its sequence's cached keys and values: the scores `q . k_j * scale` of the
+//! positions `first..=last`, their softmax, and the weighted sum of the values. Cached positions live in pages of
+//! `KV_PAGE`, found through the sequence's page table.
+//!
+//! The head width is baked in (a multiple of 8). The arithmetic follows the executor's reference attention
+//! operation for operation (eight partial sums per score, added in order; each value row added with its
+//! normalized weight, multiply then add), so the two differ only in `exp`'s last bits: SmolLM2 amplifies any
+//! other rounding difference into its logits (a different summation order alone moves them by 0.15). The
+//! weighted sum keeps up to `SUM_VECTORS` output vectors in registers per pass over the positions.
+
+use crate::builder::Kb;
+use cranelift_codegen::ir::types::{F32, F32X4, I64};
+use cranelift_codegen::ir::{Function, InstBuilder, Value};
+use cranelift_codegen::isa::TargetFrontendConfig;
+use kiln_ir::cpu_abi::offsets::attention as arg;
+use kiln_ir::cpu_abi::KV_PAGE;
+
+/// Output vectors accumulated per pass of the weighted sum: 8 accumulators leave registers for the loads.
+const SUM_VECTORS: usize = 8;
+
+struct Cache {
+    pages: Value,
+    width: Value,
+    kv_offset: Value,
+}
+
+impl Cache {
+    /// The address of position `j`'s head in the pool at `base`.
+    fn row(&self, kb: &mut Kb, base: Value, j: Value) -> Value {
+        let page_index = kb.b.ins().ushr_imm_s(j, KV_PAGE.trailing_zeros() as i64);
+        let entry = kb.offset(self.pages, page_index, 4);
+        let page = kb.b.ins().uload32(crate::builder::input(), entry, 0);
+        let in_page = kb.b.ins().band_imm_s(j, KV_PAGE as i64 - 1);
+        let slot = kb.b.ins().imul_imm_s(page, KV_PAGE as i64);
+        let slot = kb.b.ins().iadd(slot, in_page);
+        let at = kb.b.ins().imul(slot, self.width);
+        let at = kb.b.ins().iadd(at, self.kv_offset);
+        kb.offset(base, at, 4)
+    }
+}
+
+pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize) {
+    debug_assert!(
+        head_dim.is_multiple_of(8),
+        "`generate` refuses other widths"
+    );
+    let vectors = head_dim / 4;
+    Kb::build(func, config, |kb| {
+        let q = kb.arg(arg::Q, I64);
+        let (k, v) = (kb.arg(arg::K, I64), kb.arg(arg::V, I64));
+        let cache = Cache {
+            pages: kb.arg(arg::PAGES, I64),
+            width: kb.arg(arg::WIDTH, I64),
+            kv_offset: kb.arg(arg::KV_OFFSET, I64),
+        };
+        let first = kb.arg(arg::FIRST, I64);
+        let last = kb.arg(arg::LAST, I64);
+        let end = kb.b.ins().iadd_imm_s(last, 1);
+        let out = kb.arg(arg::OUT, I64);
+        let scores = kb.arg(arg::SCORES, I64);
+        let scale = kb.arg(arg::SCALE, F32);
+        let score_at = |kb: &mut Kb, j: Value| {
+            let i = kb.b.ins().isub(j, first);
+            kb.offset(scores, i, 4)
+        };
+
+        // Scores, and their maximum.
+        let neg_inf = kb.f32(f32::NEG_INFINITY);
+        let max = kb.var(F32, neg_inf);
+        kb.for_range(first, end, 1, |kb, j| {
+            let row = cache.row(kb, k, j);
+            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors.
+            let zero = kb.f32x4(0.0);
+            let mut partials = [zero; 2];
+            for i in 0..vectors {
+                let (qi, ki) = (kb.load(F32X4, q, 16 * i), kb.load(F32X4, row, 16 * i));
+                let product = kb.b.ins().fmul(qi, ki);
+                partials[i % 2] = kb.b.ins().fadd(partials[i % 2], product);
+            }
+            let mut dot = kb.f32(0.0);
+            for half in partials {
+                for lane in 0..4 {
+                    let p = kb.b.ins().extractlane(half, lane);
+                    dot = kb.b.ins().fadd(dot, p);
+                }
+            }
+            let score = kb.b.ins().fmul(dot, scale);
+            let at = score_at(kb, j);
+            kb.store(score, at, 0);
+            let m = kb.b.use_var(max);
+            let m = kb.b.ins().fmax(m, score);
+            kb.b.def_var(max, m);
+        });
+
+        // Softmax weights, unnormalized, and their sum.
+        let max = kb.b.use_var(max);
+        let zero = kb.f32(0.0);
+        let total = kb.var(F32, zero);
+        kb.for_range(first, end, 1, |kb, j| {
+            let at = score_at(kb, j);
+            let s = kb.load_written(F32, at, 0);
+            let s = kb.b.ins().fsub(s, max);
+            let e = kb.exp(s);
+            kb.store(e, at, 0);
+            let t = kb.b.use_var(total);
+            let t = kb.b.ins().fadd(t, e);
+            kb.b.def_var(total, t);
+        });
+        let total = kb.b.use_var(total);
+        let one = kb.f32(1.0);
+        let inv = kb.b.ins().fdiv(one, total);
+
+        // The weighted sum of values, `SUM_VECTORS` output vectors per pass.
+        for pass in (0..vectors).step_by(SUM_VECTORS) {
+            let width = SUM_VECTORS.min(vectors - pass);
+            let zero = kb.f32x4(0.0);
+            let accs: Vec<_> = (0..width).map(|_| kb.var(F32X4, zero)).collect();
+            kb.for_range(first, end, 1, |kb, j| {
+                let at = score_at(kb, j);
+                let p = kb.load_written(F32, at, 0);
+                let weight = kb.b.ins().fmul(p, inv);
+                let weight = kb.b.ins().splat(F32X4, weight);
+                let row = cache.row(kb, v, j);
+                for (i, &acc) in accs.iter().enumerate() {
+                    let vi = kb.load(F32X4, row, 16 * (pass + i));
+                    let term = kb.b.ins().fmul(weight, vi);
+                    let a = kb.b.use_var(acc);
+                    let a = kb.b.ins().fadd(a, term);
+                    kb.b.def_var(acc, a);
+                }
+            });
+            for (i, &acc) in accs.iter().enumerate() {
+                let a = kb.b.use_var(acc);
+                kb.store(a, out, 16 * (pass + i));
+            }
+        }
+    });
+}
