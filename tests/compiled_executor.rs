@@ -20,18 +20,37 @@ fn compile(name: &str) -> Option<PathBuf> {
     Some(plan)
 }
 
-/// How two logit rows differ: the top-1 logit, the log-probabilities of the reference's top 5, their ranking.
+/// How two logit rows differ: the top-1 logit, the log-probabilities of the reference's top 5, and whether both
+/// rank the same tokens first (the top 5, cut above a near-tie in the reference: logits within `NEAR_TIE`).
 struct Agreement {
     top1_diff: f32,
     top5_logprob_diff: f32,
     same_top5: bool,
 }
 
-fn top5(row: &[f32]) -> Vec<usize> {
+/// Logits this close are a tie that float rounding may break either way: SmolLM2's first decode step ranks its
+/// 4th, 5th and 6th tokens within 0.05 of one another, and a change in summation order anywhere reorders them.
+const NEAR_TIE: f32 = 0.1;
+
+fn top(row: &[f32], n: usize) -> Vec<usize> {
     let mut ids: Vec<usize> = (0..row.len()).collect();
     ids.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-    ids.truncate(5);
+    ids.truncate(n);
     ids
+}
+
+fn top5(row: &[f32]) -> Vec<usize> {
+    top(row, 5)
+}
+
+/// How many of the reference's first five stand apart from the tokens after them: five, less any caught in a
+/// near-tie with a token ranked below.
+fn decided(reference: &[f32]) -> usize {
+    let ids = top(reference, 6);
+    (1..=5)
+        .rev()
+        .find(|&n| reference[ids[n - 1]] - reference[ids[n]] >= NEAR_TIE)
+        .unwrap_or(0)
 }
 
 fn agreement(reference: &[f32], compiled: &[f32]) -> Agreement {
@@ -41,7 +60,8 @@ fn agreement(reference: &[f32], compiled: &[f32]) -> Agreement {
         top1_diff: (reference[r[0]] - compiled[r[0]]).abs(),
         top5_logprob_diff: r.iter().map(|&i| (lr[i] - lc[i]).abs()).fold(0.0, f32::max),
         same_top5: {
-            let (mut r, mut c) = (r, c);
+            let n = decided(reference);
+            let (mut r, mut c) = (r[..n].to_vec(), c[..n].to_vec());
             r.sort();
             c.sort();
             r == c
@@ -80,7 +100,7 @@ fn compare(name: &str, prompt: &[u32], steps: usize) -> Vec<Agreement> {
 /// (later steps drift further apart: the test against llama.cpp itself is `compiled_plan_greedy_run_matches_llama_cpp`).
 /// After the prefill and the first decode steps: within 0.15 on the top logit, 0.3 on the top log-probabilities
 /// (where the compiled plan sits nearer llama.cpp's numbers than the reference does), the same five most likely
-/// tokens.
+/// tokens (cut above a near-tie).
 #[test]
 fn smollm2_compiled_logits_match_the_reference() {
     check("smollm2", &[504, 3575, 282, 4649, 314]);

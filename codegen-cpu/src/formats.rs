@@ -15,11 +15,10 @@ use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::layout::Layout;
 use kiln_ir::QuantFormat;
 
-/// Per-row running sums: a vector part (reduced across lanes at the end) and a scalar part.
+/// A row's running sum, as a vector reduced across its lanes at the end.
 #[derive(Clone, Copy)]
 pub struct RowAcc {
     pub v: Variable,
-    pub s: Variable,
 }
 
 pub trait BlockDot {
@@ -139,9 +138,10 @@ impl BlockDot for Block32 {
         self.block_bytes
     }
 
-    /// `[dx, codes 0..16, codes 16..32, the minimum's factor]`: with a minimum, `dx * sum(qx)`; with a code
-    /// offset, the integer sum's starting value `[-offset * sum(qx), 0, 0, 0]`, which keeps the whole block in
-    /// integers.
+    /// `[dx, codes 0..16, codes 16..32, the minimum's factor]`: with a minimum, `[dx * sum(qx), 0, 0, 0]`, which
+    /// the minimum's product adds into the row's vector accumulator (a scalar accumulator per row would take four
+    /// more registers than the loop has); with a code offset, the integer sum's starting value
+    /// `[-offset * sum(qx), 0, 0, 0]`, which keeps the whole block in integers.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         let dx = kb.load(F32, x, 0);
         let s0 = kb.load_i16(x, ActFormat::SUMS_AT);
@@ -150,7 +150,8 @@ impl BlockDot for Block32 {
         let min_factor = match self.min_at {
             Some(_) => {
                 let sum = kb.b.ins().fcvt_from_sint(F32, sum);
-                kb.b.ins().fmul(dx, sum)
+                let dxsum = kb.b.ins().fmul(dx, sum);
+                kb.b.ins().scalar_to_vector(F32X4, dxsum)
             }
             None => {
                 let start = kb.b.ins().imul_imm_s(sum, -(self.offset as i64));
@@ -207,13 +208,12 @@ impl BlockDot for Block32 {
         let ddx = kb.b.ins().splat(F32X4, ddx);
         let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
         let v = kb.b.use_var(acc.v);
-        let v = kb.b.ins().fma(fsum, ddx, v);
-        kb.b.def_var(acc.v, v);
+        let mut v = kb.b.ins().fma(fsum, ddx, v);
         if self.min_at.is_some() {
-            let s = kb.b.use_var(acc.s);
-            let s = kb.b.ins().fma(w[3], min_factor, s);
-            kb.b.def_var(acc.s, s);
+            let m = kb.b.ins().splat(F32X4, w[3]);
+            v = kb.b.ins().fma(m, min_factor, v);
         }
+        kb.b.def_var(acc.v, v);
     }
 }
 

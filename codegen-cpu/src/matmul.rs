@@ -308,12 +308,10 @@ fn store(
 
 /// Fresh zero accumulators.
 fn accumulators(kb: &mut Kb, n: usize) -> Vec<RowAcc> {
-    let zero_v = kb.f32x4(0.0);
-    let zero_s = kb.f32(0.0);
+    let zero = kb.f32x4(0.0);
     (0..n)
         .map(|_| RowAcc {
-            v: kb.var(F32X4, zero_v),
-            s: kb.var(F32, zero_s),
+            v: kb.var(F32X4, zero),
         })
         .collect()
 }
@@ -322,9 +320,7 @@ fn finish(kb: &mut Kb, accs: &[RowAcc]) -> Vec<Value> {
     accs.iter()
         .map(|acc| {
             let v = kb.b.use_var(acc.v);
-            let v = kb.hsum_f32(v);
-            let s = kb.b.use_var(acc.s);
-            kb.b.ins().fadd(v, s)
+            kb.hsum_f32(v)
         })
         .collect()
 }
