@@ -224,6 +224,39 @@ impl<'a> Kb<'a> {
         self.b.ins().fadd(a, c)
     }
 
+    /// `[hsum_f32(a), hsum_f32(b), hsum_f32(c), hsum_f32(d)]`, each lane summed in the same order, by two rounds
+    /// of pairing lanes across vectors.
+    pub fn hsum4_f32(&mut self, [a, b, c, d]: [Value; 4]) -> Value {
+        let pairs = |kb: &mut Kb, u: Value, v: Value| {
+            let even = kb.shuffle32(u, v, [0, 2, 4, 6]);
+            let odd = kb.shuffle32(u, v, [1, 3, 5, 7]);
+            kb.b.ins().fadd(even, odd)
+        };
+        // [a0+a1, a2+a3, b0+b1, b2+b3] and likewise for c, d; then the halves of each added.
+        let ab = pairs(self, a, b);
+        let cd = pairs(self, c, d);
+        pairs(self, ab, cd)
+    }
+
+    /// Lanes of `u` (0..4) and `v` (4..8) picked into an f32x4.
+    pub fn shuffle32(&mut self, u: Value, v: Value, lanes: [u8; 4]) -> Value {
+        let mut bytes = [0u8; 16];
+        for (i, &lane) in lanes.iter().enumerate() {
+            for j in 0..4 {
+                bytes[4 * i + j] = 4 * lane + j as u8;
+            }
+        }
+        let mask = self
+            .b
+            .func
+            .dfg
+            .immediates
+            .push(ConstantData::from(bytes.to_vec()));
+        let (u, v) = (self.bitcast(I8X16, u), self.bitcast(I8X16, v));
+        let picked = self.b.ins().shuffle(u, v, mask);
+        self.bitcast(F32X4, picked)
+    }
+
     /// The four lanes of an `i32x4` added.
     pub fn hsum_i32(&mut self, v: Value) -> Value {
         let l: Vec<Value> = (0..4).map(|i| self.b.ins().extractlane(v, i)).collect();

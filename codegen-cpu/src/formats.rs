@@ -37,15 +37,21 @@ pub trait BlockDot {
     fn unpacked(&self) -> Option<Vec<Type>> {
         None
     }
-    /// Adds `dot(w block, x block)` to `acc`.
+    /// Adds `dot(w block, x block)` to `acc`, less the `row_term`.
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc);
+    /// A product `weight factor * activation factor` per block that the row sums apart from its vector
+    /// accumulator (Q4_1's and Q5_1's minimum: `m * dx * sum(qx)`), as ggml sums it; the matmul keeps it for four
+    /// rows in one f32x4, lane by lane.
+    fn row_term(&self, _w: &[Value], _x: &[Value]) -> Option<(Value, Value)> {
+        None
+    }
     /// Whether the blocks leave out factors common to the whole row (a whole-tensor weight scale, a per-token
     /// activation scale), which `scale_row` then applies once.
     fn tensor_scaled(&self) -> bool {
         false
     }
-    /// The finished row product of a `tensor_scaled` format, given the token's activation row `x_row` and the
-    /// pointer to the weight's scale.
+    /// The finished product of a `tensor_scaled` format (one row's f32, or four rows' f32x4), given the token's
+    /// activation row `x_row` and the pointer to the weight's scale.
     fn scale_row(&self, _kb: &mut Kb, dot: Value, _x_row: Value, _w_scale: Value) -> Value {
         dot
     }
@@ -138,10 +144,9 @@ impl BlockDot for Block32 {
         self.block_bytes
     }
 
-    /// `[dx, codes 0..16, codes 16..32, the minimum's factor]`: with a minimum, `[dx * sum(qx), 0, 0, 0]`, which
-    /// the minimum's product adds into the row's vector accumulator (a scalar accumulator per row would take four
-    /// more registers than the loop has); with a code offset, the integer sum's starting value
-    /// `[-offset * sum(qx), 0, 0, 0]`, which keeps the whole block in integers.
+    /// `[dx, codes 0..16, codes 16..32, the minimum's factor]`: with a minimum, `dx * sum(qx)` (the `row_term`);
+    /// with a code offset, the integer sum's starting value `[-offset * sum(qx), 0, 0, 0]`, which keeps the whole
+    /// block in integers.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         let dx = kb.load(F32, x, 0);
         let s0 = kb.load_i16(x, ActFormat::SUMS_AT);
@@ -150,8 +155,7 @@ impl BlockDot for Block32 {
         let min_factor = match self.min_at {
             Some(_) => {
                 let sum = kb.b.ins().fcvt_from_sint(F32, sum);
-                let dxsum = kb.b.ins().fmul(dx, sum);
-                kb.b.ins().scalar_to_vector(F32X4, dxsum)
+                kb.b.ins().fmul(dx, sum)
             }
             None => {
                 let start = kb.b.ins().imul_imm_s(sum, -(self.offset as i64));
@@ -208,12 +212,12 @@ impl BlockDot for Block32 {
         let ddx = kb.b.ins().splat(F32X4, ddx);
         let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
         let v = kb.b.use_var(acc.v);
-        let mut v = kb.b.ins().fma(fsum, ddx, v);
-        if self.min_at.is_some() {
-            let m = kb.b.ins().splat(F32X4, w[3]);
-            v = kb.b.ins().fma(m, min_factor, v);
-        }
+        let v = kb.b.ins().fma(fsum, ddx, v);
         kb.b.def_var(acc.v, v);
+    }
+
+    fn row_term(&self, w: &[Value], x: &[Value]) -> Option<(Value, Value)> {
+        self.min_at.map(|_| (w[3], x[3]))
     }
 }
 

@@ -64,8 +64,17 @@ impl BlockDot for I2s {
     }
 
     fn scale_row(&self, kb: &mut Kb, dot: Value, x_row: Value, w_scale: Value) -> Value {
-        let dx = kb.load(F32, x_row, 0);
-        let scale = kb.load(F32, w_scale, 0);
+        let ty = kb.b.func.dfg.value_type(dot);
+        let load = |kb: &mut Kb, p: Value| {
+            let s = kb.load(F32, p, 0);
+            if ty.is_vector() {
+                kb.b.ins().splat(ty, s)
+            } else {
+                s
+            }
+        };
+        let dx = load(kb, x_row);
+        let scale = load(kb, w_scale);
         let dot = kb.b.ins().fmul(dot, dx);
         kb.b.ins().fmul(dot, scale)
     }

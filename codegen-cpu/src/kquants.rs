@@ -5,15 +5,18 @@
 //! `dot = d * dx * (sum(code * qx) - sum(qx))` (TQ2_0 and TQ1_0, codes 0..2 for -1..1), with `sum(qx)` taken
 //! from the activations' stored group sums.
 //!
-//! A block's codes are 16 vectors: too many to hold in registers for four interleaved rows, so `unpack` hands
-//! over the block's address and `accumulate` streams it sub-block by sub-block, each meeting its activation codes
-//! in one `vpdpbusd` per 16 values.
+//! `unpack` decodes a block into its codes as 16 vectors of one byte per value, in the activations' group order
+//! (group g holds values 16g..16g+16), followed by what the format's scales need; `accumulate` meets each with
+//! its activation codes in one `vpdpbusd` and applies the scales. Decoding (nibbles, fifth or sixth bits, base-3
+//! digits, the packed 6-bit scales) is most of the work, so a prompt's matmul decodes each block once into the
+//! scratch buffer and every token reads the bytes back (`matmul`). One token at a time, Cranelift places each
+//! decoded vector next to the `vpdpbusd` that reads it.
 
 use crate::builder::Kb;
 use crate::formats::{BlockDot, RowAcc};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8X16};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::layout::Layout;
 use kiln_ir::QuantFormat;
@@ -99,25 +102,60 @@ impl BlockDot for KQuant {
         self.block_bytes
     }
 
-    /// `[x pointer, dx]`: the codes are loaded where they are used.
+    /// `[x pointer, dx]`: the activation codes are loaded where they are used.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         let dx = kb.load(F32, x, 0);
         vec![x, dx]
     }
 
-    fn unpack(&self, _kb: &mut Kb, w: Value) -> Vec<Value> {
-        vec![w]
+    /// The 16 code vectors, then the format's scales: `[scales, minimums, d, dmin]` (Q4_K, Q5_K: the 6-bit fields
+    /// as bytes), `[scales, d]` (Q6_K) or `[d]` (the ternaries).
+    fn unpacked(&self) -> Option<Vec<Type>> {
+        let mut types = vec![I8X16; GROUPS];
+        types.extend_from_slice(match self.format {
+            QuantFormat::Q6_K => &[I8X16, F32][..],
+            QuantFormat::TQ2_0 | QuantFormat::TQ1_0 => &[F32][..],
+            _ => &[I8X16, I8X16, F32, F32][..],
+        });
+        Some(types)
+    }
+
+    fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+        match self.format {
+            QuantFormat::Q6_K => Q6K::decode(kb, w),
+            QuantFormat::TQ2_0 => Tq2::decode(kb, w),
+            QuantFormat::TQ1_0 => Tq1::decode(kb, w),
+            format => ScaleMinK::of(format).decode(kb, w),
+        }
     }
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
-        let (w, x, dx) = (w[0], x[0], x[1]);
+        let (codes, scales) = w.split_at(GROUPS);
+        let (x, dx) = (x[0], x[1]);
         match self.format {
-            QuantFormat::Q6_K => Q6K.accumulate(kb, w, x, dx, acc),
-            QuantFormat::TQ2_0 => Tq2.accumulate(kb, w, x, dx, acc),
-            QuantFormat::TQ1_0 => Tq1.accumulate(kb, w, x, dx, acc),
-            format => ScaleMinK::of(format).accumulate(kb, w, x, dx, acc),
+            QuantFormat::Q6_K => Q6K::accumulate(kb, codes, scales, x, dx, acc),
+            QuantFormat::TQ2_0 | QuantFormat::TQ1_0 => {
+                ternary_accumulate(kb, codes, scales[0], x, dx, acc)
+            }
+            _ => ScaleMinK::accumulate(kb, codes, scales, x, dx, acc),
         }
     }
+}
+
+/// Groups of 16 values in a block of 256: the activations' group sums, and one code vector each.
+const GROUPS: usize = 16;
+
+/// `sum(code * qx)` of each group, as `i32x4` partial sums.
+fn group_dots(kb: &mut Kb, codes: &[Value], x: Value) -> Vec<Value> {
+    codes
+        .iter()
+        .enumerate()
+        .map(|(g, &c)| {
+            let xq = act_codes(kb, x, g);
+            let zero = kb.i32x4(0);
+            kb.dot_u8i8(zero, xq, c)
+        })
+        .collect()
 }
 
 /// Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and minimums packed in 12 bytes, 4-bit codes (two
@@ -190,30 +228,41 @@ impl ScaleMinK {
 }
 
 impl ScaleMinK {
-    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
+    /// Sub-block j's codes are groups 2j and 2j + 1 (its two 16-byte halves).
+    fn decode(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
         let qh = self
             .qh_at
             .map(|at| [kb.load(I8X16, w, at), kb.load(I8X16, w, at + 16)]);
-        let mut dots = Vec::with_capacity(8);
+        let mut out = Vec::with_capacity(GROUPS + 4);
         for pair in 0..4 {
             let packed = [0, 16].map(|at| kb.load(I8X16, w, self.qs_at + 32 * pair + at));
             for nibble in 0..2 {
                 let j = 2 * pair + nibble;
-                let mut dot = kb.i32x4(0);
                 for (half, &p) in packed.iter().enumerate() {
                     let mut codes = shift_bytes(kb, p, -4 * nibble as i64, 0x0F);
                     if let Some(qh) = qh {
                         let fifth = Self::fifth_bits(kb, qh[half], j);
                         codes = kb.b.ins().bor(codes, fifth);
                     }
-                    let xq = act_codes(kb, x, 2 * j + half);
-                    dot = kb.dot_u8i8(dot, xq, codes);
+                    out.push(codes);
                 }
-                dots.push(dot);
             }
         }
         let (scales, mins) = Self::scales_and_mins(kb, w);
-        let scales = Self::bytes_vector(kb, scales);
+        out.push(Self::bytes_vector(kb, scales));
+        out.push(Self::bytes_vector(kb, mins));
+        out.push(kb.load(F32, w, 0));
+        out.push(kb.load(F32, w, 4));
+        out
+    }
+
+    fn accumulate(kb: &mut Kb, codes: &[Value], rest: &[Value], x: Value, dx: Value, acc: RowAcc) {
+        let (scales, mins, d, dmin) = (rest[0], rest[1], rest[2], rest[3]);
+        let groups = group_dots(kb, codes, x);
+        let dots: Vec<Value> = groups
+            .chunks_exact(2)
+            .map(|pair| kb.b.ins().iadd(pair[0], pair[1]))
+            .collect();
         let scales = kb.b.ins().uwiden_low(scales);
         let sc_lo = kb.b.ins().uwiden_low(scales);
         let sc_hi = kb.b.ins().uwiden_high(scales);
@@ -222,13 +271,11 @@ impl ScaleMinK {
         let lo = kb.b.ins().imul(lo, sc_lo);
         let hi = kb.b.ins().imul(hi, sc_hi);
         let sum = kb.b.ins().iadd(lo, hi);
-        let d = kb.load(F32, w, 0);
         let ddx = kb.b.ins().fmul(d, dx);
         add_scaled(kb, acc, sum, ddx);
 
         // Minimums: each meets the sums of its sub-block's two activation groups, as i16 lanes
         // `[m0, m0, m1, m1, ...]` against the group sums in one `pmaddwd` per eight groups.
-        let mins = Self::bytes_vector(kb, mins);
         let sums = act_group_sums(kb, x);
         let mut total = None;
         for (half, &group_sums) in sums.iter().enumerate() {
@@ -245,7 +292,6 @@ impl ScaleMinK {
                 None => part,
             });
         }
-        let dmin = kb.load(F32, w, 4);
         let neg = kb.b.ins().fneg(dmin);
         let scale = kb.b.ins().fmul(neg, dx);
         add_scaled(kb, acc, total.expect("two halves"), scale);
@@ -262,8 +308,8 @@ impl Q6K {
     const QH_AT: usize = 4 + 128;
     const SCALES_AT: usize = 4 + 128 + 64;
 
-    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
-        let mut dots = Vec::with_capacity(16);
+    fn decode(kb: &mut Kb, w: Value) -> Vec<Value> {
+        let mut out = Vec::with_capacity(GROUPS + 2);
         for half in 0..2 {
             let ql: Vec<Value> = (0..4)
                 .map(|q| kb.load(I8X16, w, Self::QL_AT + 64 * half + 16 * q))
@@ -275,13 +321,17 @@ impl Q6K {
                 let low = shift_bytes(kb, ql[gi % 4], -4 * (gi / 4) as i64, 0x0F);
                 // The crumb at shift 2 * (gi / 2), moved to bits 4..6.
                 let high = shift_bytes(kb, qh[gi % 2], 4 - 2 * (gi / 2) as i64, 0x30);
-                let codes = kb.b.ins().bor(low, high);
-                let xq = act_codes(kb, x, 8 * half + gi);
-                let zero = kb.i32x4(0);
-                dots.push(kb.dot_u8i8(zero, xq, codes));
+                out.push(kb.b.ins().bor(low, high));
             }
         }
-        let scales = kb.load(I8X16, w, Self::SCALES_AT);
+        out.push(kb.load(I8X16, w, Self::SCALES_AT));
+        out.push(kb.load(F32, w, 0));
+        out
+    }
+
+    fn accumulate(kb: &mut Kb, codes: &[Value], rest: &[Value], x: Value, dx: Value, acc: RowAcc) {
+        let (scales, d) = (rest[0], rest[1]);
+        let dots = group_dots(kb, codes, x);
         let scales16 = [
             kb.b.ins().swiden_low(scales),
             kb.b.ins().swiden_high(scales),
@@ -308,7 +358,6 @@ impl Q6K {
         let offset = kb.b.ins().iadd(a, b);
         let offset = kb.b.ins().ishl_imm_s(offset, 5);
         let sum = kb.b.ins().isub(sum.expect("16 groups"), offset);
-        let d = kb.load(F32, w, 0);
         let ddx = kb.b.ins().fmul(d, dx);
         add_scaled(kb, acc, sum, ddx);
     }
@@ -322,32 +371,36 @@ struct Tq2;
 impl Tq2 {
     const QS_AT: usize = 4;
 
-    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
-        let mut dot = kb.i32x4(0);
+    /// Group `8 * half + 2 * n + part` is bytes `16 * part..` of the half's 32, at shift `2 * n`.
+    fn decode(kb: &mut Kb, w: Value) -> Vec<Value> {
+        let mut out = Vec::with_capacity(GROUPS + 1);
         for half in 0..2 {
             let bytes = [0, 16].map(|at| kb.load(I8X16, w, Self::QS_AT + 32 * half + at));
             for n in 0..4 {
-                for (part, &b) in bytes.iter().enumerate() {
-                    let codes = shift_bytes(kb, b, -2 * n as i64, 0x03);
-                    let xq = act_codes(kb, x, 8 * half + 2 * n + part);
-                    dot = kb.dot_u8i8(dot, xq, codes);
+                for &b in &bytes {
+                    out.push(shift_bytes(kb, b, -2 * n as i64, 0x03));
                 }
             }
         }
-        ternary_finish(kb, w, x, dx, dot, acc);
+        out.push(kb.load(F32, w, 0));
+        out
     }
 }
 
 /// A ternary block's result: `d * dx * (dot - sum(qx))`, the total of the activation codes from their 16 group
 /// sums in two `pmaddwd`.
-fn ternary_finish(kb: &mut Kb, w: Value, x: Value, dx: Value, dot: Value, acc: RowAcc) {
+fn ternary_accumulate(kb: &mut Kb, codes: &[Value], d: Value, x: Value, dx: Value, acc: RowAcc) {
+    let mut dot = kb.i32x4(0);
+    for (g, &c) in codes.iter().enumerate() {
+        let xq = act_codes(kb, x, g);
+        dot = kb.dot_u8i8(dot, xq, c);
+    }
     let ones = i16x8(kb, [1; 8]);
     let sums = act_group_sums(kb, x);
     let a = kb.dot_i16(sums[0], ones);
     let b = kb.dot_i16(sums[1], ones);
     let total = kb.b.ins().iadd(a, b);
     let sum = kb.b.ins().isub(dot, total);
-    let d = kb.load(F32, w, 0);
     let ddx = kb.b.ins().fmul(d, dx);
     add_scaled(kb, acc, sum, ddx);
 }
@@ -390,16 +443,14 @@ impl Tq1 {
         kb.b.ins().unarrow(out[0], out[1])
     }
 
-    fn accumulate(&self, kb: &mut Kb, w: Value, x: Value, dx: Value, acc: RowAcc) {
-        let mut dot = kb.i32x4(0);
+    fn decode(kb: &mut Kb, w: Value) -> Vec<Value> {
+        let mut groups = vec![None; GROUPS];
         // qs: (byte offset, act group of digit 0, groups per digit), one vector of 16 bytes each.
         for (at, group0, per_digit) in [(0, 0, 2), (16, 1, 2), (32, 10, 1)] {
             let v = kb.load(I8X16, w, Self::QS_AT + at);
             for (k, &p) in Self::POW3.iter().enumerate() {
                 let mult = i16x8(kb, [p; 8]);
-                let codes = Self::digits(kb, v, [mult, mult]);
-                let xq = act_codes(kb, x, group0 + per_digit * k);
-                dot = kb.dot_u8i8(dot, xq, codes);
+                groups[group0 + per_digit * k] = Some(Self::digits(kb, v, [mult, mult]));
             }
         }
         // qh: lane 4k + j takes digit k of byte j: the four bytes repeated, each lane multiplied by its 3^k.
@@ -413,9 +464,12 @@ impl Tq1 {
             i16x8(kb, [1, 1, 1, 1, 3, 3, 3, 3]),
             i16x8(kb, [9, 9, 9, 9, 27, 27, 27, 27]),
         ];
-        let codes = Self::digits(kb, qh, mult);
-        let xq = act_codes(kb, x, 15);
-        dot = kb.dot_u8i8(dot, xq, codes);
-        ternary_finish(kb, w, x, dx, dot, acc);
+        groups[GROUPS - 1] = Some(Self::digits(kb, qh, mult));
+        let mut out: Vec<Value> = groups
+            .into_iter()
+            .map(|g| g.expect("every group decoded"))
+            .collect();
+        out.push(kb.load(F32, w, 0));
+        out
     }
 }

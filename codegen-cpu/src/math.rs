@@ -1,9 +1,10 @@
-//! Scalar float math the kernels inline: f16 rounding and `exp` (Cephes' polynomial), with SiLU and GELU on top.
-//! Inline code instead of libm calls keeps every kernel free of relocations.
+//! Float math the kernels inline: f16 rounding and `exp` (Cephes' polynomial), with SiLU and GELU on top; `exp`
+//! and the activations take an f32 or an f32x4 and compute each lane alike. Inline code instead of libm calls
+//! keeps every kernel free of relocations.
 
 use crate::builder::Kb;
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::types::{F32, I32};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4};
 use cranelift_codegen::ir::{InstBuilder, Value};
 use kiln_ir::Activation;
 
@@ -29,21 +30,34 @@ impl Kb<'_> {
         self.b.ins().select(is_subnormal, subnormal, normal)
     }
 
+    /// `c` in the type of `like` (an f32 or an f32x4).
+    fn constant_like(&mut self, like: Value, c: f32) -> Value {
+        if self.b.func.dfg.value_type(like).is_vector() {
+            self.f32x4(c)
+        } else {
+            self.f32(c)
+        }
+    }
+
     /// `e^x` within 2 ulp over the range where the result is a normal f32 (inputs are clamped to it).
     pub fn exp(&mut self, x: Value) -> Value {
-        let (lo, hi) = (self.f32(-87.0), self.f32(88.0));
+        let vector = self.b.func.dfg.value_type(x).is_vector();
+        let (lo, hi) = (self.constant_like(x, -87.0), self.constant_like(x, 88.0));
         let x = self.b.ins().fmax(x, lo);
         let x = self.b.ins().fmin(x, hi);
-        let log2e = self.f32(std::f32::consts::LOG2_E);
+        let log2e = self.constant_like(x, std::f32::consts::LOG2_E);
         let n = self.b.ins().fmul(x, log2e);
         let n = self.b.ins().nearest(n);
         // r = x - n ln2, with ln2 split in two so the product is exact.
-        let (ln2_hi, ln2_lo) = (self.f32(0.693_359_4), self.f32(-2.121_944_4e-4));
+        let (ln2_hi, ln2_lo) = (
+            self.constant_like(x, 0.693_359_4),
+            self.constant_like(x, -2.121_944_4e-4),
+        );
         let r = self.b.ins().fneg(n);
         let r = self.b.ins().fma(r, ln2_hi, x);
         let neg_n = self.b.ins().fneg(n);
         let r = self.b.ins().fma(neg_n, ln2_lo, r);
-        let mut p = self.f32(1.987_569_1e-4);
+        let mut p = self.constant_like(x, 1.987_569_1e-4);
         for c in [
             1.398_199_9e-3,
             8.333_452e-3,
@@ -51,23 +65,29 @@ impl Kb<'_> {
             1.666_666_5e-1,
             0.5,
         ] {
-            let c = self.f32(c);
+            let c = self.constant_like(x, c);
             p = self.b.ins().fma(p, r, c);
         }
         let r2 = self.b.ins().fmul(r, r);
-        let one = self.f32(1.0);
+        let one = self.constant_like(x, 1.0);
         let r1 = self.b.ins().fadd(r, one);
         let p = self.b.ins().fma(p, r2, r1);
         // 2^n from the exponent bits.
-        let n = self.b.ins().fcvt_to_sint_sat(I32, n);
-        let e = self.b.ins().iadd_imm_s(n, 127);
+        let (int, float) = if vector { (I32X4, F32X4) } else { (I32, F32) };
+        let n = self.b.ins().fcvt_to_sint_sat(int, n);
+        let bias = if vector {
+            self.i32x4(127)
+        } else {
+            self.b.ins().iconst(I32, 127)
+        };
+        let e = self.b.ins().iadd(n, bias);
         let e = self.b.ins().ishl_imm_s(e, 23);
-        let pow2 = self.bitcast(F32, e);
+        let pow2 = self.bitcast(float, e);
         self.b.ins().fmul(p, pow2)
     }
 
     pub fn activation(&mut self, act: Activation, x: Value) -> Value {
-        let one = self.f32(1.0);
+        let one = self.constant_like(x, 1.0);
         match act {
             Activation::Silu => {
                 let neg = self.b.ins().fneg(x);
@@ -79,22 +99,22 @@ impl Kb<'_> {
                 // 0.5 x (1 + tanh(z)), tanh(z) = 1 - 2 / (e^(2z) + 1)
                 let x3 = self.b.ins().fmul(x, x);
                 let x3 = self.b.ins().fmul(x3, x);
-                let c = self.f32(0.044715);
+                let c = self.constant_like(x, 0.044715);
                 let inner = self.b.ins().fma(x3, c, x);
-                let two_k = self.f32(2.0 * 0.797_884_6);
+                let two_k = self.constant_like(x, 2.0 * 0.797_884_6);
                 let z2 = self.b.ins().fmul(inner, two_k);
                 let e = self.exp(z2);
                 let denom = self.b.ins().fadd(e, one);
-                let two = self.f32(2.0);
+                let two = self.constant_like(x, 2.0);
                 let frac = self.b.ins().fdiv(two, denom);
                 let tanh = self.b.ins().fsub(one, frac);
                 let one_plus = self.b.ins().fadd(one, tanh);
-                let half = self.f32(0.5);
+                let half = self.constant_like(x, 0.5);
                 let hx = self.b.ins().fmul(half, x);
                 self.b.ins().fmul(hx, one_plus)
             }
             Activation::ReluSqr => {
-                let zero = self.f32(0.0);
+                let zero = self.constant_like(x, 0.0);
                 let r = self.b.ins().fmax(x, zero);
                 self.b.ins().fmul(r, r)
             }

@@ -17,6 +17,7 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::offsets::matmul as arg;
 use kiln_ir::cpu_abi::Epilogue;
 use kiln_ir::layout::Layout;
@@ -231,9 +232,11 @@ impl Scratch {
     }
 }
 
-/// For each token: the group's dot products of every tensor, the epilogue, the stores. A gated product parks the
-/// first tensor's products in the output and reads them back for the epilogue: held in registers through the
-/// second tensor's pass, they pushed its accumulators onto the stack.
+/// For each token: the group's dot products of every tensor, the epilogue, the stores. A group of four rows is
+/// one f32x4 from the reduction on, so the epilogue (`exp` included) runs once per group, and its loads and
+/// stores move four adjacent outputs at once; other group sizes run it per row. A gated product parks the first
+/// tensor's products in the output and reads them back for the epilogue: held in registers through the second
+/// tensor's pass, they pushed its accumulators onto the stack.
 #[allow(clippy::too_many_arguments)]
 fn token_loop(
     kb: &mut Kb,
@@ -253,24 +256,29 @@ fn token_loop(
         let out = kb.b.ins().iadd(out, row);
         let out = kb.offset(a.out, out, 4);
         let mut dots = group_dots(kb, shape, group[0], sources[0], xt);
+        let lanes = shape.rows / dots.len();
         let second = group.get(1).map(|&tensor| {
-            for (lane, &dot) in dots.iter().enumerate() {
-                kb.store(dot, out, 4 * lane);
+            for (i, &dot) in dots.iter().enumerate() {
+                kb.store(dot, out, 4 * lanes * i);
             }
             let second = group_dots(kb, shape, tensor, sources[1], xt);
-            dots = (0..shape.rows)
-                .map(|lane| kb.load_written(F32, out, 4 * lane))
+            dots = (0..dots.len())
+                .map(|i| {
+                    let ty = kb.b.func.dfg.value_type(second[i]);
+                    kb.load_written(ty, out, 4 * lanes * i)
+                })
                 .collect();
             second
         });
-        for (lane, &dot) in dots.iter().enumerate() {
-            let r = kb.b.ins().iadd_imm_s(row, lane as i64);
-            store(kb, a, epilogue, r, t, dot, second.as_ref().map(|d| d[lane]));
+        for (i, &dot) in dots.iter().enumerate() {
+            let r = kb.b.ins().iadd_imm_s(row, (lanes * i) as i64);
+            store(kb, a, epilogue, r, t, dot, second.as_ref().map(|d| d[i]));
         }
     });
 }
 
-/// Applies the epilogue to the dot product of row `r` and token `t` and stores it.
+/// Applies the epilogue to the products `acc` of rows `r..` (one, or four as an f32x4) and token `t`, and stores
+/// them.
 fn store(
     kb: &mut Kb,
     a: &Args,
@@ -280,18 +288,19 @@ fn store(
     acc: Value,
     acc2: Option<Value>,
 ) {
+    let ty = kb.b.func.dfg.value_type(acc);
     let value = match epilogue {
         Epilogue::Store => acc,
         Epilogue::Bias => {
             let b = kb.offset(a.extra, r, 4);
-            let b = kb.load(F32, b, 0);
+            let b = kb.load(ty, b, 0);
             kb.b.ins().fadd(acc, b)
         }
         Epilogue::Residual => {
             let i = kb.b.ins().imul(t, a.extra_stride);
             let i = kb.b.ins().iadd(i, r);
             let p = kb.offset(a.extra, i, 4);
-            let residual = kb.load(F32, p, 0);
+            let residual = kb.load(ty, p, 0);
             kb.b.ins().fadd(residual, acc)
         }
         Epilogue::Gated(act) => {
@@ -306,52 +315,107 @@ fn store(
     kb.store(value, p, 0);
 }
 
-/// Fresh zero accumulators.
-fn accumulators(kb: &mut Kb, n: usize) -> Vec<RowAcc> {
-    let zero = kb.f32x4(0.0);
-    (0..n)
-        .map(|_| RowAcc {
-            v: kb.var(F32X4, zero),
-        })
-        .collect()
+/// A group's running sums: each row's vector accumulator, and the `row_term`s: one f32 per row, or for four rows
+/// one f32x4 (lane by lane the same sums, in a quarter of the registers).
+struct GroupAcc {
+    rows: Vec<RowAcc>,
+    terms: Vec<Variable>,
 }
 
-fn finish(kb: &mut Kb, accs: &[RowAcc]) -> Vec<Value> {
-    accs.iter()
-        .map(|acc| {
-            let v = kb.b.use_var(acc.v);
-            kb.hsum_f32(v)
-        })
-        .collect()
+impl GroupAcc {
+    fn new(kb: &mut Kb, rows: usize) -> Self {
+        let zero = kb.f32x4(0.0);
+        let rows: Vec<RowAcc> = (0..rows)
+            .map(|_| RowAcc {
+                v: kb.var(F32X4, zero),
+            })
+            .collect();
+        let terms = match rows.len() {
+            4 => vec![kb.var(F32X4, zero)],
+            n => {
+                let zero = kb.f32(0.0);
+                (0..n).map(|_| kb.var(F32, zero)).collect()
+            }
+        };
+        GroupAcc { rows, terms }
+    }
+
+    /// Adds the block's row terms, `(weight factor per row, activation factor)`.
+    fn add_terms(&self, kb: &mut Kb, weights: &[Value], act: Value) {
+        let (factors, act) = match self.terms.len() {
+            1 if weights.len() == 4 => {
+                let mut v = kb.b.ins().scalar_to_vector(F32X4, weights[0]);
+                for (lane, &w) in weights.iter().enumerate().skip(1) {
+                    v = kb.b.ins().insertlane(v, w, lane as u8);
+                }
+                (vec![v], kb.b.ins().splat(F32X4, act))
+            }
+            _ => (weights.to_vec(), act),
+        };
+        for (&term, factor) in self.terms.iter().zip(factors) {
+            let t = kb.b.use_var(term);
+            let t = kb.b.ins().fma(factor, act, t);
+            kb.b.def_var(term, t);
+        }
+    }
+
+    /// The rows' sums: for four rows one f32x4 (each lane summed in the order `hsum_f32` sums it), else one f32
+    /// per row; plus the row terms where the format has them.
+    fn finish(&self, kb: &mut Kb, with_terms: bool) -> Vec<Value> {
+        let sums: Vec<Value> = self.rows.iter().map(|acc| kb.b.use_var(acc.v)).collect();
+        let sums = match sums[..] {
+            [a, b, c, d] => vec![kb.hsum4_f32([a, b, c, d])],
+            _ => sums.into_iter().map(|v| kb.hsum_f32(v)).collect(),
+        };
+        if !with_terms {
+            return sums;
+        }
+        sums.into_iter()
+            .zip(&self.terms)
+            .map(|(sum, &term)| {
+                let t = kb.b.use_var(term);
+                kb.b.ins().fadd(sum, t)
+            })
+            .collect()
+    }
 }
 
-/// The dot products of the group's rows of `tensor` with one token's activations at `xt`.
+/// The dot products of the group's rows of `tensor` with one token's activations at `xt`, as `finish` returns
+/// them.
 fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Value) -> Vec<Value> {
-    let accs = accumulators(kb, shape.rows);
+    let accs = GroupAcc::new(kb, shape.rows);
     let block_bytes = shape.dot.block_bytes();
+    let mut has_terms = false;
     kb.for_count(shape.blocks, |kb, b| {
         let xb = kb.offset(xt, b, shape.act_bytes);
         let x = shape.dot.prepare(kb, xb);
-        match source {
-            Source::Stored => {
-                let wb = kb.offset(tensor.group, b, shape.rows * block_bytes);
-                for (lane, &acc) in accs.iter().enumerate() {
+        let mut terms = Vec::new();
+        let mut act_term = None;
+        for (lane, &acc) in accs.rows.iter().enumerate() {
+            let w = match source {
+                Source::Stored => {
+                    let wb = kb.offset(tensor.group, b, shape.rows * block_bytes);
                     let wl = kb.b.ins().iadd_imm_s(wb, (lane * block_bytes) as i64);
-                    let w = shape.dot.unpack(kb, wl);
-                    shape.dot.accumulate(kb, &w, &x, acc);
+                    shape.dot.unpack(kb, wl)
                 }
-            }
-            Source::Scratch { at, layout } => {
-                let entries = kb.offset(at, b, shape.rows * layout.entry);
-                for (lane, &acc) in accs.iter().enumerate() {
+                Source::Scratch { at, layout } => {
+                    let entries = kb.offset(at, b, shape.rows * layout.entry);
                     let entry = kb.b.ins().iadd_imm_s(entries, (lane * layout.entry) as i64);
-                    let w = layout.reload(kb, entry);
-                    shape.dot.accumulate(kb, &w, &x, acc);
+                    layout.reload(kb, entry)
                 }
+            };
+            shape.dot.accumulate(kb, &w, &x, acc);
+            if let Some((weight, act)) = shape.dot.row_term(&w, &x) {
+                terms.push(weight);
+                act_term = Some(act);
             }
         }
+        if let Some(act) = act_term {
+            accs.add_terms(kb, &terms, act);
+            has_terms = true;
+        }
     });
-    let dots = finish(kb, &accs);
+    let dots = accs.finish(kb, has_terms);
     match tensor.scale {
         Some(scale) => dots
             .into_iter()
