@@ -2,8 +2,10 @@
 //!
 //! Matmul-family ops (the weight stream, nearly all of the time) run generated code: activations are quantized
 //! once per launch (RMS-normalized on the way where the op has a norm prologue), then each thread computes its
-//! share of output rows with the fused epilogue. The small ops (RoPE, attention, norms) run in Rust (`ops`). A
-//! matmul whose function the plan lacks runs the reference code instead, and `fallbacks()` counts them.
+//! share of output rows with the fused epilogue. Attention runs the plan's generated function per (token, head)
+//! pair over the paged KV cache; the other small ops (RoPE, stand-alone norms) run in Rust (`ops`). A matmul whose
+//! function the plan lacks runs the reference code instead, and `fallbacks()` counts them; attention without one
+//! runs `ops::attend`.
 //!
 //! With `with_slots`, one step may carry tokens of several sequences (`step_batch`): rows of the same launches,
 //! each token attending within its own sequence through the paged KV cache (`kv`).

@@ -1,5 +1,6 @@
-//! The CPU executor's small ops, in Rust: RMSNorm, RoPE, attention over the KV cache, elementwise ops. They move
-//! a few KB per token, next to the megabytes of weights the generated matmuls stream.
+//! The CPU executor's small ops, in Rust: RMSNorm, RoPE, elementwise ops, and attention over the KV cache for
+//! plans without a generated attention function. They move a few KB per token, next to the megabytes of weights
+//! the generated matmuls stream.
 
 use super::kv::SeqKv;
 use crate::reference::kernels as reference;
