@@ -214,6 +214,71 @@ impl<'p> Step<'p> {
         })
     }
 
+    /// An attention op's query, key and value rows (separate, or one fused QKV operand), its shape and its layer.
+    fn attention_operands<'a>(&self, ctx: &'a Ctx) -> (Rows<'a>, AttentionShape, usize) {
+        match self.op {
+            Op::Attention {
+                layer,
+                scale,
+                window,
+            } => {
+                let shape = AttentionShape {
+                    heads: self.dims[0],
+                    kv_heads: self.operand_dims[1][0],
+                    head_dim: self.dims[1],
+                    scale,
+                    window,
+                };
+                let (qw, kvw) = (
+                    shape.heads * shape.head_dim,
+                    shape.kv_heads * shape.head_dim,
+                );
+                let rows = Rows {
+                    q: ctx.f32s(&self.operands[0]),
+                    k: ctx.f32s(&self.operands[1]),
+                    v: ctx.f32s(&self.operands[2]),
+                    q_stride: qw,
+                    kv_stride: kvw,
+                    q_at: 0,
+                    k_at: 0,
+                    v_at: 0,
+                };
+                (rows, shape, layer)
+            }
+            Op::AttentionQkv {
+                layer,
+                scale,
+                window,
+                heads,
+                kv_heads,
+            } => {
+                let head_dim = self.operand_dims[0][1];
+                let shape = AttentionShape {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    scale,
+                    window,
+                };
+                let qkv = ctx.f32s(&self.operands[0]);
+                let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
+                let stride = qw + 2 * kvw;
+                let rows = Rows {
+                    q: qkv,
+                    k: qkv,
+                    v: qkv,
+                    q_stride: stride,
+                    kv_stride: stride,
+                    q_at: 0,
+                    k_at: qw,
+                    v_at: qw + kvw,
+                };
+                (rows, shape, layer)
+            }
+            _ => unreachable!("not an attention op"),
+        }
+    }
+
     pub fn kernel(&self) -> usize {
         self.kernel
     }
@@ -291,83 +356,14 @@ impl<'p> Step<'p> {
                 out.copy_from_slice(self.f32_operand(ctx, 0));
                 rope_rows(out, self.dims[1], rope, positions);
             }
-            Op::Attention {
-                layer,
-                scale,
-                window,
-            } => {
-                let shape = AttentionShape {
-                    heads: self.dims[0],
-                    kv_heads: self.operand_dims[1][0],
-                    head_dim: self.dims[1],
-                    scale: *scale,
-                    window: *window,
-                };
-                let (q, k, v) = (
-                    ctx.f32s(&self.operands[0]),
-                    ctx.f32s(&self.operands[1]),
-                    ctx.f32s(&self.operands[2]),
-                );
-                let (qw, kvw) = (
-                    shape.heads * shape.head_dim,
-                    shape.kv_heads * shape.head_dim,
-                );
-                let rows = Rows {
-                    q,
-                    k,
-                    v,
-                    q_stride: qw,
-                    kv_stride: kvw,
-                    q_at: 0,
-                    k_at: 0,
-                    v_at: 0,
-                };
+            Op::Attention { .. } | Op::AttentionQkv { .. } => {
+                let (rows, shape, layer) = self.attention_operands(ctx);
                 attention(
                     &rows,
                     positions,
                     slots,
                     kv,
-                    *layer,
-                    &shape,
-                    self.attend,
-                    pool,
-                    out,
-                )?;
-            }
-            Op::AttentionQkv {
-                layer,
-                scale,
-                window,
-                heads,
-                kv_heads,
-            } => {
-                let head_dim = self.operand_dims[0][1];
-                let shape = AttentionShape {
-                    heads: *heads,
-                    kv_heads: *kv_heads,
-                    head_dim,
-                    scale: *scale,
-                    window: *window,
-                };
-                let qkv = ctx.f32s(&self.operands[0]);
-                let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
-                let stride = qw + 2 * kvw;
-                let rows = Rows {
-                    q: qkv,
-                    k: qkv,
-                    v: qkv,
-                    q_stride: stride,
-                    kv_stride: stride,
-                    q_at: 0,
-                    k_at: qw,
-                    v_at: qw + kvw,
-                };
-                attention(
-                    &rows,
-                    positions,
-                    slots,
-                    kv,
-                    *layer,
+                    layer,
                     &shape,
                     self.attend,
                     pool,
