@@ -8,7 +8,7 @@ use crate::builder::Kb;
 use crate::formats::{BlockDot, RowAcc};
 use crate::kquants::shift_bytes;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I8X16};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::format::I2S_BLOCK;
 
@@ -32,20 +32,26 @@ impl BlockDot for I2s {
         vec![x]
     }
 
-    /// The block's 32 bytes, as two vectors.
+    fn unpacked(&self) -> Option<Vec<Type>> {
+        Some(vec![I8X16; 8])
+    }
+
+    /// The block's codes as eight vectors of one byte per value: vector `2n + part` holds elements
+    /// `32n + 16part..`, the crumbs at shift `6 - 2n` of bytes `16part..`.
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
-        vec![kb.load(I8X16, w, 0), kb.load(I8X16, w, 16)]
+        let bytes = [kb.load(I8X16, w, 0), kb.load(I8X16, w, 16)];
+        (0..4)
+            .flat_map(|n| bytes.map(|b| (n, b)))
+            .map(|(n, b)| shift_bytes(kb, b, -(6 - 2 * n as i64), 0x03))
+            .collect()
     }
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
         let x = x[0];
         let mut dot = kb.i32x4(0);
-        for n in 0..4 {
-            for (part, &bytes) in w.iter().enumerate() {
-                let codes = shift_bytes(kb, bytes, -(6 - 2 * n as i64), 0x03);
-                let xq = kb.load(I8X16, x, ActFormat::I8Row.codes_at() + 32 * n + 16 * part);
-                dot = kb.dot_u8i8(dot, xq, codes);
-            }
+        for (i, &codes) in w.iter().enumerate() {
+            let xq = kb.load(I8X16, x, ActFormat::I8Row.codes_at() + 16 * i);
+            dot = kb.dot_u8i8(dot, xq, codes);
         }
         // The codes' offset of 1: minus the activations' total, from their eight group sums.
         let sums = kb.load(I16X8, x, ActFormat::SUMS_AT);
