@@ -92,11 +92,29 @@ pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize)
             kb.b.def_var(max, m);
         });
 
-        // Softmax weights, unnormalized, and their sum.
+        // Softmax weights, unnormalized, and their sum: `exp` four positions at a time (each lane computes what
+        // the scalar `exp` does), the sum still taken position by position; then the last few one by one.
         let max = kb.b.use_var(max);
         let zero = kb.f32(0.0);
         let total = kb.var(F32, zero);
-        kb.for_range(first, end, 1, |kb, j| {
+        let count = kb.b.ins().isub(end, first);
+        let whole = kb.b.ins().band_imm_s(count, !3);
+        let vector_end = kb.b.ins().iadd(first, whole);
+        kb.for_range(first, vector_end, 4, |kb, j| {
+            let at = score_at(kb, j);
+            let s = kb.load_written(F32X4, at, 0);
+            let m = kb.b.ins().splat(F32X4, max);
+            let s = kb.b.ins().fsub(s, m);
+            let e = kb.exp(s);
+            kb.store(e, at, 0);
+            let mut t = kb.b.use_var(total);
+            for lane in 0..4 {
+                let e = kb.b.ins().extractlane(e, lane);
+                t = kb.b.ins().fadd(t, e);
+            }
+            kb.b.def_var(total, t);
+        });
+        kb.for_range(vector_end, end, 1, |kb, j| {
             let at = score_at(kb, j);
             let s = kb.load_written(F32, at, 0);
             let s = kb.b.ins().fsub(s, max);

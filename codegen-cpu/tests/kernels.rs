@@ -230,7 +230,8 @@ fn activation_quantization_is_exact() {
 
 /// Attention of one query head over a paged cache whose pages are out of order, for head widths of the real
 /// models (64, 256) and a small one, over spans that start at 0, start inside a page (a sliding window), hold one
-/// position, or cross several pages; against softmax attention in f64.
+/// position, or cross several pages, with every remainder of the softmax's four-position steps; against softmax
+/// attention in f64.
 #[test]
 fn attention_matches_the_reference_over_pages_and_windows() {
     use kiln_ir::cpu_abi::{AttentionArgs, KV_PAGE};
@@ -257,6 +258,7 @@ fn attention_matches_the_reference_over_pages_and_windows() {
             (0, 0),
             (0, 15),
             (0, 16),
+            (2, 12),
             (5, 37),
             (17, 17),
             (0, positions - 1),
