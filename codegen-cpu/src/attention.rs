@@ -39,11 +39,13 @@ impl Cache {
     }
 }
 
+/// Whether a head width has a generated attention: eight partial sums per score need whole groups of 8.
+pub fn supports(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(8)
+}
+
 pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize) {
-    debug_assert!(
-        head_dim.is_multiple_of(8),
-        "`generate` refuses other widths"
-    );
+    debug_assert!(supports(head_dim), "`generate` refuses other widths");
     let vectors = head_dim / 4;
     Kb::build(func, config, |kb| {
         let q = kb.arg(arg::Q, I64);

@@ -32,11 +32,8 @@ pub trait BlockDot {
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value>;
     /// Values of one weight block (codes unpacked, scales loaded), shared by every token that meets it.
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value>;
-    /// The types of the values `unpack` returns, where unpacking is work worth doing once for many tokens (the
-    /// matmul then keeps them in a scratch buffer); `None` where `unpack` only hands over an address.
-    fn unpacked(&self) -> Option<Vec<Type>> {
-        None
-    }
+    /// The types of the values `unpack` returns, which a matmul over several tokens keeps in a scratch buffer.
+    fn unpacked(&self) -> Vec<Type>;
     /// Adds `dot(w block, x block)` to `acc`, less the `row_term`.
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc);
     /// A product `weight factor * activation factor` per block that the row sums apart from its vector
@@ -168,10 +165,10 @@ impl BlockDot for Block32 {
         vec![dx, c0, c1, min_factor]
     }
 
-    fn unpacked(&self) -> Option<Vec<Type>> {
+    fn unpacked(&self) -> Vec<Type> {
         let mut types = vec![I8X16, I8X16, F32];
         types.extend(self.min_at.map(|_| F32));
-        Some(types)
+        types
     }
 
     /// `[codes 0..16, codes 16..32, d]`, then `m` for formats with a minimum.
@@ -273,8 +270,8 @@ impl BlockDot for Float {
         (0..4).map(|i| kb.load(F32X4, x, 16 * i)).collect()
     }
 
-    fn unpacked(&self) -> Option<Vec<Type>> {
-        Some(vec![F32X4; 4])
+    fn unpacked(&self) -> Vec<Type> {
+        vec![F32X4; 4]
     }
 
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {

@@ -32,8 +32,8 @@ impl BlockDot for I2s {
         vec![x]
     }
 
-    fn unpacked(&self) -> Option<Vec<Type>> {
-        Some(vec![I8X16; 8])
+    fn unpacked(&self) -> Vec<Type> {
+        vec![I8X16; 8]
     }
 
     /// The block's codes as eight vectors of one byte per value: vector `2n + part` holds elements

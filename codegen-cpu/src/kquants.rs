@@ -110,14 +110,14 @@ impl BlockDot for KQuant {
 
     /// The 16 code vectors, then the format's scales: `[scales, minimums, d, dmin]` (Q4_K, Q5_K: the 6-bit fields
     /// as bytes), `[scales, d]` (Q6_K) or `[d]` (the ternaries).
-    fn unpacked(&self) -> Option<Vec<Type>> {
+    fn unpacked(&self) -> Vec<Type> {
         let mut types = vec![I8X16; GROUPS];
         types.extend_from_slice(match self.format {
             QuantFormat::Q6_K => &[I8X16, F32][..],
             QuantFormat::TQ2_0 | QuantFormat::TQ1_0 => &[F32][..],
             _ => &[I8X16, I8X16, F32, F32][..],
         });
-        Some(types)
+        types
     }
 
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {

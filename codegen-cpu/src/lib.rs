@@ -43,7 +43,7 @@ pub enum CodegenError {
 pub fn supports(function: &CpuFunction) -> bool {
     match function {
         CpuFunction::Quantize { .. } => true,
-        CpuFunction::Attention { head_dim } => head_dim.is_multiple_of(8),
+        CpuFunction::Attention { head_dim } => attention::supports(*head_dim),
         CpuFunction::MatMul { format, layout, .. } => {
             formats::block_dot(*format, *layout).is_some()
         }
@@ -59,7 +59,7 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
         CpuFunction::Quantize { act, k, norm } => {
             quantize::build(&mut func, isa.target().frontend_config(), *act, *k, *norm)
         }
-        CpuFunction::Attention { head_dim } if !head_dim.is_multiple_of(8) => {
+        CpuFunction::Attention { head_dim } if !attention::supports(*head_dim) => {
             return Err(CodegenError::Unsupported(
                 function.to_string(),
                 format!("a head width of {head_dim}, not a multiple of 8"),

@@ -86,10 +86,8 @@ pub fn build(
     } else {
         1
     };
-    let scratch = dot
-        .unpacked()
-        .map(|types| Scratch::new(types, &shape, tensors));
-    let scratch = scratch.filter(|s| s.bytes <= SCRATCH_BYTES);
+    let scratch =
+        Some(Scratch::new(dot.unpacked(), &shape, tensors)).filter(|s| s.bytes <= SCRATCH_BYTES);
     Kb::build(func, config, |kb| {
         let a = Args {
             x: kb.arg(arg::X, I64),
@@ -105,7 +103,7 @@ pub fn build(
         let row_begin = kb.arg(arg::ROW_BEGIN, I64);
         let row_end = kb.arg(arg::ROW_END, I64);
         let tokens = kb.arg(arg::TOKENS, I64);
-        let buffer = scratch.as_ref().map(|s| s.allocate(kb));
+        let scratch = scratch.as_ref().map(|s| (s, s.allocate(kb)));
         // Row r's group starts at r * blocks * block_bytes: a group of R rows holds R rows' worth of blocks.
         let row_bytes = shape.blocks * dot.block_bytes();
         kb.for_range(row_begin, row_end, shape.rows as i64, |kb, row| {
@@ -118,8 +116,8 @@ pub fn build(
             let each_token = |kb: &mut Kb, sources: &[Source]| {
                 token_loop(kb, &shape, &a, epilogue, row, tokens, &group, sources)
             };
-            match (&scratch, buffer) {
-                (Some(scratch), Some(buffer)) => {
+            match scratch {
+                Some((scratch, buffer)) => {
                     let many = kb.b.ins().icmp_imm_s(
                         IntCC::SignedGreaterThanOrEqual,
                         tokens,
@@ -134,16 +132,18 @@ pub fn build(
                         |kb| each_token(kb, &vec![Source::Stored; tensors]),
                     );
                 }
-                _ => each_token(kb, &vec![Source::Stored; tensors]),
+                None => each_token(kb, &vec![Source::Stored; tensors]),
             }
         });
     });
 }
 
 /// The scratch buffer's layout: per tensor, per block, per row of the group, the unpacked values in order, each
-/// at its own offset, the entry padded to 16 bytes so the vectors stay aligned.
+/// at its own offset (vectors first, then scalars, so the vectors sit at multiples of 16), the entry padded to 16
+/// bytes so the vectors stay aligned.
 struct Scratch {
-    types: Vec<Type>,
+    /// Each unpacked value's type and offset in an entry.
+    fields: Vec<(Type, usize)>,
     /// Bytes of one block of one row.
     entry: usize,
     /// Bytes of one tensor's region.
@@ -153,14 +153,18 @@ struct Scratch {
 
 impl Scratch {
     fn new(types: Vec<Type>, shape: &Shape, tensors: usize) -> Self {
-        let entry = types
-            .iter()
-            .map(|t| t.bytes() as usize)
-            .sum::<usize>()
-            .next_multiple_of(16);
+        let mut order: Vec<usize> = (0..types.len()).collect();
+        order.sort_by_key(|&i| !types[i].is_vector());
+        let mut fields = vec![(types[0], 0); types.len()];
+        let mut at = 0;
+        for i in order {
+            fields[i] = (types[i], at);
+            at += types[i].bytes() as usize;
+        }
+        let entry = at.next_multiple_of(16);
         let region = entry * shape.rows * shape.blocks;
         Scratch {
-            types,
+            fields,
             entry,
             region,
             bytes: region * tensors,
@@ -176,22 +180,8 @@ impl Scratch {
         kb.b.ins().stack_addr(I64, slot, 0)
     }
 
-    /// Vectors first, then scalars, so the vectors sit at multiples of 16.
-    fn offsets(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.types.len()).collect();
-        order.sort_by_key(|&i| !self.types[i].is_vector());
-        let mut offsets = vec![0; self.types.len()];
-        let mut at = 0;
-        for i in order {
-            offsets[i] = at;
-            at += self.types[i].bytes() as usize;
-        }
-        offsets
-    }
-
     /// Unpacks the group's blocks of every tensor into `buffer` and says where each tensor's region is.
     fn fill(&self, kb: &mut Kb, shape: &Shape, group: &[Tensor], buffer: Value) -> Vec<Source<'_>> {
-        let offsets = self.offsets();
         let stride = self.entry * shape.rows;
         group
             .iter()
@@ -208,10 +198,10 @@ impl Scratch {
                         let values = shape.dot.unpack(kb, wl);
                         debug_assert_eq!(
                             values.len(),
-                            self.types.len(),
+                            self.fields.len(),
                             "unpacked() lists unpack's values"
                         );
-                        for (&v, &offset) in values.iter().zip(&offsets) {
+                        for (&v, &(_, offset)) in values.iter().zip(&self.fields) {
                             kb.store(v, entries, lane * self.entry + offset);
                         }
                     }
@@ -223,11 +213,9 @@ impl Scratch {
 
     /// The unpacked values of the block entry at `entry`.
     fn reload(&self, kb: &mut Kb, entry: Value) -> Vec<Value> {
-        let offsets = self.offsets();
-        self.types
+        self.fields
             .iter()
-            .zip(offsets)
-            .map(|(&ty, at)| kb.load(ty, entry, at))
+            .map(|&(ty, at)| kb.load(ty, entry, at))
             .collect()
     }
 }
@@ -389,20 +377,19 @@ fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Va
     kb.for_count(shape.blocks, |kb, b| {
         let xb = kb.offset(xt, b, shape.act_bytes);
         let x = shape.dot.prepare(kb, xb);
+        // The block's first row, and the bytes from one row's block to the next.
+        let (base, stride) = match source {
+            Source::Stored => (tensor.group, block_bytes),
+            Source::Scratch { at, layout } => (at, layout.entry),
+        };
+        let block = kb.offset(base, b, shape.rows * stride);
         let mut terms = Vec::new();
         let mut act_term = None;
         for (lane, &acc) in accs.rows.iter().enumerate() {
+            let p = kb.b.ins().iadd_imm_s(block, (lane * stride) as i64);
             let w = match source {
-                Source::Stored => {
-                    let wb = kb.offset(tensor.group, b, shape.rows * block_bytes);
-                    let wl = kb.b.ins().iadd_imm_s(wb, (lane * block_bytes) as i64);
-                    shape.dot.unpack(kb, wl)
-                }
-                Source::Scratch { at, layout } => {
-                    let entries = kb.offset(at, b, shape.rows * layout.entry);
-                    let entry = kb.b.ins().iadd_imm_s(entries, (lane * layout.entry) as i64);
-                    layout.reload(kb, entry)
-                }
+                Source::Stored => shape.dot.unpack(kb, p),
+                Source::Scratch { layout, .. } => layout.reload(kb, p),
             };
             shape.dot.accumulate(kb, &w, &x, acc);
             if let Some((weight, act)) = shape.dot.row_term(&w, &x) {

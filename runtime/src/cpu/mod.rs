@@ -23,7 +23,7 @@ use kiln_ir::schedule::Slot;
 use kv::PagedKv;
 use launch::Step;
 use pool::Pool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub use code::KernelFn;
 
@@ -43,8 +43,8 @@ pub struct CpuExecutor<'p> {
     max_context: usize,
     /// Positions cached per sequence slot; its length is the number of slots.
     cached: Vec<usize>,
-    /// Each schedule kernel's spec and, while profiling, its launches and time.
-    kernels: Vec<(String, usize, Duration)>,
+    /// Each schedule kernel's launches and time while profiling, since the profile was last taken.
+    kernels: Vec<KernelTime>,
     profiling: bool,
 }
 
@@ -100,7 +100,13 @@ impl<'p> CpuExecutor<'p> {
             kernels: schedule
                 .kernels
                 .iter()
-                .map(|k| (k.to_string(), 0, Duration::ZERO))
+                .enumerate()
+                .map(|(kernel, k)| KernelTime {
+                    kernel,
+                    spec: k.to_string(),
+                    launches: 0,
+                    seconds: 0.0,
+                })
                 .collect(),
             profiling: false,
         })
@@ -181,8 +187,8 @@ impl<'p> CpuExecutor<'p> {
             )?;
             if let Some(started) = started {
                 let kernel = &mut self.kernels[step.kernel()];
-                kernel.1 += 1;
-                kernel.2 += started.elapsed();
+                kernel.launches += 1;
+                kernel.seconds += started.elapsed().as_secs_f64();
             }
         }
         for s in batch {
@@ -231,13 +237,12 @@ impl Engine for CpuExecutor<'_> {
         let mut times: Vec<KernelTime> = self
             .kernels
             .iter_mut()
-            .enumerate()
-            .filter(|(_, (_, launches, _))| *launches > 0)
-            .map(|(kernel, (spec, launches, time))| KernelTime {
-                kernel,
-                spec: spec.clone(),
-                launches: std::mem::take(launches),
-                seconds: std::mem::take(time).as_secs_f64(),
+            .filter(|k| k.launches > 0)
+            .map(|k| KernelTime {
+                kernel: k.kernel,
+                spec: k.spec.clone(),
+                launches: std::mem::take(&mut k.launches),
+                seconds: std::mem::take(&mut k.seconds),
             })
             .collect();
         times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
