@@ -102,30 +102,29 @@ pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize)
         let count = kb.b.ins().isub(end, first);
         let whole = kb.b.ins().band_imm_s(count, !3);
         let vector_end = kb.b.ins().iadd(first, whole);
-        kb.for_range(first, vector_end, 4, |kb, j| {
+        // The weights of the `lanes` positions from `j`, as one f32x4 or one f32.
+        let weights = |kb: &mut Kb, j: Value, lanes: u8| {
             let at = score_at(kb, j);
-            let s = kb.load_written(F32X4, at, 0);
-            let m = kb.b.ins().splat(F32X4, max);
+            let (ty, m) = match lanes {
+                1 => (F32, max),
+                _ => (F32X4, kb.b.ins().splat(F32X4, max)),
+            };
+            let s = kb.load_written(ty, at, 0);
             let s = kb.b.ins().fsub(s, m);
             let e = kb.exp(s);
             kb.store(e, at, 0);
             let mut t = kb.b.use_var(total);
-            for lane in 0..4 {
-                let e = kb.b.ins().extractlane(e, lane);
+            for lane in 0..lanes {
+                let e = match lanes {
+                    1 => e,
+                    _ => kb.b.ins().extractlane(e, lane),
+                };
                 t = kb.b.ins().fadd(t, e);
             }
             kb.b.def_var(total, t);
-        });
-        kb.for_range(vector_end, end, 1, |kb, j| {
-            let at = score_at(kb, j);
-            let s = kb.load_written(F32, at, 0);
-            let s = kb.b.ins().fsub(s, max);
-            let e = kb.exp(s);
-            kb.store(e, at, 0);
-            let t = kb.b.use_var(total);
-            let t = kb.b.ins().fadd(t, e);
-            kb.b.def_var(total, t);
-        });
+        };
+        kb.for_range(first, vector_end, 4, |kb, j| weights(kb, j, 4));
+        kb.for_range(vector_end, end, 1, |kb, j| weights(kb, j, 1));
         let total = kb.b.use_var(total);
         let one = kb.f32(1.0);
         let inv = kb.b.ins().fdiv(one, total);
