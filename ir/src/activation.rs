@@ -41,7 +41,7 @@ impl ActivationFormat {
             | QuantFormat::Q8_K
             | QuantFormat::TQ1_0
             | QuantFormat::TQ2_0 => ActivationFormat::Q8_K,
-            QuantFormat::I2_S => ActivationFormat::I8Row,
+            QuantFormat::I2_S | QuantFormat::TL1 | QuantFormat::TL2 => ActivationFormat::I8Row,
         }
     }
 

@@ -18,23 +18,23 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 pub fn dequantize(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
     let (blocks, trailer) = bytes.split_at(bytes.len() - format.tensor_trailer_bytes());
     dequantize_blocks(format, blocks, out);
-    if format == QuantFormat::I2_S {
-        let scale = i2_s_scale(trailer);
+    if format.has_tensor_scale() {
+        let scale = tensor_scale(trailer);
         out.iter_mut().for_each(|y| *y *= scale);
     }
 }
 
-/// The per-tensor scale in an I2_S trailer.
-pub fn i2_s_scale(trailer: &[u8]) -> f32 {
+/// The per-tensor scale in the trailer of a format with one (I2_S, TL1, TL2).
+pub fn tensor_scale(trailer: &[u8]) -> f32 {
     f32::from_le_bytes(
         trailer[..4]
             .try_into()
-            .expect("an I2_S trailer holds an f32"),
+            .expect("a tensor-scale trailer holds an f32"),
     )
 }
 
-/// Dequantizes whole blocks of `format` into `out`, without any per-tensor scale (I2_S blocks give their bare
-/// codes -1, 0, +1).
+/// Dequantizes whole blocks of `format` into `out`, without any per-tensor scale (the ternary row formats' blocks
+/// give their bare weights -1, 0, +1).
 pub fn dequantize_blocks(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
     let info = format.info();
     assert_eq!(bytes.len() % info.block_bytes, 0, "{format}: partial block");
@@ -61,6 +61,8 @@ pub fn dequantize_blocks(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
         QuantFormat::TQ1_0 => tq1_0_block,
         QuantFormat::TQ2_0 => tq2_0_block,
         QuantFormat::I2_S => i2_s_block,
+        QuantFormat::TL1 => tl1_block,
+        QuantFormat::TL2 => tl2_block,
     };
     for (block, y) in bytes
         .chunks_exact(info.block_bytes)
@@ -287,6 +289,22 @@ fn i2_s_block(b: &[u8], y: &mut [f32]) {
     for (e, y) in y.iter_mut().enumerate() {
         let code = (b[e % 32] >> (6 - 2 * (e / 32))) & 3;
         *y = (code as i8 - 1) as f32;
+    }
+}
+
+/// TL1 in kiln's row blocks (`tl::row_blocks`): 64 pair indices `3a + b + 4`.
+fn tl1_block(b: &[u8], y: &mut [f32]) {
+    tl_block(QuantFormat::TL1, b, y)
+}
+
+/// TL2 in kiln's row blocks (`tl::row_blocks`): 32 triples (magnitude index and sign bit) and 16 pairs.
+fn tl2_block(b: &[u8], y: &mut [f32]) {
+    tl_block(QuantFormat::TL2, b, y)
+}
+
+fn tl_block(format: QuantFormat, b: &[u8], y: &mut [f32]) {
+    for (y, w) in y.iter_mut().zip(crate::tl::decode_row_block(format, b)) {
+        *y = w as f32;
     }
 }
 

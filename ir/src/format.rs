@@ -28,6 +28,12 @@ pub enum QuantFormat {
     TQ2_0,
     /// BitNet's I2_S (bitnet.cpp): 2-bit ternary codes, one f32 scale for the whole tensor after its blocks.
     I2_S,
+    /// bitnet.cpp's TL1: ternary weights in pairs, one 4-bit index per pair, one f32 scale for the whole tensor.
+    /// Files tile it by (BM, BK, bm) (`crate::tl`); kiln holds it in rows of 128-value blocks (`dequant`).
+    TL1,
+    /// bitnet.cpp's TL2: ternary weights in triples, a 4-bit magnitude index and a sign bit per triple, one f32
+    /// scale for the whole tensor. Tiled in files like TL1; kiln's blocks hold 32 triples and 16 pairs.
+    TL2,
 }
 
 /// One row of the format table.
@@ -65,7 +71,7 @@ const fn row(
 
 /// The table. Byte counts are those of ggml's `block_*` structs (checked against the `#[repr(C)]` layouts in
 /// `dequant`).
-pub const FORMATS: [FormatInfo; 17] = [
+pub const FORMATS: [FormatInfo; 19] = [
     row(QuantFormat::F32, 0, "f32", 1, 4),
     row(QuantFormat::F16, 1, "f16", 1, 2),
     row(QuantFormat::Q4_0, 2, "q4_0", 32, 2 + 16),
@@ -115,13 +121,30 @@ pub const FORMATS: [FormatInfo; 17] = [
     // bitnet.cpp's x86 packing: 128 codes in 32 bytes. Upstream ggml once gave id 36 to IQ4_NL_4_4, a
     // repacking that never reached files, so 36 is read as I2_S; its trailer is checked like any tensor size.
     row(QuantFormat::I2_S, 36, "i2_s", I2S_BLOCK, I2S_BLOCK / 4),
+    // The TL formats' files are tiled per matrix shape; these are the row blocks kiln reads them into (`tl`).
+    // Ids 38 and 39 are taken only with the tiling kiln records (`GgufFile`); upstream's 39 is MXFP4.
+    row(QuantFormat::TL1, 38, "tl1", TL_BLOCK, TL_BLOCK / 4),
+    row(
+        QuantFormat::TL2,
+        39,
+        "tl2",
+        TL_BLOCK,
+        TL2_TRIPLES / 2 + TL2_TRIPLES / 8 + TL2_PAIRS / 2,
+    ),
 ];
+
+/// Values per TL1 or TL2 row block.
+pub const TL_BLOCK: usize = 128;
+
+/// Triples in a TL2 row block (96 values), followed by `TL2_PAIRS` pairs (the other 32).
+pub const TL2_TRIPLES: usize = 32;
+pub const TL2_PAIRS: usize = 16;
 
 /// Codes per I2_S block.
 pub const I2S_BLOCK: usize = 128;
 
 /// Bytes after an I2_S tensor's blocks: its f32 scale, padded to 32 as bitnet.cpp writes it.
-pub const I2S_TRAILER: usize = 32;
+pub const TENSOR_SCALE_TRAILER: usize = 32;
 
 impl QuantFormat {
     pub fn info(self) -> &'static FormatInfo {
@@ -161,12 +184,22 @@ impl QuantFormat {
         (elems / info.block_elems).checked_mul(info.block_bytes)
     }
 
-    /// Bytes a tensor of this format carries after its blocks (I2_S's per-tensor scale; 0 for the rest).
+    /// Bytes a tensor of this format carries after its blocks (the ternary row formats' per-tensor scale; 0 for
+    /// the rest).
     pub fn tensor_trailer_bytes(self) -> usize {
-        match self {
-            QuantFormat::I2_S => I2S_TRAILER,
-            _ => 0,
+        if self.has_tensor_scale() {
+            TENSOR_SCALE_TRAILER
+        } else {
+            0
         }
+    }
+
+    /// Whether one f32 scale serves the whole tensor (I2_S, TL1, TL2), kept in the tensor's trailer.
+    pub fn has_tensor_scale(self) -> bool {
+        matches!(
+            self,
+            QuantFormat::I2_S | QuantFormat::TL1 | QuantFormat::TL2
+        )
     }
 
     /// Bytes of a whole tensor of this format with `elems` elements in rows of `row_elems`, trailer included, or
@@ -214,8 +247,6 @@ pub fn unsupported_gguf_type_name(id: u32) -> Option<&'static str> {
         28 => "F64",
         29 => "IQ1_M",
         37 => "I8_S (bitnet.cpp) or an upstream repacking",
-        38 => "TL1 (bitnet.cpp) or an upstream repacking",
-        39 => "TL2 (bitnet.cpp) or MXFP4 (upstream); kiln reads neither",
         _ => return None,
     })
 }
@@ -265,6 +296,9 @@ mod tests {
             (QuantFormat::TQ1_0, 54),
             (QuantFormat::TQ2_0, 66),
             (QuantFormat::I2_S, 32),
+            // Kiln's row blocks of 128: TL1 64 pair indices; TL2 32 triple indices, 32 sign bits, 16 pair indices.
+            (QuantFormat::TL1, 32),
+            (QuantFormat::TL2, 28),
         ];
         for (format, bytes) in expected {
             assert_eq!(format.block_bytes(), bytes, "{format}");

@@ -48,12 +48,15 @@ pub fn f16_fields(format: QuantFormat) -> &'static [usize] {
         QuantFormat::Q6_K => &[208],
         QuantFormat::TQ1_0 => &[52],
         QuantFormat::TQ2_0 => &[64],
-        // Plain floats have no blocks to repack; Q8_K's scale is f32 already, and I2_S's is the tensor's.
+        // Plain floats have no blocks to repack; Q8_K's scale is f32 already, and the ternary row formats' is the
+        // tensor's.
         QuantFormat::F32
         | QuantFormat::F16
         | QuantFormat::BF16
         | QuantFormat::Q8_K
-        | QuantFormat::I2_S => &[],
+        | QuantFormat::I2_S
+        | QuantFormat::TL1
+        | QuantFormat::TL2 => &[],
     }
 }
 

@@ -17,6 +17,7 @@ pub mod plan;
 pub mod quantize;
 pub mod schedule;
 pub mod text;
+pub mod tl;
 pub mod types;
 pub mod verify;
 pub mod weights;

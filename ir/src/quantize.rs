@@ -146,7 +146,7 @@ fn tq1_0_block(x: &[f32], out: &mut [u8]) {
 /// 7:6, 5:4, 3:2, 1:0; then the f32 scale, padded to 32 bytes.
 fn i2_s_tensor(x: &[f32]) -> Vec<u8> {
     let (scale, t) = ternary(x);
-    let mut out = vec![0u8; x.len() / 4 + crate::format::I2S_TRAILER];
+    let mut out = vec![0u8; x.len() / 4 + crate::format::TENSOR_SCALE_TRAILER];
     for (block, digits) in out.chunks_exact_mut(32).zip(t.chunks_exact(128)) {
         for (j, byte) in block.iter_mut().enumerate() {
             *byte = (0..4).fold(0, |q, n| q | digits[j + 32 * n] << (6 - 2 * n));

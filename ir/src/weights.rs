@@ -1,6 +1,6 @@
 //! How executors reach weight data without knowing where it lives (a GGUF mmap, or a plan's repacked weights).
 
-use crate::dequant::{dequantize_blocks, i2_s_scale};
+use crate::dequant::{dequantize_blocks, tensor_scale};
 use crate::format::QuantFormat;
 use crate::layout::{Layout, MAX_BLOCK_BYTES};
 
@@ -47,9 +47,9 @@ impl WeightView<'_> {
         }
     }
 
-    /// The scale of the whole tensor, for formats that keep one after their blocks (I2_S), in every layout.
+    /// The scale of the whole tensor, for formats that keep one after their blocks (I2_S, TL1, TL2), in every layout.
     pub fn tensor_scale(&self) -> Option<f32> {
-        self.trailer().map(i2_s_scale)
+        self.trailer().map(tensor_scale)
     }
 
     /// Where the tensor's scale lies (for kernels that read it), or null for formats without one.

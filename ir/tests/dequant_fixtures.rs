@@ -23,8 +23,18 @@ fn dequantizers_match_gguf_package_bitwise() {
     }
     let checked: Vec<_> = fixtures.iter().map(|f| f.format).collect();
     let mut all: Vec<_> = kiln_ir::format::FORMATS.iter().map(|f| f.format).collect();
-    // F32 and Q8_K: see the generator's docstring; the gguf package knows no I2_S (hand-checked in `dequant`).
-    all.retain(|f| !matches!(f, QuantFormat::F32 | QuantFormat::Q8_K | QuantFormat::I2_S));
+    // F32 and Q8_K: see the generator's docstring; the gguf package knows no I2_S (hand-checked in `dequant`) and
+    // no TL1/TL2 (their files are checked against bitnet.cpp's converter in `tl_layout`).
+    all.retain(|f| {
+        !matches!(
+            f,
+            QuantFormat::F32
+                | QuantFormat::Q8_K
+                | QuantFormat::I2_S
+                | QuantFormat::TL1
+                | QuantFormat::TL2
+        )
+    });
     all.sort();
     assert_eq!(checked, all, "a format has no fixture");
 }
