@@ -5,8 +5,8 @@
 //! `w = d * code + m` gives `dot = d * dx * sum(code * qx) + m * dx * sum(qx)`.
 
 use crate::builder::Kb;
-use crate::i2s::I2s;
 use crate::kquants::KQuant;
+use crate::ternary_row::TernaryRow;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
@@ -62,7 +62,7 @@ pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot
     match format {
         F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => quant(Box::new(Block32::of(format))),
         F::Q4_K | F::Q5_K | F::Q6_K | F::TQ2_0 | F::TQ1_0 => quant(Box::new(KQuant::of(format))),
-        F::I2_S if !layout.f32_scales => Some(Box::new(I2s)),
+        F::I2_S | F::TL1 | F::TL2 if !layout.f32_scales => Some(Box::new(TernaryRow(format))),
         F::F32 | F::F16 | F::BF16 if layout == Layout::GGUF => Some(Box::new(Float(format))),
         _ => None,
     }
@@ -109,23 +109,24 @@ impl Block32 {
 
     /// The 16 bits of `qh` from `first_bit` spread over 16 bytes: 0x10 where the bit is set, else 0.
     fn high_bits(kb: &mut Kb, qh: Value, first_bit: usize) -> Value {
-        let splat = kb.b.ins().splat(I32X4, qh);
-        let bytes = kb.bitcast(I8X16, splat);
-        let byte = (first_bit / 8) as u8;
-        let mut index = [byte; 16];
-        index[8..].fill(byte + 1);
-        let index = kb.bytes16(index);
-        let spread = kb.pshufb(bytes, index);
-        let mut masks = [0u8; 16];
-        for (i, m) in masks.iter_mut().enumerate() {
-            *m = 1 << (i % 8);
-        }
-        let masks = kb.bytes16(masks);
-        let bits = kb.b.ins().band(spread, masks);
-        let set = kb.b.ins().icmp(IntCC::Equal, bits, masks);
+        let set = bit_mask16(kb, qh, first_bit);
         let high = kb.i8x16(0x10);
         kb.b.ins().band(set, high)
     }
+}
+
+/// The 16 bits of the 32-bit `word` from `first_bit` (0 or 16) as 16 byte lanes: 0xFF where the bit is set.
+pub(crate) fn bit_mask16(kb: &mut Kb, word: Value, first_bit: usize) -> Value {
+    let splat = kb.b.ins().splat(I32X4, word);
+    let bytes = kb.bitcast(I8X16, splat);
+    let byte = (first_bit / 8) as u8;
+    let mut index = [byte; 16];
+    index[8..].fill(byte + 1);
+    let index = kb.bytes16(index);
+    let spread = kb.pshufb(bytes, index);
+    let masks = kb.bytes16(std::array::from_fn(|i| 1 << (i % 8)));
+    let bits = kb.b.ins().band(spread, masks);
+    kb.b.ins().icmp(IntCC::Equal, bits, masks)
 }
 
 impl BlockDot for Block32 {

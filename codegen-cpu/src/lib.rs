@@ -7,12 +7,12 @@
 mod attention;
 mod builder;
 mod formats;
-mod i2s;
 mod isa;
 mod kquants;
 mod math;
 mod matmul;
 mod quantize;
+mod ternary_row;
 
 pub use isa::{host_isa, portable_isa, CpuIsa, IsaError};
 

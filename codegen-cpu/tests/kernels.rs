@@ -62,7 +62,7 @@ fn layouts_of(format: QuantFormat) -> Vec<Layout> {
     if format.is_float() {
         vec![Layout::GGUF]
     } else if f16_fields(format).is_empty() {
-        // I2_S: no block scales to widen, rows interleaved or not.
+        // I2_S, TL1, TL2: no block scales to widen, rows interleaved or not.
         [1, 4]
             .map(|interleave| Layout {
                 f32_scales: false,

@@ -37,8 +37,13 @@ pub enum Action {
 pub fn action(name: &str, shape: &[usize], format: QuantFormat, target: QuantFormat) -> Action {
     let ternary = matches!(
         target,
-        QuantFormat::TQ1_0 | QuantFormat::TQ2_0 | QuantFormat::I2_S
+        QuantFormat::TQ1_0
+            | QuantFormat::TQ2_0
+            | QuantFormat::I2_S
+            | QuantFormat::TL1
+            | QuantFormat::TL2
     );
+    let tiled = matches!(target, QuantFormat::TL1 | QuantFormat::TL2);
     if shape.len() != 2 {
         Action::Keep("not a matrix")
     } else if format == target {
@@ -48,6 +53,8 @@ pub fn action(name: &str, shape: &[usize], format: QuantFormat, target: QuantFor
         Action::Keep("embeddings and the LM head stay as they are in ternary models")
     } else if !kiln_ir::quantize::fits(target, shape[1]) {
         Action::Keep("its rows are not whole blocks of the target")
+    } else if tiled && kiln_ir::tl::Tiling::choose(target, shape[0], shape[1]).is_none() {
+        Action::Keep("its shape has no TL tiling")
     } else {
         Action::Quantize
     }

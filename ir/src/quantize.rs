@@ -12,7 +12,7 @@ use crate::format::{QuantFormat, QK_K};
 use half::f16;
 
 /// Formats `quantize` can write.
-pub const TARGETS: [QuantFormat; 7] = [
+pub const TARGETS: [QuantFormat; 9] = [
     QuantFormat::F32,
     QuantFormat::F16,
     QuantFormat::Q8_0,
@@ -20,6 +20,8 @@ pub const TARGETS: [QuantFormat; 7] = [
     QuantFormat::TQ1_0,
     QuantFormat::TQ2_0,
     QuantFormat::I2_S,
+    QuantFormat::TL1,
+    QuantFormat::TL2,
 ];
 
 /// Whether `format` can hold rows of `row_len` values (whole blocks) and `quantize` writes it.
@@ -37,8 +39,10 @@ pub fn quantize(format: QuantFormat, x: &[f32]) -> Vec<u8> {
         "cannot quantize {} values to {format}",
         x.len()
     );
-    if format == QuantFormat::I2_S {
-        return i2_s_tensor(x);
+    match format {
+        QuantFormat::I2_S => return i2_s_tensor(x),
+        QuantFormat::TL1 | QuantFormat::TL2 => return tl_tensor(format, x),
+        _ => {}
     }
     let block: fn(&[f32], &mut [u8]) = match format {
         QuantFormat::F32 => |x, out| out.copy_from_slice(&x[0].to_le_bytes()),
@@ -156,6 +160,18 @@ fn i2_s_tensor(x: &[f32]) -> Vec<u8> {
     out
 }
 
+/// TL1 or TL2 in kiln's row blocks (`tl::row_blocks`), with the tensor's absmean scale in the trailer as I2_S
+/// keeps it. The GGUF writer tiles the rows into bitnet.cpp's layout.
+fn tl_tensor(format: QuantFormat, x: &[f32]) -> Vec<u8> {
+    let (scale, digits) = ternary(x);
+    let weights: Vec<i8> = digits.iter().map(|&d| d as i8 - 1).collect();
+    let mut out = crate::tl::row_blocks(format, &weights);
+    let blocks = out.len();
+    out.resize(blocks + crate::format::TENSOR_SCALE_TRAILER, 0);
+    out[blocks..][..4].copy_from_slice(&scale.to_le_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,14 +221,16 @@ mod tests {
     }
 
     #[test]
-    fn i2_s_keeps_the_tensor_absmean_digits() {
+    fn tensor_scaled_formats_keep_the_tensor_absmean_digits() {
         let x = values(3 * 128);
-        let bytes = quantize(QuantFormat::I2_S, &x);
-        assert_eq!(bytes.len(), 3 * 32 + 32);
-        let (scale, digits) = ternary(&x);
-        let y = round_trip(QuantFormat::I2_S, &x);
-        for (d, v) in digits.iter().zip(&y) {
-            assert_eq!(*v, scale * (*d as f32 - 1.0));
+        for format in [QuantFormat::I2_S, QuantFormat::TL1, QuantFormat::TL2] {
+            let bytes = quantize(format, &x);
+            assert_eq!(bytes.len(), 3 * format.block_bytes() + 32, "{format}");
+            let (scale, digits) = ternary(&x);
+            let y = round_trip(format, &x);
+            for (d, v) in digits.iter().zip(&y) {
+                assert_eq!(*v, scale * (*d as f32 - 1.0), "{format}");
+            }
         }
     }
 }

@@ -148,13 +148,17 @@ pub fn tensor_file_bytes(format: QuantFormat, m: usize, k: usize) -> Option<usiz
     codes.checked_add(TENSOR_SCALE_TRAILER)
 }
 
+/// The largest pair index (weights `(1, 1)`) and triple magnitude index (`(1, 1, 1)`).
+pub const PAIR_INDEX_MAX: u8 = 8;
+pub const TRIPLE_INDEX_MAX: u8 = 13;
+
 /// The pair index of weights `(a, b)`: `3a + b + 4`.
 fn pair_index(a: i8, b: i8) -> u8 {
     (3 * a + b + 4) as u8
 }
 
 /// The weights of pair index `i`.
-fn pair_weights(i: u8) -> [i8; 2] {
+pub fn pair_weights(i: u8) -> [i8; 2] {
     [(i / 3) as i8 - 1, (i % 3) as i8 - 1]
 }
 
@@ -165,7 +169,7 @@ fn triple_index(a: i8, b: i8, c: i8) -> (u8, bool) {
 }
 
 /// The weights of magnitude index `i` (0..=13) with `negative` applied.
-fn triple_weights(i: u8, negative: bool) -> [i8; 3] {
+pub fn triple_weights(i: u8, negative: bool) -> [i8; 3] {
     // Balanced ternary digits of i: i = 9a + 3b + c with every digit in -1..=1.
     let mut v = i as i8;
     let mut digits = [0i8; 3];

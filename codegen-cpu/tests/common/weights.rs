@@ -10,7 +10,7 @@ use kiln_ir::QuantFormat;
 use rand::Rng;
 
 /// Every weight format the code generators have matmuls for.
-pub const FORMATS: [QuantFormat; 14] = [
+pub const FORMATS: [QuantFormat; 16] = [
     QuantFormat::Q4_0,
     QuantFormat::Q4_1,
     QuantFormat::Q5_0,
@@ -22,6 +22,8 @@ pub const FORMATS: [QuantFormat; 14] = [
     QuantFormat::TQ2_0,
     QuantFormat::TQ1_0,
     QuantFormat::I2_S,
+    QuantFormat::TL1,
+    QuantFormat::TL2,
     QuantFormat::F32,
     QuantFormat::F16,
     QuantFormat::BF16,
@@ -55,6 +57,14 @@ pub fn random_weight(rng: &mut impl Rng, format: QuantFormat, rows: usize, k: us
         bytes
             .iter_mut()
             .for_each(|b| *b = (0..4).fold(0, |q, i| q | (rng.gen_range(0..3u8) << (2 * i))));
+        bytes.extend(rng.gen_range(0.01f32..0.05).to_le_bytes());
+        bytes.extend([0u8; 28]);
+        return bytes;
+    }
+    if matches!(format, QuantFormat::TL1 | QuantFormat::TL2) {
+        // Random ternary weights in kiln's row blocks, then the tensor's scale.
+        let weights: Vec<i8> = (0..rows * k).map(|_| rng.gen_range(-1..=1)).collect();
+        let mut bytes = kiln_ir::tl::row_blocks(format, &weights);
         bytes.extend(rng.gen_range(0.01f32..0.05).to_le_bytes());
         bytes.extend([0u8; 28]);
         return bytes;

@@ -13,6 +13,7 @@ pub use value::{MetaValue, ValueType};
 pub use writer::{write_gguf, GgufWriteError, TensorSpec};
 
 use kiln_ir::layout::Layout;
+use kiln_ir::tl::{self, Tiling};
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::QuantFormat;
 use memmap2::Mmap;
@@ -51,7 +52,10 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     /// Offset relative to the start of the data section.
     pub offset: usize,
+    /// Bytes in the file.
     pub size: usize,
+    /// For TL1/TL2 tensors, the tiling they were written with (`kiln_ir::tl`).
+    pub tiling: Option<Tiling>,
 }
 
 impl TensorInfo {
@@ -83,6 +87,8 @@ pub struct GgufFile {
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
     data_offset: usize,
+    /// TL1/TL2 tensors in kiln's row blocks, by tensor index: converted once when the file is opened.
+    row_blocks: HashMap<usize, Vec<u8>>,
 }
 
 impl GgufFile {
@@ -107,6 +113,15 @@ impl GgufFile {
 
     fn parse(bytes: Bytes) -> Result<Self, GgufError> {
         let header = reader::parse(bytes.as_slice())?;
+        let data = &bytes.as_slice()[header.data_offset..];
+        let row_blocks = header
+            .tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                Some((i, tl_row_blocks(t, t.tiling?, &data[t.offset..][..t.size])))
+            })
+            .collect();
         let by_name = header
             .tensors
             .iter()
@@ -121,6 +136,7 @@ impl GgufFile {
             data_offset: header.data_offset,
             by_name,
             bytes,
+            row_blocks,
         })
     }
 
@@ -141,8 +157,16 @@ impl GgufFile {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// A tensor's bytes, borrowed from the map.
+    /// A tensor's bytes, borrowed from the map; TL1/TL2 tensors in kiln's row blocks (`kiln_ir::tl`), which the
+    /// writer tiles back.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        if let Some(blocks) = self
+            .by_name
+            .get(&info.name)
+            .and_then(|i| self.row_blocks.get(i))
+        {
+            return blocks;
+        }
         let start = self.data_offset + info.offset;
         &self.bytes.as_slice()[start..start + info.size]
     }
@@ -162,4 +186,14 @@ impl WeightSource for GgufFile {
             data: self.tensor_data(info),
         })
     }
+}
+
+/// A TL tensor's file bytes (`tiling` tiles, then the scale trailer) in kiln's row blocks, trailer kept.
+fn tl_row_blocks(info: &TensorInfo, tiling: Tiling, file: &[u8]) -> Vec<u8> {
+    let (m, k) = (info.shape[0], info.shape[1]);
+    let (codes, trailer) = file.split_at(file.len() - info.format.tensor_trailer_bytes());
+    let weights = tl::untile(info.format, tiling, m, k, codes);
+    let mut blocks = tl::row_blocks(info.format, &weights);
+    blocks.extend_from_slice(trailer);
+    blocks
 }

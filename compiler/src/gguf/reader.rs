@@ -2,6 +2,7 @@
 
 use super::{GgufError, MetaValue, TensorInfo, ValueType};
 use kiln_ir::format::unsupported_gguf_type_name;
+use kiln_ir::tl::{self, Tiling};
 use kiln_ir::QuantFormat;
 use std::collections::HashSet;
 
@@ -187,6 +188,7 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
         metadata.push((key, value));
     }
 
+    let tilings = recorded_tilings(&metadata)?;
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
     let mut names = HashSet::with_capacity(n_tensors);
     for i in 0..n_tensors {
@@ -233,10 +235,24 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
                 format!("{offset} is not a multiple of the alignment {alignment}"),
             ));
         }
-        let size = dims
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .and_then(|elements| format.tensor_bytes(dims[0], elements));
+        let tiling = match format {
+            QuantFormat::TL1 | QuantFormat::TL2 => Some(tl_tiling(
+                tilings.as_deref(),
+                format,
+                type_id,
+                &dims,
+                (type_at, dims_at),
+                &field,
+            )?),
+            _ => None,
+        };
+        let size = if tiling.is_some() {
+            tl::tensor_file_bytes(format, dims[1], dims[0])
+        } else {
+            dims.iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .and_then(|elements| format.tensor_bytes(dims[0], elements))
+        };
         let Some(size) = size else {
             return Err(malformed(
                 dims_at,
@@ -258,6 +274,7 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
             shape,
             offset: offset as usize,
             size,
+            tiling,
         });
     }
 
@@ -296,4 +313,79 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
         tensors,
         data_offset,
     })
+}
+
+/// The TL tilings the file records (`tl::TILING_KEY`), or `None` when it records none.
+fn recorded_tilings(
+    metadata: &[(String, MetaValue)],
+) -> Result<Option<Vec<((usize, usize), Tiling)>>, GgufError> {
+    let Some((_, value)) = metadata.iter().find(|(k, _)| k == tl::TILING_KEY) else {
+        return Ok(None);
+    };
+    let values: Option<Vec<u64>> = value
+        .as_array()
+        .map(|items| items.iter().map(MetaValue::as_u64).collect())
+        .unwrap_or(None);
+    values
+        .as_deref()
+        .and_then(tl::parse_tilings)
+        .map(Some)
+        .ok_or_else(|| {
+            malformed(
+                0,
+                tl::TILING_KEY,
+                "must be an array of unsigned integers, five per matrix shape (m, k, BM, BK, bm)",
+            )
+        })
+}
+
+/// The tiling a TL1/TL2 tensor of GGUF `dims` was written with. Ids 38 and 39 are read as TL only in files that
+/// record their tiling: bitnet.cpp keeps it outside the file, and upstream gives 39 to MXFP4.
+fn tl_tiling(
+    tilings: Option<&[((usize, usize), Tiling)]>,
+    format: QuantFormat,
+    type_id: u32,
+    dims: &[usize],
+    (type_at, dims_at): (usize, usize),
+    field: &dyn Fn(&str) -> String,
+) -> Result<Tiling, GgufError> {
+    let Some(tilings) = tilings else {
+        let other = if type_id == 39 {
+            " or MXFP4 (upstream)"
+        } else {
+            ""
+        };
+        return Err(malformed(
+            type_at,
+            field("type"),
+            format!(
+                "type {type_id} is {format} (bitnet.cpp){other}, and this file records no TL tiling \
+                 (`{}`): bitnet.cpp keeps it in include/kernel_config.ini, so kiln cannot read the tensor",
+                tl::TILING_KEY
+            ),
+        ));
+    };
+    let [k, m] = dims else {
+        return Err(malformed(
+            dims_at,
+            field("dims"),
+            format!("a {format} tensor must be a matrix, is {dims:?}"),
+        ));
+    };
+    match tilings.iter().find(|(shape, _)| *shape == (*m, *k)) {
+        Some(&(_, t)) if t.fits(format, *m, *k) => Ok(t),
+        Some(&(_, t)) => Err(malformed(
+            dims_at,
+            field("dims"),
+            format!("the recorded tiling {t} does not fit a {m} x {k} {format} matrix"),
+        )),
+        None => Err(malformed(
+            dims_at,
+            field("dims"),
+            format!(
+                "no TL tiling is recorded for a {m} x {k} matrix (`{}`)",
+                tl::TILING_KEY
+            ),
+        )),
+    }
 }

@@ -3,6 +3,7 @@
 //! alignment (`general.alignment`, default 32).
 
 use super::{MetaValue, ValueType};
+use kiln_ir::tl::{self, Tiling};
 use kiln_ir::QuantFormat;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -49,6 +50,88 @@ impl TensorSpec {
 
 const DEFAULT_ALIGNMENT: usize = 32;
 
+/// How one tensor goes to the file: the bytes `data` gives, and for TL1/TL2 the tiling that turns kiln's row
+/// blocks into bitnet.cpp's layout (`kiln_ir::tl`), with the bytes that takes.
+struct Placement {
+    given: usize,
+    tiling: Option<Tiling>,
+    stored: usize,
+}
+
+fn placement(t: &TensorSpec) -> Result<Placement, GgufWriteError> {
+    let err = |reason: String| GgufWriteError::Tensor {
+        name: t.name.clone(),
+        reason,
+    };
+    let given = t
+        .bytes()
+        .ok_or_else(|| err(format!("{:?} is not whole {} blocks", t.shape, t.format)))?;
+    if !matches!(t.format, QuantFormat::TL1 | QuantFormat::TL2) {
+        return Ok(Placement {
+            given,
+            tiling: None,
+            stored: given,
+        });
+    }
+    let &[m, k] = &t.shape[..] else {
+        return Err(err(format!(
+            "a {} tensor must be a matrix, is {:?}",
+            t.format, t.shape
+        )));
+    };
+    let tiling = Tiling::choose(t.format, m, k)
+        .ok_or_else(|| err(format!("a {m} x {k} matrix has no {} tiling", t.format)))?;
+    let stored = tl::tensor_file_bytes(t.format, m, k)
+        .ok_or_else(|| err(format!("a {m} x {k} {} matrix overflows", t.format)))?;
+    Ok(Placement {
+        given,
+        tiling: Some(tiling),
+        stored,
+    })
+}
+
+/// `metadata` with the TL tilings of `tensors` recorded under `tl::TILING_KEY` (replacing any it had).
+fn with_tilings(
+    metadata: &[(String, MetaValue)],
+    tensors: &[TensorSpec],
+    placements: &[Placement],
+) -> Vec<(String, MetaValue)> {
+    let mut metadata: Vec<_> = metadata
+        .iter()
+        .filter(|(k, _)| k != tl::TILING_KEY)
+        .cloned()
+        .collect();
+    let mut tilings: Vec<((usize, usize), Tiling)> = Vec::new();
+    for (t, p) in tensors.iter().zip(placements) {
+        let shape = (t.shape[0], *t.shape.last().unwrap_or(&1));
+        if let Some(tiling) = p.tiling {
+            if !tilings.iter().any(|(s, _)| *s == shape) {
+                tilings.push((shape, tiling));
+            }
+        }
+    }
+    if !tilings.is_empty() {
+        let values = tl::tiling_values(&tilings)
+            .into_iter()
+            .map(MetaValue::U32)
+            .collect();
+        metadata.push((
+            tl::TILING_KEY.to_string(),
+            MetaValue::Array(ValueType::U32, values),
+        ));
+    }
+    metadata
+}
+
+/// A TL tensor's row blocks (trailer last) tiled as bitnet.cpp lays it out.
+fn tiled(t: &TensorSpec, tiling: Tiling, blocks: &[u8]) -> Vec<u8> {
+    let (codes, trailer) = blocks.split_at(blocks.len() - t.format.tensor_trailer_bytes());
+    let weights = tl::row_block_weights(t.format, codes);
+    let mut out = tl::tile(t.format, tiling, t.shape[0], t.shape[1], &weights);
+    out.extend_from_slice(trailer);
+    out
+}
+
 /// Writes a GGUF file at `path`: `metadata` in order, then `tensors`, whose data `data(i)` returns one at a time
 /// (so a whole model never sits in memory). The file appears only when complete: it is written beside `path`
 /// and renamed.
@@ -63,14 +146,11 @@ pub fn write_gguf(
         .find(|(k, _)| k == "general.alignment")
         .and_then(|(_, v)| v.as_u64())
         .map_or(DEFAULT_ALIGNMENT, |a| a as usize);
-    let mut sizes = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let size = t.bytes().ok_or_else(|| GgufWriteError::Tensor {
-            name: t.name.clone(),
-            reason: format!("{:?} is not whole {} blocks", t.shape, t.format),
-        })?;
-        sizes.push(size);
-    }
+    let placements = tensors
+        .iter()
+        .map(placement)
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = &with_tilings(metadata, tensors, &placements)[..];
     let tmp = path.with_extension("gguf.tmp");
     let io = |source| GgufWriteError::Io {
         path: tmp.display().to_string(),
@@ -93,7 +173,7 @@ pub fn write_gguf(
             put_value(&mut out, value).map_err(io)?;
         }
         let mut offset = 0usize;
-        for (t, &size) in tensors.iter().zip(&sizes) {
+        for (t, p) in tensors.iter().zip(&placements) {
             put_string(&mut out, &t.name).map_err(io)?;
             out.put(&(t.shape.len() as u32).to_le_bytes()).map_err(io)?;
             // GGUF lists dims innermost first.
@@ -103,19 +183,22 @@ pub fn write_gguf(
             out.put(&t.format.info().gguf_id.to_le_bytes())
                 .map_err(io)?;
             out.put(&(offset as u64).to_le_bytes()).map_err(io)?;
-            offset = (offset + size).div_ceil(alignment) * alignment;
+            offset = (offset + p.stored).div_ceil(alignment) * alignment;
         }
         out.pad(alignment).map_err(io)?;
-        for (i, (t, &size)) in tensors.iter().zip(&sizes).enumerate() {
-            let bytes = data(i)?;
-            if bytes.len() != size {
+        for (i, (t, p)) in tensors.iter().zip(&placements).enumerate() {
+            let mut bytes = data(i)?;
+            if bytes.len() != p.given {
                 return Err(GgufWriteError::Size {
                     name: t.name.clone(),
                     format: t.format,
                     shape: t.shape.clone(),
                     len: bytes.len(),
-                    expected: size,
+                    expected: p.given,
                 });
+            }
+            if let Some(tiling) = p.tiling {
+                bytes = tiled(t, tiling, &bytes);
             }
             out.put(&bytes).map_err(io)?;
             out.pad(alignment).map_err(io)?;
