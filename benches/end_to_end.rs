@@ -1,7 +1,7 @@
 //! The whole model through the CPU executor, on every core: `cargo bench --bench end_to_end`.
 //! - SmolLM2-135M Q4_1 compiled to a plan: a 128-token prefill and single-token decode steps.
 //! - A synthetic BitNet b1.58 model (8 layers, d = 1024, FFN 2816: every projection ternary) quantized to I2_S and
-//!   to TQ2_0: decode steps of each, the two ternary kernels side by side on the same digits.
+//!   to TL1, TL2 and TQ2_0: decode steps of each, the ternary kernels side by side on the same digits.
 //!
 //! `kiln bench PLAN` reports the same measurements for any plan, with llama-bench's methodology.
 
@@ -93,7 +93,7 @@ fn ternary_decode(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
-    for format in ["i2_s", "tq2_0"] {
+    for format in ["i2_s", "tl1", "tl2", "tq2_0"] {
         let gguf = dir.join(format!("bitnet-1024-{format}.gguf"));
         common::quantize(&source, format, &gguf);
         let plan =

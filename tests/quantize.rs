@@ -143,3 +143,46 @@ fn i2_s_holds_one_absmean_scale_per_tensor_and_its_kernel_agrees_with_the_refere
     assert_eq!(ids, ref_ids);
     assert!((logit - ref_logit).abs() < 0.5, "{logit} vs {ref_logit}");
 }
+
+#[test]
+fn tl1_and_tl2_hold_i2_s_digits_in_bitnet_cpp_tiles_and_compile_to_the_same_logits() {
+    use kiln_compiler::GgufFile;
+    use kiln_ir::tl::{self, Tiling};
+    use kiln_ir::QuantFormat;
+    let Some((_, i2s)) = quantize("i2_s") else {
+        return;
+    };
+    let name = "blk.3.ffn_down.weight";
+    let weights = |path: &Path| {
+        let file = GgufFile::open(path).unwrap();
+        let info = file.tensor(name).unwrap().clone();
+        let mut y = vec![0f32; info.elements()];
+        kiln_ir::dequant::dequantize(info.format, file.tensor_data(&info), &mut y);
+        (file, info, y)
+    };
+    let (_, _, digits) = weights(&i2s);
+    let logits = |gguf: &Path| {
+        let plan = common::compile(gguf, None);
+        let out = common::greedy_json(&plan, 4, &[]);
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (common::ids(&value["ids"]), value["top_logits"].to_string())
+    };
+    let reference = logits(&i2s);
+    for (format, name_of) in [(QuantFormat::TL1, "tl1"), (QuantFormat::TL2, "tl2")] {
+        let (_, tiled) = quantize(name_of).unwrap();
+        let (file, info, y) = weights(&tiled);
+        assert_eq!(info.format, format);
+        // The same absmean digits and scale as I2_S, in a file of bitnet.cpp's size for the format.
+        assert_eq!(y, digits, "{format}");
+        let (m, k) = (info.shape[0], info.shape[1]);
+        assert_eq!(Some(info.size), tl::tensor_file_bytes(format, m, k));
+        // The file holds the tiles kiln's tiling pass chose, recorded for the reader.
+        let recorded = file.get(tl::TILING_KEY).and_then(|v| v.as_array()).unwrap();
+        let recorded: Vec<u64> = recorded.iter().map(|v| v.as_u64().unwrap()).collect();
+        let tilings = tl::parse_tilings(&recorded).unwrap();
+        let chosen = Tiling::choose(format, m, k).unwrap();
+        assert!(tilings.contains(&((m, k), chosen)), "{format}: {tilings:?}");
+        // Compiled, their generated kernels (pshufb lookups, then the int8 dot product) give I2_S's exact sums.
+        assert_eq!(logits(&tiled), reference, "{format}");
+    }
+}

@@ -54,14 +54,16 @@ fn matmul_per_format() {
         };
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
     }
-    // I2_S: no block scales; one block of 128.
-    let f = CpuFunction::MatMul {
-        format: QuantFormat::I2_S,
-        layout: Layout::GGUF,
-        k: 128,
-        epilogue: Epilogue::Store,
-    };
-    insta::assert_snapshot!("matmul_i2_s", clif(f));
+    // The ternary row formats: no block scales; one block of 128 (I2_S shifts crumbs out, TL1/TL2 look indices up).
+    for format in [QuantFormat::I2_S, QuantFormat::TL1, QuantFormat::TL2] {
+        let f = CpuFunction::MatMul {
+            format,
+            layout: Layout::GGUF,
+            k: 128,
+            epilogue: Epilogue::Store,
+        };
+        insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
+    }
     for format in [QuantFormat::F32, QuantFormat::F16, QuantFormat::BF16] {
         let f = CpuFunction::MatMul {
             format,

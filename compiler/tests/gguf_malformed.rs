@@ -202,12 +202,31 @@ fn malformed_files_give_precise_errors() {
         // tensor laid out without the trailer runs into the next one.
         ("i2_s without its trailer", valid().tensor("t", &[128], 36, 64, &[0x55; 32]).tensor("u", &[16], 0, 96, &[0; 64]).bytes(),
             "tensor `t` data: overlaps tensor `u` at data offset 96"),
-        ("tl2 or mxfp4", valid().tensor("t", &[32], 39, 64, &[0; 32]).bytes(), "type 39 (TL2 (bitnet.cpp) or MXFP4 (upstream); kiln reads neither) is not supported"),
+        // TL1 and TL2 are read only with the tiling kiln records: bitnet.cpp keeps it outside the file, and upstream
+        // gives 39 to MXFP4.
+        ("tl2 or mxfp4", valid().tensor("t", &[32], 39, 64, &[0; 32]).bytes(), "type 39 is TL2 (bitnet.cpp) or MXFP4 (upstream), and this file records no TL tiling (`kiln.tl.tiling`)"),
+        ("tl1 without tiling", valid().tensor("t", &[128, 32], 38, 64, &[0; 1056]).bytes(), "type 38 is TL1 (bitnet.cpp), and this file records no TL tiling"),
+        ("tiling of another shape", valid().kv_raw("kiln.tl.tiling", 9, &u32_array(&[64, 128, 64, 128, 32])).tensor("t", &[128, 32], 38, 64, &[0; 1056]).bytes(),
+            "tensor `t` dims: no TL tiling is recorded for a 32 x 128 matrix"),
+        ("tiling that does not fit", valid().kv_raw("kiln.tl.tiling", 9, &u32_array(&[32, 128, 32, 100, 32])).tensor("t", &[128, 32], 38, 64, &[0; 1056]).bytes(),
+            "the recorded tiling BM 32 BK 100 bm 32 does not fit a 32 x 128 tl1 matrix"),
+        ("tiling not in fives", valid().kv_raw("kiln.tl.tiling", 9, &u32_array(&[32, 128, 32])).tensor("t", &[128, 32], 38, 64, &[0; 1056]).bytes(),
+            "kiln.tl.tiling: must be an array of unsigned integers, five per matrix shape"),
+        ("tl1 vector", valid().kv_raw("kiln.tl.tiling", 9, &u32_array(&[32, 128, 32, 128, 32])).tensor("t", &[128], 38, 64, &[0; 64]).bytes(),
+            "a tl1 tensor must be a matrix, is [128]"),
     ];
     for (what, bytes, want) in cases {
         let got = error_of(bytes);
         assert!(got.contains(want), "{what}:\n  got:  {got}\n  want: {want}");
     }
+}
+
+/// A GGUF array value of u32s.
+fn u32_array(values: &[u32]) -> Vec<u8> {
+    let mut out = 4u32.to_le_bytes().to_vec();
+    out.extend((values.len() as u64).to_le_bytes());
+    values.iter().for_each(|v| out.extend(v.to_le_bytes()));
+    out
 }
 
 /// An array nested `depth` levels deep.

@@ -26,6 +26,9 @@ use std::fmt;
 /// Metadata key of the tilings a TL file was written with: a flat u32 array of `[m, k, BM, BK, bm]` entries.
 pub const TILING_KEY: &str = "kiln.tl.tiling";
 
+/// Tilings by matrix shape `(m, k)`, as a file records them.
+pub type Tilings = Vec<((usize, usize), Tiling)>;
+
 /// bitnet.cpp's tiling of one matrix shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
@@ -382,11 +385,11 @@ pub fn row_blocks(format: QuantFormat, w: &[i8]) -> Vec<u8> {
             }
             QuantFormat::TL2 => {
                 let mut signs = 0u32;
-                for j in 0..TL2_TRIPLES / 2 {
+                for (j, byte) in block[..TL2_TRIPLES / 2].iter_mut().enumerate() {
                     for (q, high) in [(0, true), (1, false)] {
                         let e = 48 * q + j;
                         let (i, negative) = triple_index(x[e], x[e + 16], x[e + 32]);
-                        set_nibble(&mut block[j], high, i);
+                        set_nibble(byte, high, i);
                         signs |= (negative as u32) << (16 * q + j);
                     }
                 }
@@ -418,11 +421,11 @@ pub fn decode_row_block(format: QuantFormat, block: &[u8]) -> [i8; TL_BLOCK] {
         }
         QuantFormat::TL2 => {
             let signs = u32::from_le_bytes(block[16..20].try_into().expect("4 sign bytes"));
-            for j in 0..TL2_TRIPLES / 2 {
+            for (j, &byte) in block[..TL2_TRIPLES / 2].iter().enumerate() {
                 for (q, high) in [(0, true), (1, false)] {
                     let e = 48 * q + j;
                     let negative = signs >> (16 * q + j) & 1 == 1;
-                    let [a, b, c] = triple_weights(nibble(block[j], high), negative);
+                    let [a, b, c] = triple_weights(nibble(byte, high), negative);
                     (x[e], x[e + 16], x[e + 32]) = (a, b, c);
                 }
             }
@@ -448,7 +451,7 @@ pub fn row_block_weights(format: QuantFormat, blocks: &[u8]) -> Vec<i8> {
 
 /// The tilings recorded under `TILING_KEY`, from its flat u32 values; `None` when the count is not a multiple
 /// of 5.
-pub fn parse_tilings(values: &[u64]) -> Option<Vec<((usize, usize), Tiling)>> {
+pub fn parse_tilings(values: &[u64]) -> Option<Tilings> {
     if !values.len().is_multiple_of(5) {
         return None;
     }
@@ -495,7 +498,7 @@ mod tests {
                 assert_eq!(pair_weights(pair_index(a, b)), [a, b]);
                 for c in -1..=1 {
                     let (i, negative) = triple_index(a, b, c);
-                    assert!(i <= 13);
+                    assert!(i <= TRIPLE_INDEX_MAX);
                     assert_eq!(triple_weights(i, negative), [a, b, c]);
                 }
             }

@@ -316,9 +316,7 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
 }
 
 /// The TL tilings the file records (`tl::TILING_KEY`), or `None` when it records none.
-fn recorded_tilings(
-    metadata: &[(String, MetaValue)],
-) -> Result<Option<Vec<((usize, usize), Tiling)>>, GgufError> {
+fn recorded_tilings(metadata: &[(String, MetaValue)]) -> Result<Option<tl::Tilings>, GgufError> {
     let Some((_, value)) = metadata.iter().find(|(k, _)| k == tl::TILING_KEY) else {
         return Ok(None);
     };
@@ -359,8 +357,9 @@ fn tl_tiling(
             type_at,
             field("type"),
             format!(
-                "type {type_id} is {format} (bitnet.cpp){other}, and this file records no TL tiling \
+                "type {type_id} is {} (bitnet.cpp){other}, and this file records no TL tiling \
                  (`{}`): bitnet.cpp keeps it in include/kernel_config.ini, so kiln cannot read the tensor",
+                format.name().to_uppercase(),
                 tl::TILING_KEY
             ),
         ));

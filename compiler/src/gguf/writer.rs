@@ -101,7 +101,7 @@ fn with_tilings(
         .filter(|(k, _)| k != tl::TILING_KEY)
         .cloned()
         .collect();
-    let mut tilings: Vec<((usize, usize), Tiling)> = Vec::new();
+    let mut tilings: tl::Tilings = Vec::new();
     for (t, p) in tensors.iter().zip(placements) {
         let shape = (t.shape[0], *t.shape.last().unwrap_or(&1));
         if let Some(tiling) = p.tiling {
