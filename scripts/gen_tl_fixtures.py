@@ -20,12 +20,18 @@ def pair_indices(w):
     return (pairs[:, 0] * 3 + pairs[:, 1] + 4).reshape(m, k // 2).astype(np.uint8)
 
 
+def blocks(idx, M, K, BM, BY, bm, by, n):
+    """The converter's first four reshapes, shared by every part: (M, K/n) indices of n weights each to
+    (M/BM, K/BY, BM/bm, BY/by, bm, by/n)."""
+    w = idx.reshape(M // BM, BM, K // n).transpose(0, 2, 1)
+    w = w.reshape(M // BM, K // BY, BY // n, BM).transpose(0, 1, 3, 2)
+    w = w.reshape(M // BM, K // BY, BM // bm, bm, BY // n).transpose(0, 1, 2, 4, 3)
+    return w.reshape(M // BM, K // BY, BM // bm, BY // by, by // n, bm).transpose(0, 1, 2, 3, 5, 4)
+
+
 def tile_pairs(idx, M, K, BM, BY, bm, by):
     """The converter's TL1 reshapes: (M, K/2) indices to 16-byte units of two nibbles."""
-    w = idx.reshape(M // BM, BM, K // 2).transpose(0, 2, 1)
-    w = w.reshape(M // BM, K // BY, BY // 2, BM).transpose(0, 1, 3, 2)
-    w = w.reshape(M // BM, K // BY, BM // bm, bm, BY // 2).transpose(0, 1, 2, 4, 3)
-    w = w.reshape(M // BM, K // BY, BM // bm, BY // by, by // 2, bm).transpose(0, 1, 2, 3, 5, 4)
+    w = blocks(idx, M, K, BM, BY, bm, by, 2)
     w = w.reshape(M // BM, K // BY, BM // bm, BY // by, bm // 16, 16, by // 2).transpose(0, 1, 2, 3, 4, 6, 5)
     w = w.reshape(M // BM, K // BY, BM // bm, BY // by, bm // 16, by // 4, 2, 16).transpose(0, 1, 2, 3, 4, 5, 7, 6)
     w = w.reshape(M * K // 64, 16, 2)
@@ -46,12 +52,7 @@ def swap_groups(w, bm):
 
 def tl2_two(w, BM, BY, bm, by):
     M, K = w.shape
-    idx = pair_indices(w)
-    t = idx.reshape(M // BM, BM, K // 2).transpose(0, 2, 1)
-    t = t.reshape(M // BM, K // BY, BY // 2, BM).transpose(0, 1, 3, 2)
-    t = t.reshape(M // BM, K // BY, BM // bm, bm, BY // 2).transpose(0, 1, 2, 4, 3)
-    t = t.reshape(M // BM, K // BY, BM // bm, BY // by, by // 2, bm).transpose(0, 1, 2, 3, 5, 4)
-    t = t.reshape(M // BM, K // BY, BM // bm, BY // by, bm, by // 2)
+    t = blocks(pair_indices(w), M, K, BM, BY, bm, by, 2)
     t = (t[..., 0] << 4) + t[..., 1]
     return swap_groups(t.reshape(M * K // bm // by, bm).astype(np.uint8), bm).reshape(-1)
 
@@ -63,11 +64,7 @@ def tl2_three(w, BM, BY, bm, by):
     sign = np.where(np.sign(v) + 2 > 1, 0, np.sign(v) + 2).reshape(M, K // 3).astype(np.uint8)
     mag = np.abs(v).reshape(M, K // 3).astype(np.uint8)
 
-    t = mag.reshape(M // BM, BM, K // 3).transpose(0, 2, 1)
-    t = t.reshape(M // BM, K // BY, BY // 3, BM).transpose(0, 1, 3, 2)
-    t = t.reshape(M // BM, K // BY, BM // bm, bm, BY // 3).transpose(0, 1, 2, 4, 3)
-    t = t.reshape(M // BM, K // BY, BM // bm, BY // by, by // 3, bm).transpose(0, 1, 2, 3, 5, 4)
-    t = t.reshape(M // BM, K // BY, BM // bm, BY // by, bm, by // 3)
+    t = blocks(mag, M, K, BM, BY, bm, by, 3)
     t = (t[..., 0] << 4) + t[..., 1]
     weights = swap_groups(t.reshape(M * K // bm // by, bm).astype(np.uint8), bm).reshape(-1)
 
