@@ -113,13 +113,15 @@ impl GgufFile {
 
     fn parse(bytes: Bytes) -> Result<Self, GgufError> {
         let header = reader::parse(bytes.as_slice())?;
-        let data = &bytes.as_slice()[header.data_offset..];
+        // The reader has checked that every tensor's bytes lie inside the file; a file without tensors may end
+        // before the aligned start of its data section, so nothing is sliced but the tensors themselves.
         let row_blocks = header
             .tensors
             .iter()
             .enumerate()
             .filter_map(|(i, t)| {
-                Some((i, tl_row_blocks(t, t.tiling?, &data[t.offset..][..t.size])))
+                let file = &bytes.as_slice()[header.data_offset + t.offset..][..t.size];
+                Some((i, tl_row_blocks(t, t.tiling?, file)))
             })
             .collect();
         let by_name = header
