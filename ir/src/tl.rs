@@ -61,46 +61,24 @@ const TL2_SIZED_TAIL: usize = 256;
 
 impl Tiling {
     /// kiln's tiling for an `m x k` matrix in `format`, or `None` when the shape has none (or kiln's row blocks do
-    /// not fit it). Like bitnet.cpp's presets, it takes the largest tiles that divide the shape.
+    /// not fit it). Like bitnet.cpp's presets, it takes the largest tiles that fit: SIMD blocks first, then tile
+    /// rows, then tile columns.
     pub fn choose(format: QuantFormat, m: usize, k: usize) -> Option<Tiling> {
-        if !k.is_multiple_of(TL_BLOCK) {
-            return None;
-        }
-        let largest = |options: &[usize], ok: &dyn Fn(usize) -> bool| {
-            options.iter().copied().find(|&o| ok(o))
+        let (block_rows, rows, cols): (&[usize], &[usize], &[usize]) = match format {
+            QuantFormat::TL1 => (&[32, 16], &[256, 128, 64, 32, 16], &[256, 128, 64, 32, 16]),
+            QuantFormat::TL2 => (&[TL2_BM], &[256, 128, 64, 32], &[192, 96, 48, 24]),
+            _ => return None,
         };
-        match format {
-            QuantFormat::TL1 => {
-                let block_rows = largest(&[32, 16], &|bm| m.is_multiple_of(bm))?;
-                let by = 256 / block_rows;
-                let rows = largest(&[256, 128, 64, 32, 16], &|bm| {
-                    m.is_multiple_of(bm) && bm.is_multiple_of(block_rows)
-                })?;
-                let cols = largest(&[256, 128, 64, 32, 16], &|bk| {
-                    k.is_multiple_of(bk) && bk.is_multiple_of(by)
-                })?;
-                Some(Tiling {
+        let candidates = block_rows.iter().flat_map(|&block_rows| {
+            rows.iter().flat_map(move |&rows| {
+                cols.iter().map(move |&cols| Tiling {
                     rows,
                     cols,
                     block_rows,
                 })
-            }
-            QuantFormat::TL2 => {
-                let rows = largest(&[256, 128, 64, 32], &|bm| m.is_multiple_of(bm))?;
-                // The three-weight part's tiles hold whole sign words (24 columns); the rest must be TL1 tiles of
-                // 32 columns, at most the 256 bitnet.cpp's size formula allows.
-                let cols = largest(&[192, 96, 48, 24], &|bk| {
-                    let tail = k % bk;
-                    k > tail && tail.is_multiple_of(32) && tail <= TL2_SIZED_TAIL
-                })?;
-                Some(Tiling {
-                    rows,
-                    cols,
-                    block_rows: TL2_BM,
-                })
-            }
-            _ => None,
-        }
+            })
+        });
+        candidates.into_iter().find(|t| t.fits(format, m, k))
     }
 
     /// Whether this tiling can lay out an `m x k` matrix in `format` (a recorded tiling is checked before use).
@@ -124,6 +102,8 @@ impl Tiling {
                         && cols.is_multiple_of(256 / block_rows)
                 }
                 QuantFormat::TL2 => {
+                    // The three-weight part's tiles hold whole sign words (24 columns); the rest must be TL1 tiles
+                    // of 32 columns, at most the 256 bitnet.cpp's size formula allows.
                     let tail = if cols > 0 { k % cols } else { 0 };
                     block_rows == TL2_BM
                         && cols > 0
@@ -198,6 +178,28 @@ fn nibble(byte: u8, high: bool) -> u8 {
 
 fn set_nibble(byte: &mut u8, high: bool, v: u8) {
     *byte |= if high { v << 4 } else { v };
+}
+
+/// How a TL2 file splits an `m x k` matrix: `k3` columns of triples (their index bytes, then their sign bytes
+/// from `signs`), then `k2` columns of pairs from byte `tail`.
+struct TwoParts {
+    k3: usize,
+    k2: usize,
+    signs: usize,
+    tail: usize,
+}
+
+impl TwoParts {
+    fn of(t: Tiling, m: usize, k: usize) -> TwoParts {
+        let (k3, k2) = (k - k % t.cols, k % t.cols);
+        let signs = m * k3 / (3 * 2);
+        TwoParts {
+            k3,
+            k2,
+            signs,
+            tail: signs + m * k3 / (3 * 8),
+        }
+    }
 }
 
 /// Where pair `p` of row `r` lies in TL1 tiles of a `k`-column part: (byte, high nibble).
@@ -299,9 +301,12 @@ pub fn untile(format: QuantFormat, t: Tiling, m: usize, k: usize, file: &[u8]) -
             }
         }
         QuantFormat::TL2 => {
-            let (k2, k3) = (k % t.cols, k - k % t.cols);
-            let signs = m * k3 / 6;
-            let tail = signs + m * k3 / 24;
+            let TwoParts {
+                k3,
+                k2,
+                signs,
+                tail,
+            } = TwoParts::of(t, m, k);
             for r in 0..m {
                 for j in 0..k3 / 3 {
                     let (at, high) = tl2_position(t, k3, r, j);
@@ -339,9 +344,12 @@ pub fn tile(format: QuantFormat, t: Tiling, m: usize, k: usize, w: &[i8]) -> Vec
             }
         }
         QuantFormat::TL2 => {
-            let (k2, k3) = (k % t.cols, k - k % t.cols);
-            let signs = m * k3 / 6;
-            let tail = signs + m * k3 / 24;
+            let TwoParts {
+                k3,
+                k2,
+                signs,
+                tail,
+            } = TwoParts::of(t, m, k);
             for r in 0..m {
                 let row = &w[r * k..][..k];
                 for j in 0..k3 / 3 {

@@ -87,8 +87,8 @@ pub struct GgufFile {
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
     data_offset: usize,
-    /// TL1/TL2 tensors in kiln's row blocks, by tensor index: converted once when the file is opened.
-    row_blocks: HashMap<usize, Vec<u8>>,
+    /// TL1/TL2 tensors in kiln's row blocks, by name: converted once when the file is opened.
+    row_blocks: HashMap<String, Vec<u8>>,
 }
 
 impl GgufFile {
@@ -118,10 +118,9 @@ impl GgufFile {
         let row_blocks = header
             .tensors
             .iter()
-            .enumerate()
-            .filter_map(|(i, t)| {
+            .filter_map(|t| {
                 let file = &bytes.as_slice()[header.data_offset + t.offset..][..t.size];
-                Some((i, tl_row_blocks(t, t.tiling?, file)))
+                Some((t.name.clone(), tl_row_blocks(t, t.tiling?, file)))
             })
             .collect();
         let by_name = header
@@ -162,12 +161,8 @@ impl GgufFile {
     /// A tensor's bytes, borrowed from the map; TL1/TL2 tensors in kiln's row blocks (`kiln_ir::tl`), which the
     /// writer tiles back.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        if let Some(blocks) = self
-            .by_name
-            .get(&info.name)
-            .and_then(|i| self.row_blocks.get(i))
-        {
-            return blocks;
+        if info.tiling.is_some() {
+            return &self.row_blocks[&info.name];
         }
         let start = self.data_offset + info.offset;
         &self.bytes.as_slice()[start..start + info.size]
