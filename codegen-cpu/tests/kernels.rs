@@ -168,6 +168,41 @@ fn dequantize_act(act: ActFormat, row: &[u8], k: usize) -> Vec<f32> {
     out
 }
 
+/// A token's outputs do not depend on the tokens computed beside it: a call over several tokens (a prompt, or a
+/// batch of sequences, which reads the weights back from the scratch buffer) gives each token, bit for bit, what a
+/// call for that token alone gives. The server relies on it: batching must not change a greedy request's ids.
+#[test]
+fn matmuls_over_several_tokens_give_each_token_its_one_token_outputs() {
+    let isa = host_isa().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for format in FORMATS {
+        for layout in layouts_of(format) {
+            for epilogue in [Epilogue::Residual, Epilogue::Gated(Activation::Silu)] {
+                let (n, k, tokens) = (12, 768, 5);
+                let mut m = MatMul::new(&isa, &mut rng, format, layout, n, k, tokens, epilogue);
+                m.quantize();
+                m.run(0, n);
+                let batched = m.out.clone();
+                m.out.fill(f32::NAN);
+                for t in 0..tokens {
+                    m.run_token(t);
+                }
+                let differs = batched
+                    .iter()
+                    .zip(&m.out)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(
+                    differs,
+                    None,
+                    "{format} {layout} {}: output {differs:?} of {tokens} tokens computed together differs \
+                     from the token computed alone",
+                    epilogue.name()
+                );
+            }
+        }
+    }
+}
+
 /// Activation quantization is bit-exact with ggml's rounding (`ActivationFormat::round_trip`), with and without
 /// the RMSNorm prologue, including rows of zeros and rows with one huge outlier.
 #[test]

@@ -136,18 +136,28 @@ impl MatMul {
 
     /// Computes output rows `begin..end` for every token.
     pub fn run(&mut self, begin: usize, end: usize) {
+        self.call(begin, end, 0..self.tokens);
+    }
+
+    /// Computes every output row of token `t` alone, in a call of its own (as a decode step does).
+    pub fn run_token(&mut self, t: usize) {
+        self.call(0, self.shape[0], t..t + 1);
+    }
+
+    fn call(&mut self, begin: usize, end: usize, tokens: std::ops::Range<usize>) {
+        let n = self.shape[0];
         self.matmul.call(&MatMulArgs {
             w: self.w.as_ptr(),
             w2: self.w2.as_ptr(),
-            x: self.xq.as_ptr(),
+            x: self.xq[tokens.start * self.row_bytes..].as_ptr(),
             x_stride: self.row_bytes as u64,
-            out: self.out.as_mut_ptr(),
-            out_stride: self.shape[0] as u64,
-            extra: self.extra.as_ptr(),
-            extra_stride: self.shape[0] as u64,
+            out: self.out[tokens.start * n..].as_mut_ptr(),
+            out_stride: n as u64,
+            extra: self.extra[tokens.start * n..].as_ptr(),
+            extra_stride: n as u64,
             row_begin: begin as u64,
             row_end: end as u64,
-            tokens: self.tokens as u64,
+            tokens: tokens.len() as u64,
             w_scale: self.view(&self.w).tensor_scale_ptr(),
             w2_scale: self.view(&self.w2).tensor_scale_ptr(),
         });
