@@ -186,3 +186,79 @@ fn tl1_and_tl2_hold_i2_s_digits_in_bitnet_cpp_tiles_and_compile_to_the_same_logi
         assert_eq!(logits(&tiled), reference, "{format}");
     }
 }
+
+/// A TL file as bitnet.cpp's converter writes it records no tiling (bitnet.cpp keeps it in the
+/// `include/kernel_config.ini` its codegen scripts write): kiln refuses it with an error that names
+/// `KILN_TL_CONFIG`, and reads it with that variable naming the config, to the same plan output as kiln's own file.
+#[test]
+fn tl_files_without_a_recorded_tiling_read_with_bitnet_cpp_kernel_config() {
+    use kiln_compiler::GgufFile;
+    use kiln_ir::tl;
+    let Some((_, tiled)) = quantize("tl2") else {
+        return;
+    };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    // The same file without kiln's key: renamed in place (the same length, so every offset holds).
+    let mut bytes = std::fs::read(&tiled).unwrap();
+    let key = tl::TILING_KEY.as_bytes();
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at..at + key.len()].copy_from_slice(&b"kiln.xx.xxxxxxxxxxxx"[..key.len()]);
+    let bitnet_cpp = dir.join("smollm2-tl2-untiled.gguf");
+    std::fs::write(&bitnet_cpp, &bytes).unwrap();
+    // The tilings as codegen_tl2.py writes them, through Python's ConfigParser (keys in lower case).
+    let file = GgufFile::open(&tiled).unwrap();
+    let recorded: Vec<u64> = file
+        .get(tl::TILING_KEY)
+        .and_then(|v| v.as_array())
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let ini: String = tl::parse_tilings(&recorded)
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, ((m, k), t))| {
+            format!(
+                "[Kernels_{i}]\nm = {m}\nk = {k}\nbm = {}\nbk = {}\nbmm = {}\n\n",
+                t.rows, t.cols, t.block_rows
+            )
+        })
+        .collect();
+    let config = dir.join("kernel_config.ini");
+    std::fs::write(&config, ini).unwrap();
+
+    let compile = |config: Option<&Path>| {
+        let plan = dir.join("smollm2-tl2-untiled.plan");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args([
+            "compile",
+            bitnet_cpp.to_str().unwrap(),
+            "-o",
+            plan.to_str().unwrap(),
+        ]);
+        command.env_remove("KILN_TL_CONFIG");
+        if let Some(config) = config {
+            command.env("KILN_TL_CONFIG", config);
+        }
+        (command.output().unwrap(), plan)
+    };
+    let (refused, _) = compile(None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("records no TL tiling") && stderr.contains("set KILN_TL_CONFIG"),
+        "{stderr}"
+    );
+    let (read, plan) = compile(Some(&config));
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let own = common::compile(&tiled, Some(&dir.join("smollm2-tl2-own.plan")));
+    assert_eq!(
+        common::greedy_json(&plan, 4, &[]),
+        common::greedy_json(&own, 4, &[])
+    );
+}

@@ -489,9 +489,103 @@ pub fn tiling_values(tilings: &[((usize, usize), Tiling)]) -> Vec<u32> {
         .collect()
 }
 
+/// The tilings in a `kernel_config.ini` that bitnet.cpp's `codegen_tl1.py`/`codegen_tl2.py` write beside the
+/// kernels they generate, the only record of how its converter tiled a model's TL tensors: one `[Kernels_N]`
+/// section per matrix shape with `M`, `K`, `BM`, `BK` and `bmm` (its `bm`), keys in any case (Python's
+/// `ConfigParser` writes them in lower case). The error says what is wrong and on which line.
+pub fn parse_kernel_config(text: &str) -> Result<Tilings, String> {
+    const KEYS: [&str; 5] = ["m", "k", "bm", "bk", "bmm"];
+    let mut sections: Vec<(String, [Option<usize>; 5])> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        let at = |reason: String| format!("line {}: {reason}", n + 1);
+        if line.is_empty() || line.starts_with(['#', ';']) {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            sections.push((name.trim().to_string(), [None; 5]));
+            continue;
+        }
+        let (key, value) = line
+            .split_once(['=', ':'])
+            .ok_or_else(|| at(format!("`{line}` is neither a [section] nor a key = value")))?;
+        let (key, value) = (key.trim().to_ascii_lowercase(), value.trim());
+        let (_, fields) = sections
+            .last_mut()
+            .ok_or_else(|| at(format!("`{key}` comes before any [Kernels_N] section")))?;
+        if let Some(i) = KEYS.iter().position(|&k| k == key) {
+            let v = value
+                .parse::<usize>()
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(|| at(format!("{key} = `{value}` is not a positive integer")))?;
+            fields[i] = Some(v);
+        }
+    }
+    if sections.is_empty() {
+        return Err("no [Kernels_N] section".into());
+    }
+    sections
+        .into_iter()
+        .map(|(name, fields)| match fields {
+            [Some(m), Some(k), Some(rows), Some(cols), Some(block_rows)] => Ok((
+                (m, k),
+                Tiling {
+                    rows,
+                    cols,
+                    block_rows,
+                },
+            )),
+            _ => Err(format!(
+                "[{name}] lacks {}",
+                KEYS.iter()
+                    .zip(fields)
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(k, _)| *k)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_configs_read_as_bitnet_cpp_writes_them() {
+        let ini = "[Kernels_0]\nm = 1536\nk = 4096\nbm = 256\nbk = 128\nbmm = 32\n\n\
+                   [Kernels_1]\nM=1536\nK=1536\nBM=128\nBK=64\nbmm=32\n";
+        let t = |rows, cols| Tiling {
+            rows,
+            cols,
+            block_rows: 32,
+        };
+        assert_eq!(
+            parse_kernel_config(ini),
+            Ok(vec![
+                ((1536, 4096), t(256, 128)),
+                ((1536, 1536), t(128, 64))
+            ])
+        );
+        assert_eq!(
+            parse_kernel_config("[Kernels_0]\nm = 1536\nk = 4096\n"),
+            Err("[Kernels_0] lacks bm, bk, bmm".into())
+        );
+        assert_eq!(
+            parse_kernel_config("[Kernels_0]\nm = -3\n"),
+            Err("line 2: m = `-3` is not a positive integer".into())
+        );
+        assert_eq!(
+            parse_kernel_config("m = 3\n"),
+            Err("line 1: `m` comes before any [Kernels_N] section".into())
+        );
+        assert_eq!(
+            parse_kernel_config(""),
+            Err("no [Kernels_N] section".into())
+        );
+    }
 
     fn weights(m: usize, k: usize, seed: usize) -> Vec<i8> {
         (0..m * k)

@@ -33,6 +33,8 @@ pub enum GgufError {
     BadMagic { found: [u8; 4] },
     #[error("unsupported GGUF version {version} at byte 4 (kiln reads versions 2 and 3)")]
     UnsupportedVersion { version: u32 },
+    #[error("cannot use {path} ({TL_CONFIG_VAR}) for TL tilings: {reason}")]
+    TlConfig { path: String, reason: String },
     #[error("malformed GGUF at byte {offset}: {field}: {reason}")]
     Malformed {
         offset: u64,
@@ -91,8 +93,26 @@ pub struct GgufFile {
     row_blocks: HashMap<String, Vec<u8>>,
 }
 
+/// The environment variable naming a bitnet.cpp `kernel_config.ini`: the tilings of TL1/TL2 files that record
+/// none (bitnet.cpp's converter writes none; kiln's writer records its own under `tl::TILING_KEY`).
+pub const TL_CONFIG_VAR: &str = "KILN_TL_CONFIG";
+
+/// The tilings of the `kernel_config.ini` that `TL_CONFIG_VAR` names, if it names one.
+fn configured_tilings() -> Result<Option<tl::Tilings>, GgufError> {
+    let Some(path) = std::env::var_os(TL_CONFIG_VAR) else {
+        return Ok(None);
+    };
+    let error = |reason: String| GgufError::TlConfig {
+        path: Path::new(&path).display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| error(e.to_string()))?;
+    tl::parse_kernel_config(&text).map(Some).map_err(error)
+}
+
 impl GgufFile {
-    /// Memory-maps and parses a file.
+    /// Memory-maps and parses a file. TL1/TL2 tensors take their tiling from the file, or where it records none,
+    /// from the `kernel_config.ini` that `KILN_TL_CONFIG` names.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref();
         let io = |source| GgufError::Io {
@@ -103,16 +123,16 @@ impl GgufFile {
         // SAFETY: the map is read-only; kiln never writes model files, and a file truncated by another process
         // while mapped is outside what any mmap-based reader can defend against.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Self::parse(Bytes::Mapped(map))
+        Self::parse(Bytes::Mapped(map), configured_tilings()?)
     }
 
     /// Parses a file held in memory (tests, fuzzing).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
-        Self::parse(Bytes::Owned(bytes))
+        Self::parse(Bytes::Owned(bytes), None)
     }
 
-    fn parse(bytes: Bytes) -> Result<Self, GgufError> {
-        let header = reader::parse(bytes.as_slice())?;
+    fn parse(bytes: Bytes, configured: Option<tl::Tilings>) -> Result<Self, GgufError> {
+        let header = reader::parse(bytes.as_slice(), configured)?;
         // The reader has checked that every tensor's bytes lie inside the file; a file without tensors may end
         // before the aligned start of its data section, so nothing is sliced but the tensors themselves.
         let row_blocks = header

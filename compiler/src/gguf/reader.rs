@@ -142,7 +142,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
+/// `configured`: the tilings of TL tensors in a file that records none (`super::TL_CONFIG_VAR`).
+pub(super) fn parse(data: &[u8], configured: Option<tl::Tilings>) -> Result<Header, GgufError> {
     let mut c = Cursor { data, pos: 0 };
     let magic: [u8; 4] = c.array("magic")?;
     if &magic != b"GGUF" {
@@ -188,7 +189,7 @@ pub(super) fn parse(data: &[u8]) -> Result<Header, GgufError> {
         metadata.push((key, value));
     }
 
-    let tilings = recorded_tilings(&metadata)?;
+    let tilings = recorded_tilings(&metadata)?.or(configured);
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
     let mut names = HashSet::with_capacity(n_tensors);
     for i in 0..n_tensors {
@@ -358,9 +359,10 @@ fn tl_tiling(
             field("type"),
             format!(
                 "type {type_id} is {} (bitnet.cpp){other}, and this file records no TL tiling \
-                 (`{}`): bitnet.cpp keeps it in include/kernel_config.ini, so kiln cannot read the tensor",
+                 (`{}`): bitnet.cpp keeps it in include/kernel_config.ini; set {} to that file to read it",
                 format.name().to_uppercase(),
-                tl::TILING_KEY
+                tl::TILING_KEY,
+                super::TL_CONFIG_VAR
             ),
         ));
     };
@@ -376,14 +378,15 @@ fn tl_tiling(
         Some(&(_, t)) => Err(malformed(
             dims_at,
             field("dims"),
-            format!("the recorded tiling {t} does not fit a {m} x {k} {format} matrix"),
+            format!("the tiling {t} does not fit a {m} x {k} {format} matrix"),
         )),
         None => Err(malformed(
             dims_at,
             field("dims"),
             format!(
-                "no TL tiling is recorded for a {m} x {k} matrix (`{}`)",
-                tl::TILING_KEY
+                "no TL tiling is given for a {m} x {k} matrix (`{}` or {})",
+                tl::TILING_KEY,
+                super::TL_CONFIG_VAR
             ),
         )),
     }
