@@ -418,19 +418,25 @@ fn i16x8(kb: &mut Kb, lanes: [i16; 8]) -> Value {
 /// `[d f32][qs 48][qh 4]`. The digits meet the activations in `vpdpbusd` as TQ2_0's codes do.
 ///
 /// The work is all in bytes: `t` for the next digit is `t + t + t` (byte adds wrap mod 256 for free), and the
-/// digit is `[t >= 86] + [t >= 171]` (exactly `t * 3 >> 8` for every byte), two compares. Widening to 16-bit
-/// lanes for `pmullw` and packing back cost half again as many instructions and measured 2.1x TQ2_0's decode.
+/// digit is `[t >= 86] + [t >= 171]` (exactly `t * 3 >> 8` for every byte), two compares. x86 compares bytes as
+/// signed, so the bytes are kept as `s = t ^ 0x80 = t + 128`, flipped once per vector: tripling keeps that form,
+/// `3 * (t + 128) = 3t + 128 + 256`. Widening to 16-bit lanes for `pmullw` and packing back cost half again as
+/// many instructions and measured 2.1x TQ2_0's decode.
 struct Tq1;
 
 impl Tq1 {
     const QS_AT: usize = 4;
     const QH_AT: usize = 4 + 48;
 
-    /// The digit `t * 3 >> 8` of each byte `t`, from two signed compares of `t ^ 0x80`: each true compare is -1,
-    /// so the digit is minus their sum.
-    fn digit(kb: &mut Kb, t: Value) -> Value {
+    /// The bytes `s = t ^ 0x80` of `t`.
+    fn flip(kb: &mut Kb, t: Value) -> Value {
         let flip = kb.i8x16(0x80);
-        let signed = kb.b.ins().bxor(t, flip);
+        kb.b.ins().bxor(t, flip)
+    }
+
+    /// The digit `t * 3 >> 8` of each byte, given as `s = t ^ 0x80`, from two signed compares: each true compare
+    /// is -1, so the digit is minus their sum.
+    fn digit(kb: &mut Kb, signed: Value) -> Value {
         let [ge86, ge171] = [86u8, 171].map(|bound| {
             let below = kb.i8x16((bound - 1) ^ 0x80);
             kb.b.ins().icmp(IntCC::SignedGreaterThan, signed, below)
@@ -440,7 +446,7 @@ impl Tq1 {
         kb.b.ins().isub(zero, minus)
     }
 
-    /// `3 * t` in each byte, mod 256.
+    /// `3 * t` in each byte, mod 256 (or, for `s = t ^ 0x80`, the `s` of `3 * t`).
     fn times3(kb: &mut Kb, t: Value) -> Value {
         let twice = kb.b.ins().iadd(t, t);
         kb.b.ins().iadd(twice, t)
@@ -450,7 +456,8 @@ impl Tq1 {
         let mut groups = vec![None; GROUPS];
         // qs: (byte offset, act group of digit 0, groups per digit), one vector of 16 bytes each.
         for (at, group0, per_digit) in [(0, 0, 2), (16, 1, 2), (32, 10, 1)] {
-            let mut t = kb.load(I8X16, w, Self::QS_AT + at);
+            let v = kb.load(I8X16, w, Self::QS_AT + at);
+            let mut t = Self::flip(kb, v);
             for k in 0..5 {
                 if k > 0 {
                     t = Self::times3(kb, t);
@@ -462,7 +469,8 @@ impl Tq1 {
         // multiplied by its 3^k (as 3^k additions' worth of `times3`, picked lane by lane).
         let qh = kb.load(I32, w, Self::QH_AT);
         let qh = kb.b.ins().splat(I32X4, qh);
-        let mut t = kb.bitcast(I8X16, qh);
+        let qh = kb.bitcast(I8X16, qh);
+        let mut t = Self::flip(kb, qh);
         let mut picked = t;
         for k in 1..4 {
             t = Self::times3(kb, t);
