@@ -12,6 +12,7 @@ mod kquants;
 mod math;
 mod matmul;
 mod quantize;
+mod rope;
 mod ternary_row;
 
 pub use isa::{host_isa, portable_isa, CpuIsa, IsaError};
@@ -47,6 +48,7 @@ pub fn supports(function: &CpuFunction) -> bool {
         CpuFunction::MatMul { format, layout, .. } => {
             formats::block_dot(*format, *layout).is_some()
         }
+        CpuFunction::Rope { head_dim, dims, .. } => rope::supports(*head_dim, *dims),
     }
 }
 
@@ -68,6 +70,25 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
         CpuFunction::Attention { head_dim } => {
             attention::build(&mut func, isa.target().frontend_config(), *head_dim)
         }
+        CpuFunction::Rope { head_dim, dims, .. } if !rope::supports(*head_dim, *dims) => {
+            return Err(CodegenError::Unsupported(
+                function.to_string(),
+                format!(
+                    "{dims} rotated values of {head_dim}: not whole groups of 8 within the head"
+                ),
+            ))
+        }
+        &CpuFunction::Rope {
+            head_dim,
+            dims,
+            style,
+        } => rope::build(
+            &mut func,
+            isa.target().frontend_config(),
+            head_dim,
+            dims,
+            style,
+        ),
         CpuFunction::MatMul {
             format,
             layout,

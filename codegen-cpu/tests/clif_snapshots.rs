@@ -119,3 +119,16 @@ fn attention() {
         clif(CpuFunction::Attention { head_dim: 8 })
     );
 }
+
+#[test]
+fn rope() {
+    // One vector of each pairing per head: 8 rotated values of 16.
+    for style in [kiln_ir::RopeStyle::Interleaved, kiln_ir::RopeStyle::Neox] {
+        let f = CpuFunction::Rope {
+            head_dim: 16,
+            dims: 8,
+            style,
+        };
+        insta::assert_snapshot!(format!("rope_{}", style.name()), clif(f));
+    }
+}

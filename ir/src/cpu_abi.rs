@@ -7,7 +7,7 @@
 
 use crate::activation::ActivationFormat;
 use crate::layout::Layout;
-use crate::{Activation, QuantFormat};
+use crate::{Activation, QuantFormat, RopeStyle};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::mem::offset_of;
@@ -57,6 +57,13 @@ pub enum CpuFunction {
     /// One query head attending to a sequence's cached keys and values (paged, `KV_PAGE` positions per page):
     /// scores, softmax, the weighted sum of values. Takes `AttentionArgs`.
     Attention { head_dim: usize },
+    /// Rotates the first `dims` values of every head (`head_dim` values each) of `tokens` rows, by the cos/sin of
+    /// each pair's angle at the row's position, paired as `style` says. Takes `RopeArgs`.
+    Rope {
+        head_dim: usize,
+        dims: usize,
+        style: RopeStyle,
+    },
 }
 
 /// Positions per page of the CPU executor's KV cache, which generated attention walks.
@@ -76,6 +83,11 @@ impl fmt::Display for CpuFunction {
                 epilogue,
             } => write!(f, "matmul_{format}_{layout}_k{k}_{}", epilogue.name()),
             CpuFunction::Attention { head_dim } => write!(f, "attention_hd{head_dim}"),
+            CpuFunction::Rope {
+                head_dim,
+                dims,
+                style,
+            } => write!(f, "rope_{}_hd{head_dim}_d{dims}", style.name()),
         }
     }
 }
@@ -233,6 +245,21 @@ pub struct AttentionArgs {
     pub scale: f32,
 }
 
+/// Pair `i` of row `t` turns by the angle whose cosine is `cos[t * dims / 2 + i]` (and sine `sin[...]`): the
+/// executor computes the table (in f64, as the reference does), the kernel rotates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RopeArgs {
+    /// Row `t` is at `x + t * x_stride`, its heads one after another.
+    pub x: *mut f32,
+    pub x_stride: u64,
+    pub tokens: u64,
+    /// Heads per row.
+    pub heads: u64,
+    pub cos: *const f32,
+    pub sin: *const f32,
+}
+
 /// Field offsets, for the code generator.
 pub mod offsets {
     use super::*;
@@ -278,6 +305,16 @@ pub mod offsets {
         pub const OUT: i32 = offset_of!(AttentionArgs, out) as i32;
         pub const SCORES: i32 = offset_of!(AttentionArgs, scores) as i32;
         pub const SCALE: i32 = offset_of!(AttentionArgs, scale) as i32;
+    }
+
+    pub mod rope {
+        use super::*;
+        pub const X: i32 = offset_of!(RopeArgs, x) as i32;
+        pub const X_STRIDE: i32 = offset_of!(RopeArgs, x_stride) as i32;
+        pub const TOKENS: i32 = offset_of!(RopeArgs, tokens) as i32;
+        pub const HEADS: i32 = offset_of!(RopeArgs, heads) as i32;
+        pub const COS: i32 = offset_of!(RopeArgs, cos) as i32;
+        pub const SIN: i32 = offset_of!(RopeArgs, sin) as i32;
     }
 }
 
@@ -361,6 +398,26 @@ pub fn attention_function(graph: &crate::Graph, node: &crate::Node) -> Option<Cp
     };
     let head_dim = graph.node(*q).ty.shape.last()?.clone().fixed()?;
     Some(CpuFunction::Attention { head_dim })
+}
+
+/// The RoPE function of a node that rotates heads (`rope`, `qkv_rope`); `None` for other nodes.
+pub fn rope_function(graph: &crate::Graph, node: &crate::Node) -> Option<CpuFunction> {
+    use crate::{Op, Operand};
+    let (head_dim, rope) = match &node.op {
+        Op::QkvRope { head_dim, rope, .. } => (*head_dim, rope),
+        Op::Rope(rope) => {
+            let Operand::Value(x) = node.operands.first()? else {
+                return None;
+            };
+            (graph.node(*x).ty.shape.last()?.clone().fixed()?, rope)
+        }
+        _ => return None,
+    };
+    Some(CpuFunction::Rope {
+        head_dim,
+        dims: rope.dims,
+        style: rope.style,
+    })
 }
 
 /// Every function the executor calls for `op`.

@@ -9,8 +9,8 @@ use crate::engine::ExecError;
 use crate::plan::PlanFile;
 use crate::reference::kernels as reference;
 use kiln_ir::cpu_abi::{
-    attention_function, node_weights, op_matmuls, ActFormat, AttentionArgs, CpuFunction, Epilogue,
-    MatMulArgs, QuantizeArgs,
+    attention_function, node_weights, op_matmuls, rope_function, ActFormat, AttentionArgs,
+    CpuFunction, Epilogue, MatMulArgs, QuantizeArgs, RopeArgs,
 };
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
@@ -122,6 +122,8 @@ pub struct Step<'p> {
     calls: Vec<Call<'p>>,
     /// The generated attention function, for attention ops (else the Rust `ops::attend` runs).
     attend: Option<KernelFn>,
+    /// The generated RoPE function, for ops that rotate heads (else `RopeTable::apply` runs).
+    rotate: Option<KernelFn>,
 }
 
 /// Threads do not share `Step`s mutably; the raw pointers inside argument blocks are plain data.
@@ -211,6 +213,7 @@ impl<'p> Step<'p> {
             norm,
             calls,
             attend: attention_function(graph, node).and_then(|f| code.get(&f)),
+            rotate: rope_function(graph, node).and_then(|f| code.get(&f)),
         })
     }
 
@@ -354,7 +357,8 @@ impl<'p> Step<'p> {
             Op::Reshape => out.copy_from_slice(self.f32_operand(ctx, 0)),
             Op::Rope(rope) => {
                 out.copy_from_slice(self.f32_operand(ctx, 0));
-                rope_rows(out, self.dims[1], rope, positions);
+                let (heads, head_dim) = (self.dims[0], self.dims[1]);
+                self.rope_heads(out, (heads * head_dim, heads, head_dim), rope, positions);
             }
             Op::Attention { .. } | Op::AttentionQkv { .. } => {
                 let (rows, shape, layer) = self.attention_operands(ctx);
@@ -532,6 +536,38 @@ impl<'p> Step<'p> {
         }
     }
 
+    /// Rotates the first `heads` heads (`head_dim` values each) of each row (`row` values apart) of `x`, with
+    /// the generated function when the plan has one.
+    fn rope_heads(
+        &self,
+        x: &mut [f32],
+        (row, heads, head_dim): (usize, usize, usize),
+        rope: &RopeParams,
+        positions: &[i32],
+    ) {
+        let table = RopeTable::new(rope, positions);
+        match self.rotate {
+            Some(f) => {
+                let args = RopeArgs {
+                    x: x.as_mut_ptr(),
+                    x_stride: row as u64,
+                    tokens: positions.len() as u64,
+                    heads: heads as u64,
+                    cos: table.cos().as_ptr(),
+                    sin: table.sin().as_ptr(),
+                };
+                // SAFETY: `f` takes `RopeArgs`; `x` holds `positions.len()` rows of `row` values, the first
+                // `heads` heads of each within it, and the table holds a row of angles per position.
+                unsafe { f(&args as *const RopeArgs as *const u8) };
+            }
+            None => {
+                for (t, token) in x.chunks_exact_mut(row).enumerate() {
+                    table.apply(&mut token[..heads * head_dim], head_dim, t, rope.style);
+                }
+            }
+        }
+    }
+
     /// Work after the matmuls.
     fn finish(&self, ctx: &Ctx, positions: &[i32], out: &mut [f32], temp: &[f32]) {
         match &self.op {
@@ -557,10 +593,7 @@ impl<'p> Step<'p> {
                         ops::rms_norm_in_place(&mut token[qw..qw + kw], kn, *eps);
                     }
                 }
-                let table = RopeTable::new(rope, positions);
-                for (t, token) in out.chunks_exact_mut(width).enumerate() {
-                    table.apply(&mut token[..qw + kw], *head_dim, t, rope.style);
-                }
+                self.rope_heads(out, (width, heads + kv_heads, *head_dim), rope, positions);
             }
             Op::GatedFfn { act, .. } if self.calls.len() == 2 => {
                 let f = reference::activation(*act);
@@ -683,15 +716,6 @@ fn reference_call(
                 *target.out.add(t * target.stride + j) = value;
             }
         }
-    }
-}
-
-/// RoPE over rows of `[heads, head_dim]`, in place.
-fn rope_rows(x: &mut [f32], head_dim: usize, rope: &RopeParams, positions: &[i32]) {
-    let table = RopeTable::new(rope, positions);
-    let per_token = x.len() / positions.len();
-    for (t, token) in x.chunks_exact_mut(per_token).enumerate() {
-        table.apply(token, head_dim, t, rope.style);
     }
 }
 

@@ -47,6 +47,16 @@ impl RopeTable {
         RopeTable { cos, sin, half }
     }
 
+    /// The cosines, `[positions, dims / 2]`.
+    pub fn cos(&self) -> &[f32] {
+        &self.cos
+    }
+
+    /// The sines, `[positions, dims / 2]`.
+    pub fn sin(&self) -> &[f32] {
+        &self.sin
+    }
+
     /// Rotates the heads of one token (`head_dim` values each) at the table's `t`-th position.
     pub fn apply(&self, heads: &mut [f32], head_dim: usize, t: usize, style: RopeStyle) {
         let (cos, sin) = (
