@@ -12,6 +12,7 @@ mod kquants;
 mod math;
 mod matmul;
 mod quantize;
+mod rms_norm;
 mod rope;
 mod ternary_row;
 
@@ -49,6 +50,7 @@ pub fn supports(function: &CpuFunction) -> bool {
             formats::block_dot(*format, *layout).is_some()
         }
         CpuFunction::Rope { head_dim, dims, .. } => rope::supports(*head_dim, *dims),
+        CpuFunction::RmsNorm { n, .. } => rms_norm::supports(*n),
     }
 }
 
@@ -77,6 +79,15 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
                     "{dims} rotated values of {head_dim}: not whole groups of 8 within the head"
                 ),
             ))
+        }
+        CpuFunction::RmsNorm { n, .. } if !rms_norm::supports(*n) => {
+            return Err(CodegenError::Unsupported(
+                function.to_string(),
+                format!("groups of {n} values, not whole vectors of 4"),
+            ))
+        }
+        &CpuFunction::RmsNorm { n, residual } => {
+            rms_norm::build(&mut func, isa.target().frontend_config(), n, residual)
         }
         &CpuFunction::Rope {
             head_dim,

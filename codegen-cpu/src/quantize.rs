@@ -90,14 +90,15 @@ pub fn build(
 }
 
 /// `1 / sqrt(mean(x^2) + eps)` over the row, the squares summed in f64 as ggml sums them: each square of an f32
-/// is exact in f64, so the result rounds as the reference's does, and so do the activation codes after it.
-fn rms_scale(kb: &mut Kb, xr: Value, k: usize, eps: Value) -> Value {
+/// is exact in f64, so the result rounds as the reference's does, and so do the activation codes after it. The
+/// row is loaded as memory the kernel may write (a stand-alone norm runs in place).
+pub(crate) fn rms_scale(kb: &mut Kb, xr: Value, k: usize, eps: Value) -> Value {
     let zero = kb.f64x2(0.0);
     let acc = kb.var(F64X2, zero);
     kb.for_count(k / 2, |kb, i| {
         // Two floats as one 8-byte load, widened to f64x2.
         let p = kb.offset(xr, i, 8);
-        let pair = kb.load(F64, p, 0);
+        let pair = kb.load_written(F64, p, 0);
         let pair = kb.b.ins().scalar_to_vector(F64X2, pair);
         let pair = kb.bitcast(F32X4, pair);
         let v = kb.b.ins().fvpromote_low(pair);

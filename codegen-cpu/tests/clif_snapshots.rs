@@ -132,3 +132,11 @@ fn rope() {
         insta::assert_snapshot!(format!("rope_{}", style.name()), clif(f));
     }
 }
+
+#[test]
+fn rms_norm() {
+    for residual in [false, true] {
+        let f = CpuFunction::RmsNorm { n: 8, residual };
+        insta::assert_snapshot!(format!("rms_norm_residual_{residual}"), clif(f));
+    }
+}

@@ -418,3 +418,61 @@ fn rope_matches_the_reference_bit_for_bit() {
         }
     }
 }
+
+/// Generated stand-alone RMSNorm against the executor's (`rms_scale`'s f64 sum of squares, then `x * scale *
+/// gain`, then the residual added): exact, in place over heads (QK-norms) and into another buffer with the
+/// residual (post-norms).
+#[test]
+fn rms_norm_matches_the_reference() {
+    use kiln_ir::cpu_abi::RmsNormArgs;
+    let isa = host_isa().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let rows = 3;
+    for (n, groups) in [(8, 1), (64, 3), (256, 2), (640, 1)] {
+        for residual in [false, true] {
+            let f = Loaded::new(&isa, CpuFunction::RmsNorm { n, residual });
+            let stride = groups * n + 8;
+            let mut values = |len: usize, range: f32| -> Vec<f32> {
+                (0..len).map(|_| rng.gen_range(-range..range)).collect()
+            };
+            let x = values(rows * stride, 3.0);
+            let res = values(rows * stride, 1.0);
+            let gain = values(n, 2.0);
+            let eps = 1e-6;
+            let mut expected = x.clone();
+            for t in 0..rows {
+                for g in 0..groups {
+                    let at = t * stride + g * n;
+                    let group = &x[at..at + n];
+                    let mean =
+                        group.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+                    let scale = 1.0 / (mean as f32 + eps).sqrt();
+                    for i in 0..n {
+                        let y = group[i] * scale * gain[i];
+                        expected[at + i] = if residual { res[at + i] + y } else { y };
+                    }
+                }
+            }
+            // In place without the residual (as QK-norms run), into a copy with it.
+            let mut out = x.clone();
+            let x_ptr = if residual { x.as_ptr() } else { out.as_ptr() };
+            f.call(&RmsNormArgs {
+                x: x_ptr,
+                x_stride: stride as u64,
+                out: out.as_mut_ptr(),
+                out_stride: stride as u64,
+                residual: res.as_ptr(),
+                residual_stride: stride as u64,
+                rows: rows as u64,
+                groups: groups as u64,
+                gain: gain.as_ptr(),
+                eps,
+            });
+            let differs = out
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(differs, None, "n {n} groups {groups} residual {residual}");
+        }
+    }
+}

@@ -64,6 +64,9 @@ pub enum CpuFunction {
         dims: usize,
         style: RopeStyle,
     },
+    /// RMS-normalizes each group of `n` values (a head, or a whole row) and scales it by the gain:
+    /// `out = x * scale * gain`, plus `residual` when `residual` is set (a post-norm). Takes `RmsNormArgs`.
+    RmsNorm { n: usize, residual: bool },
 }
 
 /// Positions per page of the CPU executor's KV cache, which generated attention walks.
@@ -88,6 +91,10 @@ impl fmt::Display for CpuFunction {
                 dims,
                 style,
             } => write!(f, "rope_{}_hd{head_dim}_d{dims}", style.name()),
+            CpuFunction::RmsNorm { n, residual } => {
+                let residual = if *residual { "_residual" } else { "" };
+                write!(f, "rms_norm_n{n}{residual}")
+            }
         }
     }
 }
@@ -260,6 +267,26 @@ pub struct RopeArgs {
     pub sin: *const f32,
 }
 
+/// Group `g` of row `t` is the `n` values at `x + t * x_stride + g * n` (likewise in `out` and `residual`);
+/// `out` may be `x` (in place).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNormArgs {
+    pub x: *const f32,
+    pub x_stride: u64,
+    pub out: *mut f32,
+    pub out_stride: u64,
+    /// Read only by the `residual` kernels.
+    pub residual: *const f32,
+    pub residual_stride: u64,
+    pub rows: u64,
+    /// Groups per row.
+    pub groups: u64,
+    /// `n` gains, shared by every group.
+    pub gain: *const f32,
+    pub eps: f32,
+}
+
 /// Field offsets, for the code generator.
 pub mod offsets {
     use super::*;
@@ -305,6 +332,20 @@ pub mod offsets {
         pub const OUT: i32 = offset_of!(AttentionArgs, out) as i32;
         pub const SCORES: i32 = offset_of!(AttentionArgs, scores) as i32;
         pub const SCALE: i32 = offset_of!(AttentionArgs, scale) as i32;
+    }
+
+    pub mod rms_norm {
+        use super::*;
+        pub const X: i32 = offset_of!(RmsNormArgs, x) as i32;
+        pub const X_STRIDE: i32 = offset_of!(RmsNormArgs, x_stride) as i32;
+        pub const OUT: i32 = offset_of!(RmsNormArgs, out) as i32;
+        pub const OUT_STRIDE: i32 = offset_of!(RmsNormArgs, out_stride) as i32;
+        pub const RESIDUAL: i32 = offset_of!(RmsNormArgs, residual) as i32;
+        pub const RESIDUAL_STRIDE: i32 = offset_of!(RmsNormArgs, residual_stride) as i32;
+        pub const ROWS: i32 = offset_of!(RmsNormArgs, rows) as i32;
+        pub const GROUPS: i32 = offset_of!(RmsNormArgs, groups) as i32;
+        pub const GAIN: i32 = offset_of!(RmsNormArgs, gain) as i32;
+        pub const EPS: i32 = offset_of!(RmsNormArgs, eps) as i32;
     }
 
     pub mod rope {
@@ -418,6 +459,27 @@ pub fn rope_function(graph: &crate::Graph, node: &crate::Node) -> Option<CpuFunc
         dims: rope.dims,
         style: rope.style,
     })
+}
+
+/// The stand-alone RMSNorm function of a node that has one after its matmuls (a post-norm added to the residual,
+/// or QK-norms over the heads); `None` for other nodes.
+pub fn rms_norm_function(node: &crate::Node) -> Option<CpuFunction> {
+    use crate::Op;
+    match &node.op {
+        Op::MatMulResidual { post_norm: Some(_) } => Some(CpuFunction::RmsNorm {
+            n: node.ty.shape.last()?.clone().fixed()?,
+            residual: true,
+        }),
+        Op::QkvRope {
+            qk_norm: Some(_),
+            head_dim,
+            ..
+        } => Some(CpuFunction::RmsNorm {
+            n: *head_dim,
+            residual: false,
+        }),
+        _ => None,
+    }
 }
 
 /// Every function the executor calls for `op`.

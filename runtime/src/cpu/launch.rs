@@ -9,8 +9,8 @@ use crate::engine::ExecError;
 use crate::plan::PlanFile;
 use crate::reference::kernels as reference;
 use kiln_ir::cpu_abi::{
-    attention_function, node_weights, op_matmuls, rope_function, ActFormat, AttentionArgs,
-    CpuFunction, Epilogue, MatMulArgs, QuantizeArgs, RopeArgs,
+    attention_function, node_weights, op_matmuls, rms_norm_function, rope_function, ActFormat,
+    AttentionArgs, CpuFunction, Epilogue, MatMulArgs, QuantizeArgs, RmsNormArgs, RopeArgs,
 };
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
@@ -124,6 +124,8 @@ pub struct Step<'p> {
     attend: Option<KernelFn>,
     /// The generated RoPE function, for ops that rotate heads (else `RopeTable::apply` runs).
     rotate: Option<KernelFn>,
+    /// The generated stand-alone RMSNorm, for post-norms and QK-norms (else the Rust norm runs).
+    normalize: Option<KernelFn>,
 }
 
 /// Threads do not share `Step`s mutably; the raw pointers inside argument blocks are plain data.
@@ -214,6 +216,7 @@ impl<'p> Step<'p> {
             calls,
             attend: attention_function(graph, node).and_then(|f| code.get(&f)),
             rotate: rope_function(graph, node).and_then(|f| code.get(&f)),
+            normalize: rms_norm_function(node).and_then(|f| code.get(&f)),
         })
     }
 
@@ -568,6 +571,60 @@ impl<'p> Step<'p> {
         }
     }
 
+    /// `out = x * rms_scale(x) * gain` per group of `groups`, plus `residual` (rows of `groups.stride`) when
+    /// given, with the generated function when the plan has one.
+    fn rms_norm(&self, groups: Groups, gain: &[f32], eps: f32, residual: Option<&[f32]>) {
+        let Groups {
+            x,
+            out,
+            stride,
+            rows,
+            groups,
+            n,
+        } = groups;
+        match self.normalize {
+            Some(f) => {
+                let args = RmsNormArgs {
+                    x,
+                    x_stride: stride as u64,
+                    out,
+                    out_stride: stride as u64,
+                    residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
+                    residual_stride: stride as u64,
+                    rows: rows as u64,
+                    groups: groups as u64,
+                    gain: gain.as_ptr(),
+                    eps,
+                };
+                // SAFETY: `f` takes `RmsNormArgs`; `Groups` describes memory its constructor checked, and the
+                // residual, when the kernel reads one, has the rows of `out`.
+                unsafe { f(&args as *const RmsNormArgs as *const u8) };
+            }
+            None => {
+                for t in 0..rows {
+                    for g in 0..groups {
+                        let at = t * stride + g * n;
+                        // SAFETY: as above; `x` and `out` may be the same memory, read before written.
+                        let (x, out) = unsafe {
+                            (
+                                std::slice::from_raw_parts(x.add(at), n),
+                                std::slice::from_raw_parts_mut(out.add(at), n),
+                            )
+                        };
+                        let scale = reference::rms_scale(x, eps);
+                        for i in 0..n {
+                            let y = x[i] * scale * gain[i];
+                            out[i] = match residual {
+                                Some(r) => r[at + i] + y,
+                                None => y,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Work after the matmuls.
     fn finish(&self, ctx: &Ctx, positions: &[i32], out: &mut [f32], temp: &[f32]) {
         match &self.op {
@@ -588,9 +645,11 @@ impl<'p> Step<'p> {
                         self.f32_operand(ctx, first),
                         self.f32_operand(ctx, first + 1),
                     );
-                    for token in out.chunks_exact_mut(width) {
-                        ops::rms_norm_in_place(&mut token[..qw], qn, *eps);
-                        ops::rms_norm_in_place(&mut token[qw..qw + kw], kn, *eps);
+                    let tokens = positions.len();
+                    for (at, gain, heads) in [(0, qn, *heads), (qw, kn, *kv_heads)] {
+                        let heads =
+                            Groups::in_place(&mut out[at..], (width, tokens), (heads, *head_dim));
+                        self.rms_norm(heads, gain, *eps, None);
                     }
                 }
                 self.rope_heads(out, (width, heads + kv_heads, *head_dim), rope, positions);
@@ -605,17 +664,12 @@ impl<'p> Step<'p> {
                 post_norm: Some(eps),
             } => {
                 let (g, residual) = (self.f32_operand(ctx, 2), self.f32_operand(ctx, 3));
-                let n = g.len();
-                for ((o, y), r) in out
-                    .chunks_exact_mut(n)
-                    .zip(temp.chunks_exact(n))
-                    .zip(residual.chunks_exact(n))
-                {
-                    let scale = reference::rms_scale(y, *eps);
-                    for (((o, &y), &g), &r) in o.iter_mut().zip(y).zip(g).zip(r) {
-                        *o = r + y * scale * g;
-                    }
-                }
+                assert_eq!(
+                    residual.len(),
+                    out.len(),
+                    "the residual has the output's rows"
+                );
+                self.rms_norm(Groups::rows(temp, out, g.len()), g, *eps, Some(residual));
             }
             _ => {}
         }
@@ -845,5 +899,52 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(diff < 1e-5, "{diff}");
+    }
+}
+
+/// Groups of `n` values to normalize: group `g` of row `t` at `t * stride + g * n` from `x` (read) and `out`
+/// (written; the same memory for an in-place norm).
+struct Groups {
+    x: *const f32,
+    out: *mut f32,
+    stride: usize,
+    rows: usize,
+    groups: usize,
+    n: usize,
+}
+
+impl Groups {
+    /// Groups `0..groups` of `n` values in each of `rows` rows of `stride` values of `x`, normalized in place.
+    fn in_place(
+        x: &mut [f32],
+        (stride, rows): (usize, usize),
+        (groups, n): (usize, usize),
+    ) -> Self {
+        assert!(
+            rows == 0 || (rows - 1) * stride + groups * n <= x.len(),
+            "the groups lie in `x`"
+        );
+        let out = x.as_mut_ptr();
+        Groups {
+            x: out,
+            out,
+            stride,
+            rows,
+            groups,
+            n,
+        }
+    }
+
+    /// Whole rows of `n` values: `x`'s normalized into `out`.
+    fn rows(x: &[f32], out: &mut [f32], n: usize) -> Self {
+        assert_eq!(x.len(), out.len(), "as many values in as out");
+        Groups {
+            x: x.as_ptr(),
+            out: out.as_mut_ptr(),
+            stride: n,
+            rows: out.len() / n,
+            groups: 1,
+            n,
+        }
     }
 }
