@@ -444,8 +444,7 @@ fn rms_norm_matches_the_reference() {
                 for g in 0..groups {
                     let at = t * stride + g * n;
                     let group = &x[at..at + n];
-                    let mean =
-                        group.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+                    let mean = group.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
                     let scale = 1.0 / (mean as f32 + eps).sqrt();
                     for i in 0..n {
                         let y = group[i] * scale * gain[i];

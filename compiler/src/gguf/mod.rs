@@ -112,7 +112,7 @@ fn configured_tilings() -> Result<Option<tl::Tilings>, GgufError> {
 
 impl GgufFile {
     /// Memory-maps and parses a file. TL1/TL2 tensors take their tiling from the file, or where it records none,
-    /// from the `kernel_config.ini` that `KILN_TL_CONFIG` names.
+    /// from the `kernel_config.ini` that `KILN_TL_CONFIG` names (read only then).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref();
         let io = |source| GgufError::Io {
@@ -123,15 +123,18 @@ impl GgufFile {
         // SAFETY: the map is read-only; kiln never writes model files, and a file truncated by another process
         // while mapped is outside what any mmap-based reader can defend against.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Self::parse(Bytes::Mapped(map), configured_tilings()?)
+        Self::parse(Bytes::Mapped(map), &configured_tilings)
     }
 
     /// Parses a file held in memory (tests, fuzzing).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
-        Self::parse(Bytes::Owned(bytes), None)
+        Self::parse(Bytes::Owned(bytes), &|| Ok(None))
     }
 
-    fn parse(bytes: Bytes, configured: Option<tl::Tilings>) -> Result<Self, GgufError> {
+    fn parse(
+        bytes: Bytes,
+        configured: &dyn Fn() -> Result<Option<tl::Tilings>, GgufError>,
+    ) -> Result<Self, GgufError> {
         let header = reader::parse(bytes.as_slice(), configured)?;
         // The reader has checked that every tensor's bytes lie inside the file; a file without tensors may end
         // before the aligned start of its data section, so nothing is sliced but the tensors themselves.

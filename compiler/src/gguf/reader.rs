@@ -142,8 +142,12 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// `configured`: the tilings of TL tensors in a file that records none (`super::TL_CONFIG_VAR`).
-pub(super) fn parse(data: &[u8], configured: Option<tl::Tilings>) -> Result<Header, GgufError> {
+/// `configured`: the tilings of TL tensors in a file that records none (`super::TL_CONFIG_VAR`), asked for only
+/// when such a tensor comes.
+pub(super) fn parse(
+    data: &[u8],
+    configured: &dyn Fn() -> Result<Option<tl::Tilings>, GgufError>,
+) -> Result<Header, GgufError> {
     let mut c = Cursor { data, pos: 0 };
     let magic: [u8; 4] = c.array("magic")?;
     if &magic != b"GGUF" {
@@ -189,7 +193,8 @@ pub(super) fn parse(data: &[u8], configured: Option<tl::Tilings>) -> Result<Head
         metadata.push((key, value));
     }
 
-    let tilings = recorded_tilings(&metadata)?.or(configured);
+    let mut tilings = recorded_tilings(&metadata)?;
+    let mut asked = false;
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
     let mut names = HashSet::with_capacity(n_tensors);
     for i in 0..n_tensors {
@@ -235,6 +240,10 @@ pub(super) fn parse(data: &[u8], configured: Option<tl::Tilings>) -> Result<Head
                 field("offset"),
                 format!("{offset} is not a multiple of the alignment {alignment}"),
             ));
+        }
+        if matches!(format, QuantFormat::TL1 | QuantFormat::TL2) && tilings.is_none() && !asked {
+            tilings = configured()?;
+            asked = true;
         }
         let tiling = match format {
             QuantFormat::TL1 | QuantFormat::TL2 => Some(tl_tiling(
