@@ -52,6 +52,16 @@ pub trait BlockDot {
     fn scale_row(&self, _kb: &mut Kb, dot: Value, _x_row: Value, _w_scale: Value) -> Value {
         dot
     }
+    /// The format's dequantizer, where kiln generates one (embedding lookups).
+    fn dequantizer(&self) -> Option<&dyn Dequantize> {
+        None
+    }
+}
+
+/// A stored block's values as f32, computed as the reference dequantizer (`kiln_ir::dequant`) computes them.
+pub trait Dequantize {
+    /// The block at `w` as f32x4 vectors, in order.
+    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value>;
 }
 
 /// The generator for `format` stored in `layout`, or `None` where kiln has none (the executor then runs the
@@ -216,6 +226,37 @@ impl BlockDot for Block32 {
 
     fn row_term(&self, w: &[Value], x: &[Value]) -> Option<(Value, Value)> {
         self.min_at.map(|_| (w[3], x[3]))
+    }
+
+    fn dequantizer(&self) -> Option<&dyn Dequantize> {
+        Some(self)
+    }
+}
+
+impl Dequantize for Block32 {
+    /// `d * (code - offset)`, or `d * code + m` (multiply, then add), from the unpacked codes: each code widened
+    /// to an i32 lane, the offset taken off in integers, converted exactly.
+    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+        let unpacked = self.unpack(kb, w);
+        let d = kb.b.ins().splat(F32X4, unpacked[2]);
+        let m = self.min_at.map(|_| kb.b.ins().splat(F32X4, unpacked[3]));
+        let offset = kb.i32x4(self.offset as i32);
+        let mut values = Vec::with_capacity(8);
+        for &codes in &unpacked[..2] {
+            let halves = [kb.b.ins().uwiden_low(codes), kb.b.ins().uwiden_high(codes)];
+            for half in halves {
+                for wide in [kb.b.ins().uwiden_low(half), kb.b.ins().uwiden_high(half)] {
+                    let q = kb.b.ins().isub(wide, offset);
+                    let q = kb.b.ins().fcvt_from_sint(F32X4, q);
+                    let y = kb.b.ins().fmul(d, q);
+                    values.push(match m {
+                        Some(m) => kb.b.ins().fadd(y, m),
+                        None => y,
+                    });
+                }
+            }
+        }
+        values
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod attention;
 mod builder;
+mod embed;
 mod formats;
 mod isa;
 mod kquants;
@@ -51,6 +52,9 @@ pub fn supports(function: &CpuFunction) -> bool {
         }
         CpuFunction::Rope { head_dim, dims, .. } => rope::supports(*head_dim, *dims),
         CpuFunction::RmsNorm { n, .. } => rms_norm::supports(*n),
+        CpuFunction::Embed { format, layout, .. } => {
+            formats::block_dot(*format, *layout).is_some_and(|dot| embed::supports(dot.as_ref()))
+        }
     }
 }
 
@@ -79,6 +83,23 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
                     "{dims} rotated values of {head_dim}: not whole groups of 8 within the head"
                 ),
             ))
+        }
+        CpuFunction::Embed { format, layout, k } => {
+            let dot = formats::block_dot(*format, *layout)
+                .filter(|dot| embed::supports(dot.as_ref()))
+                .ok_or_else(|| {
+                    CodegenError::Unsupported(
+                        function.to_string(),
+                        format!("no generated dequantizer for {format} in the {layout} layout"),
+                    )
+                })?;
+            embed::build(
+                &mut func,
+                isa.target().frontend_config(),
+                dot.as_ref(),
+                *layout,
+                *k,
+            )
         }
         CpuFunction::RmsNorm { n, .. } if !rms_norm::supports(*n) => {
             return Err(CodegenError::Unsupported(

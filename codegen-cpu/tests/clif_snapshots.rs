@@ -140,3 +140,18 @@ fn rms_norm() {
         insta::assert_snapshot!(format!("rms_norm_residual_{residual}"), clif(f));
     }
 }
+
+#[test]
+fn embed() {
+    // Q4_1 (codes and a minimum) with rows interleaved by 4: one block per row.
+    let layout = Layout {
+        f32_scales: true,
+        interleave: 4,
+    };
+    let f = CpuFunction::Embed {
+        format: QuantFormat::Q4_1,
+        layout,
+        k: 32,
+    };
+    insta::assert_snapshot!("embed_q4_1", clif(f));
+}

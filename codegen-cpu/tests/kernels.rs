@@ -475,3 +475,65 @@ fn rms_norm_matches_the_reference() {
         }
     }
 }
+
+/// Generated embedding lookups against the reference dequantizer (`WeightView::dequantize_row`): bit for bit, for
+/// every format kiln generates a lookup for, with rows interleaved or not.
+#[test]
+fn embedding_lookups_match_the_reference_dequantizer() {
+    use kiln_ir::cpu_abi::EmbedArgs;
+    use kiln_ir::weights::WeightView;
+    let isa = host_isa().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+    let (rows, k) = (12, 96);
+    let ids: Vec<i32> = vec![0, 11, 5, 5, 2, 7, 10];
+    let mut covered = Vec::new();
+    for format in FORMATS {
+        for layout in layouts_of(format) {
+            let function = CpuFunction::Embed { format, layout, k };
+            if !kiln_codegen_cpu::supports(&function) || k % format.block_elems() != 0 {
+                continue;
+            }
+            covered.push(format);
+            let shape = [rows, k];
+            let table = layout.repack(
+                format,
+                &shape,
+                &common::random_weight(&mut rng, format, rows, k),
+            );
+            let view = WeightView {
+                format,
+                layout,
+                shape: &shape,
+                data: &table,
+            };
+            let mut expected = vec![0f32; ids.len() * k];
+            for (row, &id) in expected.chunks_exact_mut(k).zip(&ids) {
+                view.dequantize_row(id as usize, row);
+            }
+            let mut out = vec![f32::NAN; ids.len() * k];
+            Loaded::new(&isa, function).call(&EmbedArgs {
+                table: table.as_ptr(),
+                ids: ids.as_ptr(),
+                tokens: ids.len() as u64,
+                out: out.as_mut_ptr(),
+                out_stride: k as u64,
+            });
+            let differs = out
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(differs, None, "{format} {layout}");
+        }
+    }
+    covered.dedup();
+    assert_eq!(
+        covered,
+        [
+            QuantFormat::Q4_0,
+            QuantFormat::Q4_1,
+            QuantFormat::Q5_0,
+            QuantFormat::Q5_1,
+            QuantFormat::Q8_0
+        ]
+    );
+}

@@ -5,7 +5,8 @@ use crate::plan_writer::PlanCode;
 use kiln_codegen_cpu::{CodegenError, CpuIsa};
 use kiln_codegen_cuda::CudaCodegenError;
 use kiln_ir::cpu_abi::{
-    attention_function, node_weights, op_functions, rms_norm_function, rope_function, CpuFunction,
+    attention_function, embed_function, node_weights, op_functions, rms_norm_function,
+    rope_function, CpuFunction,
 };
 use kiln_ir::cuda_abi::{op_kernels, CudaCode, CudaKernel, NodeShapes};
 use kiln_ir::layout::Layout;
@@ -17,11 +18,13 @@ pub fn cpu_functions(graph: &Graph, layouts: &Layouts) -> Vec<CpuFunction> {
     let mut out: Vec<CpuFunction> = Vec::new();
     for id in graph.node_ids() {
         let node = graph.node(id);
-        let matmuls = op_functions(&node.op, &node_weights(graph, node, layout_of));
+        let weights = node_weights(graph, node, layout_of);
+        let matmuls = op_functions(&node.op, &weights);
         let others = [
             attention_function(graph, node),
             rope_function(graph, node),
             rms_norm_function(node),
+            embed_function(&node.op, &weights),
         ];
         for f in matmuls.into_iter().chain(others.into_iter().flatten()) {
             if !out.contains(&f) {

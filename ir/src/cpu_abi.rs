@@ -67,6 +67,13 @@ pub enum CpuFunction {
     /// RMS-normalizes each group of `n` values (a head, or a whole row) and scales it by the gain:
     /// `out = x * scale * gain`, plus `residual` when `residual` is set (a post-norm). Takes `RmsNormArgs`.
     RmsNorm { n: usize, residual: bool },
+    /// Each token's row of an embedding table (`k` values, stored in `format` and `layout`) dequantized.
+    /// Takes `EmbedArgs`.
+    Embed {
+        format: QuantFormat,
+        layout: Layout,
+        k: usize,
+    },
 }
 
 /// Positions per page of the CPU executor's KV cache, which generated attention walks.
@@ -91,6 +98,7 @@ impl fmt::Display for CpuFunction {
                 dims,
                 style,
             } => write!(f, "rope_{}_hd{head_dim}_d{dims}", style.name()),
+            CpuFunction::Embed { format, layout, k } => write!(f, "embed_{format}_{layout}_k{k}"),
             CpuFunction::RmsNorm { n, residual } => {
                 let residual = if *residual { "_residual" } else { "" };
                 write!(f, "rms_norm_n{n}{residual}")
@@ -287,6 +295,18 @@ pub struct RmsNormArgs {
     pub eps: f32,
 }
 
+/// Row `ids[t]` of `table` into `out + t * out_stride`, for `t` in `0..tokens`; the executor has checked every
+/// id against the table's rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EmbedArgs {
+    pub table: *const u8,
+    pub ids: *const i32,
+    pub tokens: u64,
+    pub out: *mut f32,
+    pub out_stride: u64,
+}
+
 /// Field offsets, for the code generator.
 pub mod offsets {
     use super::*;
@@ -332,6 +352,15 @@ pub mod offsets {
         pub const OUT: i32 = offset_of!(AttentionArgs, out) as i32;
         pub const SCORES: i32 = offset_of!(AttentionArgs, scores) as i32;
         pub const SCALE: i32 = offset_of!(AttentionArgs, scale) as i32;
+    }
+
+    pub mod embed {
+        use super::*;
+        pub const TABLE: i32 = offset_of!(EmbedArgs, table) as i32;
+        pub const IDS: i32 = offset_of!(EmbedArgs, ids) as i32;
+        pub const TOKENS: i32 = offset_of!(EmbedArgs, tokens) as i32;
+        pub const OUT: i32 = offset_of!(EmbedArgs, out) as i32;
+        pub const OUT_STRIDE: i32 = offset_of!(EmbedArgs, out_stride) as i32;
     }
 
     pub mod rms_norm {
@@ -461,8 +490,21 @@ pub fn rope_function(graph: &crate::Graph, node: &crate::Node) -> Option<CpuFunc
     })
 }
 
-/// The stand-alone RMSNorm function of a node that has one after its matmuls (a post-norm added to the residual,
-/// or QK-norms over the heads); `None` for other nodes.
+/// The embedding function of an `embed` node, given its table's weight (`node_weights`); `None` for other nodes.
+pub fn embed_function(op: &crate::Op, weights: &[Option<MatMulWeight>]) -> Option<CpuFunction> {
+    let table = match op {
+        crate::Op::Embed => weights.first().copied().flatten()?,
+        _ => return None,
+    };
+    Some(CpuFunction::Embed {
+        format: table.format,
+        layout: table.layout,
+        k: table.k,
+    })
+}
+
+/// The stand-alone RMSNorm function of a node that has one (an unfused norm, a post-norm added to the residual,
+/// QK-norms over the heads); `None` for other nodes.
 pub fn rms_norm_function(node: &crate::Node) -> Option<CpuFunction> {
     use crate::Op;
     match &node.op {
@@ -476,6 +518,10 @@ pub fn rms_norm_function(node: &crate::Node) -> Option<CpuFunction> {
             ..
         } => Some(CpuFunction::RmsNorm {
             n: *head_dim,
+            residual: false,
+        }),
+        Op::RmsNorm { .. } => Some(CpuFunction::RmsNorm {
+            n: node.ty.shape.last()?.clone().fixed()?,
             residual: false,
         }),
         _ => None,

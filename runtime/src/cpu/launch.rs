@@ -9,8 +9,9 @@ use crate::engine::ExecError;
 use crate::plan::PlanFile;
 use crate::reference::kernels as reference;
 use kiln_ir::cpu_abi::{
-    attention_function, node_weights, op_matmuls, rms_norm_function, rope_function, ActFormat,
-    AttentionArgs, CpuFunction, Epilogue, MatMulArgs, QuantizeArgs, RmsNormArgs, RopeArgs,
+    attention_function, embed_function, node_weights, op_matmuls, rms_norm_function, rope_function,
+    ActFormat, AttentionArgs, CpuFunction, EmbedArgs, Epilogue, MatMulArgs, QuantizeArgs,
+    RmsNormArgs, RopeArgs,
 };
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
@@ -124,8 +125,10 @@ pub struct Step<'p> {
     attend: Option<KernelFn>,
     /// The generated RoPE function, for ops that rotate heads (else `RopeTable::apply` runs).
     rotate: Option<KernelFn>,
-    /// The generated stand-alone RMSNorm, for post-norms and QK-norms (else the Rust norm runs).
+    /// The generated stand-alone RMSNorm, for norms, post-norms and QK-norms (else the Rust norm runs).
     normalize: Option<KernelFn>,
+    /// The generated embedding lookup, for `embed` (else the table's rows are dequantized in Rust).
+    look_up: Option<KernelFn>,
 }
 
 /// Threads do not share `Step`s mutably; the raw pointers inside argument blocks are plain data.
@@ -217,6 +220,7 @@ impl<'p> Step<'p> {
             attend: attention_function(graph, node).and_then(|f| code.get(&f)),
             rotate: rope_function(graph, node).and_then(|f| code.get(&f)),
             normalize: rms_norm_function(node).and_then(|f| code.get(&f)),
+            look_up: embed_function(&node.op, &matmul_weights).and_then(|f| code.get(&f)),
         })
     }
 
@@ -323,19 +327,43 @@ impl<'p> Step<'p> {
             Op::Embed => {
                 let table = self.weights[0].as_ref().expect("embed reads a weight");
                 let d = table.row_elems();
-                for (row, &id) in out.chunks_exact_mut(d).zip(ctx.i32s(&self.operands[1])) {
-                    if id < 0 || id as usize >= table.shape[0] {
-                        return Err(ExecError::BadToken {
-                            id: id as u32,
-                            vocab: table.shape[0],
-                        });
+                // The step's rows of the id slot (which is sized for the longest step).
+                let ids = &ctx.i32s(&self.operands[1])[..out.len() / d];
+                if let Some(&id) = ids
+                    .iter()
+                    .find(|&&id| id < 0 || id as usize >= table.shape[0])
+                {
+                    return Err(ExecError::BadToken {
+                        id: id as u32,
+                        vocab: table.shape[0],
+                    });
+                }
+                match self.look_up {
+                    Some(f) => {
+                        let args = EmbedArgs {
+                            table: table.data.as_ptr(),
+                            ids: ids.as_ptr(),
+                            tokens: ids.len() as u64,
+                            out: out.as_mut_ptr(),
+                            out_stride: d as u64,
+                        };
+                        // SAFETY: `f` takes `EmbedArgs`; every id is a row of the table (checked above), and
+                        // `out` holds a row per id (`ids` is cut to its rows).
+                        unsafe { f(&args as *const EmbedArgs as *const u8) };
                     }
-                    table.dequantize_row(id as usize, row);
+                    None => {
+                        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+                            table.dequantize_row(id as usize, row);
+                        }
+                    }
                 }
             }
             Op::RmsNorm { eps } => {
                 out.copy_from_slice(self.f32_operand(ctx, 0));
-                ops::rms_norm_in_place(out, self.f32_operand(ctx, 1), *eps);
+                let gain = self.f32_operand(ctx, 1);
+                let n = gain.len();
+                let rows = out.len() / n;
+                self.rms_norm(Groups::in_place(out, (n, rows), (1, n)), gain, *eps, None);
             }
             Op::Add | Op::Mul => {
                 let (a, b) = (self.f32_operand(ctx, 0), self.f32_operand(ctx, 1));
@@ -849,6 +877,53 @@ fn attention(
     Ok(())
 }
 
+/// Groups of `n` values to normalize: group `g` of row `t` at `t * stride + g * n` from `x` (read) and `out`
+/// (written; the same memory for an in-place norm).
+struct Groups {
+    x: *const f32,
+    out: *mut f32,
+    stride: usize,
+    rows: usize,
+    groups: usize,
+    n: usize,
+}
+
+impl Groups {
+    /// Groups `0..groups` of `n` values in each of `rows` rows of `stride` values of `x`, normalized in place.
+    fn in_place(
+        x: &mut [f32],
+        (stride, rows): (usize, usize),
+        (groups, n): (usize, usize),
+    ) -> Self {
+        assert!(
+            rows == 0 || (rows - 1) * stride + groups * n <= x.len(),
+            "the groups lie in `x`"
+        );
+        let out = x.as_mut_ptr();
+        Groups {
+            x: out,
+            out,
+            stride,
+            rows,
+            groups,
+            n,
+        }
+    }
+
+    /// Whole rows of `n` values: `x`'s normalized into `out`.
+    fn rows(x: &[f32], out: &mut [f32], n: usize) -> Self {
+        assert_eq!(x.len(), out.len(), "as many values in as out");
+        Groups {
+            x: x.as_ptr(),
+            out: out.as_mut_ptr(),
+            stride: n,
+            rows: out.len() / n,
+            groups: 1,
+            n,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,52 +974,5 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(diff < 1e-5, "{diff}");
-    }
-}
-
-/// Groups of `n` values to normalize: group `g` of row `t` at `t * stride + g * n` from `x` (read) and `out`
-/// (written; the same memory for an in-place norm).
-struct Groups {
-    x: *const f32,
-    out: *mut f32,
-    stride: usize,
-    rows: usize,
-    groups: usize,
-    n: usize,
-}
-
-impl Groups {
-    /// Groups `0..groups` of `n` values in each of `rows` rows of `stride` values of `x`, normalized in place.
-    fn in_place(
-        x: &mut [f32],
-        (stride, rows): (usize, usize),
-        (groups, n): (usize, usize),
-    ) -> Self {
-        assert!(
-            rows == 0 || (rows - 1) * stride + groups * n <= x.len(),
-            "the groups lie in `x`"
-        );
-        let out = x.as_mut_ptr();
-        Groups {
-            x: out,
-            out,
-            stride,
-            rows,
-            groups,
-            n,
-        }
-    }
-
-    /// Whole rows of `n` values: `x`'s normalized into `out`.
-    fn rows(x: &[f32], out: &mut [f32], n: usize) -> Self {
-        assert_eq!(x.len(), out.len(), "as many values in as out");
-        Groups {
-            x: x.as_ptr(),
-            out: out.as_mut_ptr(),
-            stride: n,
-            rows: out.len() / n,
-            groups: 1,
-            n,
-        }
     }
 }
