@@ -194,7 +194,6 @@ pub(super) fn parse(
     }
 
     let mut tilings = recorded_tilings(&metadata)?;
-    let mut asked = false;
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
     let mut names = HashSet::with_capacity(n_tensors);
     for i in 0..n_tensors {
@@ -241,19 +240,21 @@ pub(super) fn parse(
                 format!("{offset} is not a multiple of the alignment {alignment}"),
             ));
         }
-        if matches!(format, QuantFormat::TL1 | QuantFormat::TL2) && tilings.is_none() && !asked {
-            tilings = configured()?;
-            asked = true;
-        }
         let tiling = match format {
-            QuantFormat::TL1 | QuantFormat::TL2 => Some(tl_tiling(
-                tilings.as_deref(),
-                format,
-                type_id,
-                &dims,
-                (type_at, dims_at),
-                &field,
-            )?),
+            QuantFormat::TL1 | QuantFormat::TL2 => {
+                // Asked at most once: without tilings, the first TL tensor is an error.
+                if tilings.is_none() {
+                    tilings = configured()?;
+                }
+                Some(tl_tiling(
+                    tilings.as_deref(),
+                    format,
+                    type_id,
+                    &dims,
+                    (type_at, dims_at),
+                    &field,
+                )?)
+            }
             _ => None,
         };
         let size = if tiling.is_some() {

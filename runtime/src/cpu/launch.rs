@@ -632,20 +632,16 @@ impl<'p> Step<'p> {
                 for t in 0..rows {
                     for g in 0..groups {
                         let at = t * stride + g * n;
-                        // SAFETY: as above; `x` and `out` may be the same memory, read before written.
-                        let (x, out) = unsafe {
-                            (
-                                std::slice::from_raw_parts(x.add(at), n),
-                                std::slice::from_raw_parts_mut(out.add(at), n),
-                            )
-                        };
-                        let scale = reference::rms_scale(x, eps);
-                        for i in 0..n {
-                            let y = x[i] * scale * gain[i];
-                            out[i] = match residual {
-                                Some(r) => r[at + i] + y,
-                                None => y,
-                            };
+                        // SAFETY: as above. `x` and `out` may be the same memory, so the group is borrowed only
+                        // for its scale, then read and written value by value through the pointers.
+                        let scale = reference::rms_scale(
+                            unsafe { std::slice::from_raw_parts(x.add(at), n) },
+                            eps,
+                        );
+                        for (i, &g) in gain.iter().enumerate() {
+                            let y = unsafe { *x.add(at + i) } * scale * g;
+                            let y = residual.map_or(y, |r| r[at + i] + y);
+                            unsafe { *out.add(at + i) = y };
                         }
                     }
                 }
