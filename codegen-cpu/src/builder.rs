@@ -182,6 +182,29 @@ impl<'a> Kb<'a> {
         self.for_range(start, end, 1, body);
     }
 
+    /// `for i in 0..count` over pointers: `body` gets `start + i * stride` of each `(start, stride)` in `walks`,
+    /// carried from one iteration to the next by an add. Cranelift hoists nothing out of loops, so an offset
+    /// computed from `i` costs a multiply, and reloads the base, every iteration.
+    pub fn for_walk(
+        &mut self,
+        count: usize,
+        walks: &[(Value, usize)],
+        body: impl FnOnce(&mut Kb, &[Value]),
+    ) {
+        let vars: Vec<Variable> = walks
+            .iter()
+            .map(|&(start, _)| self.var(I64, start))
+            .collect();
+        self.for_count(count, |kb, _| {
+            let at: Vec<Value> = vars.iter().map(|&v| kb.b.use_var(v)).collect();
+            body(kb, &at);
+            for ((&var, &p), &(_, stride)) in vars.iter().zip(&at).zip(walks) {
+                let next = kb.b.ins().iadd_imm_s(p, stride as i64);
+                kb.b.def_var(var, next);
+            }
+        });
+    }
+
     /// `acc + sum of a[i] * b[i]` over each group of 4 bytes, `a` signed and `b` unsigned: written as the tree
     /// Cranelift folds into one `vpdpbusd` on hosts with VNNI (and lowers exactly, if slower, elsewhere).
     pub fn dot_u8i8(&mut self, acc: Value, a_i8: Value, b_u8: Value) -> Value {

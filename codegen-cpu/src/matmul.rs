@@ -188,9 +188,12 @@ impl Scratch {
             .enumerate()
             .map(|(i, tensor)| {
                 let at = kb.b.ins().iadd_imm_s(buffer, (i * self.region) as i64);
-                kb.for_count(shape.blocks, |kb, b| {
-                    let wb = kb.offset(tensor.group, b, shape.rows * shape.dot.block_bytes());
-                    let entries = kb.offset(at, b, stride);
+                let walks = [
+                    (tensor.group, shape.rows * shape.dot.block_bytes()),
+                    (at, stride),
+                ];
+                kb.for_walk(shape.blocks, &walks, |kb, at| {
+                    let (wb, entries) = (at[0], at[1]);
                     for lane in 0..shape.rows {
                         let wl =
                             kb.b.ins()
@@ -374,15 +377,15 @@ fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Va
     let accs = GroupAcc::new(kb, shape.rows);
     let block_bytes = shape.dot.block_bytes();
     let mut has_terms = false;
-    kb.for_count(shape.blocks, |kb, b| {
-        let xb = kb.offset(xt, b, shape.act_bytes);
+    // The first block's first row, and the bytes from one row's block to the next.
+    let (base, stride) = match source {
+        Source::Stored => (tensor.group, block_bytes),
+        Source::Scratch { at, layout } => (at, layout.entry),
+    };
+    let walks = [(xt, shape.act_bytes), (base, shape.rows * stride)];
+    kb.for_walk(shape.blocks, &walks, |kb, at| {
+        let (xb, block) = (at[0], at[1]);
         let x = shape.dot.prepare(kb, xb);
-        // The block's first row, and the bytes from one row's block to the next.
-        let (base, stride) = match source {
-            Source::Stored => (tensor.group, block_bytes),
-            Source::Scratch { at, layout } => (at, layout.entry),
-        };
-        let block = kb.offset(base, b, shape.rows * stride);
         let mut terms = Vec::new();
         let mut act_term = None;
         for (lane, &acc) in accs.rows.iter().enumerate() {
