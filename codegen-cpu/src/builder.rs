@@ -239,6 +239,15 @@ impl<'a> Kb<'a> {
         self.b.ins().iadd_pairwise(lo, hi)
     }
 
+    /// The f32x4 of four f32 scalars, in order.
+    pub fn f32x4_of(&mut self, lanes: [Value; 4]) -> Value {
+        let mut v = self.b.ins().scalar_to_vector(F32X4, lanes[0]);
+        for (lane, &x) in lanes.iter().enumerate().skip(1) {
+            v = self.b.ins().insertlane(v, x, lane as u8);
+        }
+        v
+    }
+
     /// The four lanes of an `f32x4` added.
     pub fn hsum_f32(&mut self, v: Value) -> Value {
         let l: Vec<Value> = (0..4).map(|i| self.b.ins().extractlane(v, i)).collect();

@@ -56,6 +56,35 @@ pub trait BlockDot {
     fn dequantizer(&self) -> Option<&dyn Dequantize> {
         None
     }
+    /// The format's grouped blocks, where it has them: a matmul over several tokens then keeps each block of a
+    /// group of four rows as one entry of its scratch buffer.
+    fn grouped(&self) -> Option<&dyn Grouped> {
+        None
+    }
+}
+
+/// A block of a group of four interleaved rows kept as one entry: each row's code vectors, and the rows' scalars
+/// (the scale, the minimum) gathered into one f32x4 each. A token then scales the four rows with one multiply and
+/// takes each row's factor with a lane shuffle, where it took a scalar multiply and a broadcast per row, and meets
+/// the four minimums with one `fma`.
+///
+/// The arithmetic is `BlockDot::accumulate`'s and `row_term`'s, value for value, so a token gets the same bits
+/// whether it meets the group alone (from the stored blocks) or among other tokens (from the scratch buffer).
+pub trait Grouped {
+    /// The types of the values `group` returns.
+    fn types(&self) -> Vec<Type>;
+    /// The group's block, from each row's `unpack`ed values.
+    fn group(&self, kb: &mut Kb, rows: &[Vec<Value>]) -> Vec<Value>;
+    /// Adds the grouped `block`'s products with the activations `x` to each row's accumulator, and its row terms
+    /// to `terms` (the four rows' f32x4); says whether it has row terms.
+    fn accumulate(
+        &self,
+        kb: &mut Kb,
+        block: &[Value],
+        x: &[Value],
+        rows: &[RowAcc],
+        terms: Variable,
+    ) -> bool;
 }
 
 /// A stored block's values as f32, computed as the reference dequantizer (`kiln_ir::dequant`) computes them.
@@ -230,6 +259,63 @@ impl BlockDot for Block32 {
 
     fn dequantizer(&self) -> Option<&dyn Dequantize> {
         Some(self)
+    }
+
+    fn grouped(&self) -> Option<&dyn Grouped> {
+        Some(self)
+    }
+}
+
+impl Grouped for Block32 {
+    /// `[codes 0..16, codes 16..32]` of each row, the rows' `d`, then the rows' `m`.
+    fn types(&self) -> Vec<Type> {
+        let mut types = vec![I8X16; 8];
+        types.push(F32X4);
+        types.extend(self.min_at.map(|_| F32X4));
+        types
+    }
+
+    fn group(&self, kb: &mut Kb, rows: &[Vec<Value>]) -> Vec<Value> {
+        let codes = rows.iter().flat_map(|w| [w[0], w[1]]);
+        let scalars: Vec<Value> = (2..rows[0].len())
+            .map(|field| kb.f32x4_of(std::array::from_fn(|r| rows[r][field])))
+            .collect();
+        codes.chain(scalars).collect()
+    }
+
+    fn accumulate(
+        &self,
+        kb: &mut Kb,
+        block: &[Value],
+        x: &[Value],
+        rows: &[RowAcc],
+        terms: Variable,
+    ) -> bool {
+        let (dx, c0, c1, min_factor) = (x[0], x[1], x[2], x[3]);
+        let dx = kb.b.ins().splat(F32X4, dx);
+        let ddx = kb.b.ins().fmul(block[8], dx);
+        for (r, acc) in rows.iter().enumerate() {
+            let start = match self.min_at {
+                Some(_) => kb.i32x4(0),
+                None => min_factor,
+            };
+            let isum = kb.dot_u8i8(start, c0, block[2 * r]);
+            let isum = kb.dot_u8i8(isum, c1, block[2 * r + 1]);
+            let lane = r as u8;
+            let ddx = kb.shuffle32(ddx, ddx, [lane; 4]);
+            let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
+            let v = kb.b.use_var(acc.v);
+            let v = kb.b.ins().fma(fsum, ddx, v);
+            kb.b.def_var(acc.v, v);
+        }
+        if self.min_at.is_none() {
+            return false;
+        }
+        let factor = kb.b.ins().splat(F32X4, min_factor);
+        let t = kb.b.use_var(terms);
+        let t = kb.b.ins().fma(block[9], factor, t);
+        kb.b.def_var(terms, t);
+        true
     }
 }
 

@@ -7,12 +7,13 @@
 //! (Q5_0 spreads its fifth bits with a shuffle, a compare and two masks per half; F16 widens every value), so the
 //! group's blocks are first unpacked into a scratch buffer on the stack, then every token's pass reads them back
 //! with plain loads. The buffer holds the group's whole rows (at most `SCRATCH_BYTES`, which stays in L1), so each
-//! token still finishes its dot products in one pass and the epilogue needs no partial sums.
+//! token still finishes its dot products in one pass and the epilogue needs no partial sums. Formats with
+//! `Grouped` blocks keep each block of a group of four rows as one entry, the rows' scalars gathered into vectors.
 //! (Tiling tokens without the buffer, unpacking each block once per tile of tokens, measured slower on SmolLM2's
 //! prefill, 157 vs 206 tok/s at 512 tokens: the tile's accumulators and activations overflow the registers.)
 
 use crate::builder::Kb;
-use crate::formats::{BlockDot, RowAcc};
+use crate::formats::{BlockDot, Grouped, RowAcc};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, StackSlotData, StackSlotKind, Type, Value};
@@ -32,6 +33,8 @@ const SCRATCH_MIN_TOKENS: i64 = 2;
 
 struct Shape<'d> {
     dot: &'d dyn BlockDot,
+    /// The format's grouped blocks, when the group is four rows.
+    grouped: Option<&'d dyn Grouped>,
     rows: usize,
     blocks: usize,
     /// Bytes of activations per weight block.
@@ -77,6 +80,7 @@ pub fn build(
     let act = dot.act();
     let shape = Shape {
         dot,
+        grouped: dot.grouped().filter(|_| layout.interleave == 4),
         rows: layout.interleave,
         blocks: k / dot.elems(),
         act_bytes: dot.elems() / act.block_elems() * act.block_bytes(),
@@ -86,8 +90,7 @@ pub fn build(
     } else {
         1
     };
-    let scratch =
-        Some(Scratch::new(dot.unpacked(), &shape, tensors)).filter(|s| s.bytes <= SCRATCH_BYTES);
+    let scratch = Some(Scratch::new(&shape, tensors)).filter(|s| s.bytes <= SCRATCH_BYTES);
     Kb::build(func, config, |kb| {
         let a = Args {
             x: kb.arg(arg::X, I64),
@@ -138,21 +141,27 @@ pub fn build(
     });
 }
 
-/// The scratch buffer's layout: per tensor, per block, per row of the group, the unpacked values in order, each
-/// at its own offset (vectors first, then scalars, so the vectors sit at multiples of 16), the entry padded to 16
-/// bytes so the vectors stay aligned.
+/// The scratch buffer's layout: per tensor, per block, an entry per row of the group (its unpacked values in order)
+/// or one entry (the group's block, `Grouped`); an entry's values each at its own offset (vectors first, then
+/// scalars, so the vectors sit at multiples of 16), the entry padded to 16 bytes so the vectors stay aligned.
 struct Scratch {
-    /// Each unpacked value's type and offset in an entry.
+    /// Each value's type and offset in an entry.
     fields: Vec<(Type, usize)>,
-    /// Bytes of one block of one row.
+    /// Bytes of one entry.
     entry: usize,
+    /// Entries per block.
+    per_block: usize,
     /// Bytes of one tensor's region.
     region: usize,
     bytes: usize,
 }
 
 impl Scratch {
-    fn new(types: Vec<Type>, shape: &Shape, tensors: usize) -> Self {
+    fn new(shape: &Shape, tensors: usize) -> Self {
+        let (types, per_block) = match shape.grouped {
+            Some(grouped) => (grouped.types(), 1),
+            None => (shape.dot.unpacked(), shape.rows),
+        };
         let mut order: Vec<usize> = (0..types.len()).collect();
         order.sort_by_key(|&i| !types[i].is_vector());
         let mut fields = vec![(types[0], 0); types.len()];
@@ -162,10 +171,11 @@ impl Scratch {
             at += types[i].bytes() as usize;
         }
         let entry = at.next_multiple_of(16);
-        let region = entry * shape.rows * shape.blocks;
+        let region = entry * per_block * shape.blocks;
         Scratch {
             fields,
             entry,
+            per_block,
             region,
             bytes: region * tensors,
         }
@@ -182,30 +192,36 @@ impl Scratch {
 
     /// Unpacks the group's blocks of every tensor into `buffer` and says where each tensor's region is.
     fn fill(&self, kb: &mut Kb, shape: &Shape, group: &[Tensor], buffer: Value) -> Vec<Source<'_>> {
-        let stride = self.entry * shape.rows;
+        let block_bytes = shape.dot.block_bytes();
         group
             .iter()
             .enumerate()
             .map(|(i, tensor)| {
                 let at = kb.b.ins().iadd_imm_s(buffer, (i * self.region) as i64);
                 let walks = [
-                    (tensor.group, shape.rows * shape.dot.block_bytes()),
-                    (at, stride),
+                    (tensor.group, shape.rows * block_bytes),
+                    (at, self.per_block * self.entry),
                 ];
                 kb.for_walk(shape.blocks, &walks, |kb, at| {
                     let (wb, entries) = (at[0], at[1]);
-                    for lane in 0..shape.rows {
-                        let wl =
-                            kb.b.ins()
-                                .iadd_imm_s(wb, (lane * shape.dot.block_bytes()) as i64);
-                        let values = shape.dot.unpack(kb, wl);
+                    let rows: Vec<Vec<Value>> = (0..shape.rows)
+                        .map(|lane| {
+                            let wl = kb.b.ins().iadd_imm_s(wb, (lane * block_bytes) as i64);
+                            shape.dot.unpack(kb, wl)
+                        })
+                        .collect();
+                    let entry_values = match shape.grouped {
+                        Some(grouped) => vec![grouped.group(kb, &rows)],
+                        None => rows,
+                    };
+                    for (e, values) in entry_values.iter().enumerate() {
                         debug_assert_eq!(
                             values.len(),
                             self.fields.len(),
-                            "unpacked() lists unpack's values"
+                            "the scratch types list the values stored"
                         );
                         for (&v, &(_, offset)) in values.iter().zip(&self.fields) {
-                            kb.store(v, entries, lane * self.entry + offset);
+                            kb.store(v, entries, e * self.entry + offset);
                         }
                     }
                 });
@@ -335,10 +351,7 @@ impl GroupAcc {
     fn add_terms(&self, kb: &mut Kb, weights: &[Value], act: Value) {
         let (factors, act) = match self.terms.len() {
             1 if weights.len() == 4 => {
-                let mut v = kb.b.ins().scalar_to_vector(F32X4, weights[0]);
-                for (lane, &w) in weights.iter().enumerate().skip(1) {
-                    v = kb.b.ins().insertlane(v, w, lane as u8);
-                }
+                let v = kb.f32x4_of([weights[0], weights[1], weights[2], weights[3]]);
                 (vec![v], kb.b.ins().splat(F32X4, act))
             }
             _ => (weights.to_vec(), act),
@@ -382,10 +395,19 @@ fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Va
         Source::Stored => (tensor.group, block_bytes),
         Source::Scratch { at, layout } => (at, layout.entry),
     };
-    let walks = [(xt, shape.act_bytes), (base, shape.rows * stride)];
+    let per_block = match source {
+        Source::Stored => shape.rows * stride,
+        Source::Scratch { layout, .. } => layout.per_block * layout.entry,
+    };
+    let walks = [(xt, shape.act_bytes), (base, per_block)];
     kb.for_walk(shape.blocks, &walks, |kb, at| {
         let (xb, block) = (at[0], at[1]);
         let x = shape.dot.prepare(kb, xb);
+        if let (Source::Scratch { layout, .. }, Some(grouped)) = (source, shape.grouped) {
+            let values = layout.reload(kb, block);
+            has_terms |= grouped.accumulate(kb, &values, &x, &accs.rows, accs.terms[0]);
+            return;
+        }
         let mut terms = Vec::new();
         let mut act_term = None;
         for (lane, &acc) in accs.rows.iter().enumerate() {
