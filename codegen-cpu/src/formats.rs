@@ -146,6 +146,23 @@ impl Block32 {
         }
     }
 
+    /// `acc += fcvt(sum(codes * qx)) * ddx` for one row's two code vectors, the integer sum starting from the code
+    /// offset's correction; `ddx` is the row's `d * dx` in every lane. `accumulate` and the grouped form share it,
+    /// so both compute every row's products the same way.
+    fn add_codes(&self, kb: &mut Kb, [lo, hi]: [Value; 2], x: &[Value], ddx: Value, acc: RowAcc) {
+        let (c0, c1, min_factor) = (x[1], x[2], x[3]);
+        let start = match self.min_at {
+            Some(_) => kb.i32x4(0),
+            None => min_factor,
+        };
+        let isum = kb.dot_u8i8(start, c0, lo);
+        let isum = kb.dot_u8i8(isum, c1, hi);
+        let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
+        let v = kb.b.use_var(acc.v);
+        let v = kb.b.ins().fma(fsum, ddx, v);
+        kb.b.def_var(acc.v, v);
+    }
+
     /// The 16 bits of `qh` from `first_bit` spread over 16 bytes: 0x10 where the bit is set, else 0.
     fn high_bits(kb: &mut Kb, qh: Value, first_bit: usize) -> Value {
         let set = bit_mask16(kb, qh, first_bit);
@@ -237,20 +254,9 @@ impl BlockDot for Block32 {
     }
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
-        let (lo, hi, d) = (w[0], w[1], w[2]);
-        let (dx, c0, c1, min_factor) = (x[0], x[1], x[2], x[3]);
-        let start = match self.min_at {
-            Some(_) => kb.i32x4(0),
-            None => min_factor,
-        };
-        let isum = kb.dot_u8i8(start, c0, lo);
-        let isum = kb.dot_u8i8(isum, c1, hi);
-        let ddx = kb.b.ins().fmul(d, dx);
+        let ddx = kb.b.ins().fmul(w[2], x[0]);
         let ddx = kb.b.ins().splat(F32X4, ddx);
-        let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
-        let v = kb.b.use_var(acc.v);
-        let v = kb.b.ins().fma(fsum, ddx, v);
-        kb.b.def_var(acc.v, v);
+        self.add_codes(kb, [w[0], w[1]], x, ddx, acc);
     }
 
     fn row_term(&self, w: &[Value], x: &[Value]) -> Option<(Value, Value)> {
@@ -291,27 +297,17 @@ impl Grouped for Block32 {
         rows: &[RowAcc],
         terms: Variable,
     ) -> bool {
-        let (dx, c0, c1, min_factor) = (x[0], x[1], x[2], x[3]);
-        let dx = kb.b.ins().splat(F32X4, dx);
+        let dx = kb.b.ins().splat(F32X4, x[0]);
         let ddx = kb.b.ins().fmul(block[8], dx);
-        for (r, acc) in rows.iter().enumerate() {
-            let start = match self.min_at {
-                Some(_) => kb.i32x4(0),
-                None => min_factor,
-            };
-            let isum = kb.dot_u8i8(start, c0, block[2 * r]);
-            let isum = kb.dot_u8i8(isum, c1, block[2 * r + 1]);
+        for (r, &acc) in rows.iter().enumerate() {
             let lane = r as u8;
-            let ddx = kb.shuffle32(ddx, ddx, [lane; 4]);
-            let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
-            let v = kb.b.use_var(acc.v);
-            let v = kb.b.ins().fma(fsum, ddx, v);
-            kb.b.def_var(acc.v, v);
+            let row_ddx = kb.shuffle32(ddx, ddx, [lane; 4]);
+            self.add_codes(kb, [block[2 * r], block[2 * r + 1]], x, row_ddx, acc);
         }
         if self.min_at.is_none() {
             return false;
         }
-        let factor = kb.b.ins().splat(F32X4, min_factor);
+        let factor = kb.b.ins().splat(F32X4, x[3]);
         let t = kb.b.use_var(terms);
         let t = kb.b.ins().fma(block[9], factor, t);
         kb.b.def_var(terms, t);
