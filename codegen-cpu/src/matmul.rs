@@ -390,14 +390,10 @@ fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Va
     let accs = GroupAcc::new(kb, shape.rows);
     let block_bytes = shape.dot.block_bytes();
     let mut has_terms = false;
-    // The first block's first row, and the bytes from one row's block to the next.
-    let (base, stride) = match source {
-        Source::Stored => (tensor.group, block_bytes),
-        Source::Scratch { at, layout } => (at, layout.entry),
-    };
-    let per_block = match source {
-        Source::Stored => shape.rows * stride,
-        Source::Scratch { layout, .. } => layout.per_block * layout.entry,
+    // The first block's first row, the bytes from one row's block to the next, and from one block to the next.
+    let (base, stride, per_block) = match source {
+        Source::Stored => (tensor.group, block_bytes, shape.rows * block_bytes),
+        Source::Scratch { at, layout } => (at, layout.entry, layout.per_block * layout.entry),
     };
     let walks = [(xt, shape.act_bytes), (base, per_block)];
     kb.for_walk(shape.blocks, &walks, |kb, at| {
