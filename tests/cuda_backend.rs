@@ -1,4 +1,4 @@
-//! The CUDA backend end to end: every kernel of the three real models (and of an I2_S ternarization) through NVRTC
+//! The CUDA backend end to end: every kernel of the three real models (and of ternarizations of SmolLM2) through NVRTC
 //! and `ptxas` (no GPU needed), device routing and its fallbacks on a machine without a GPU, and on a GPU the CUDA
 //! executor against the CPU executor on SmolLM2.
 //!
@@ -79,13 +79,20 @@ fn every_kernel_of_the_real_models_compiles_to_ptx_that_ptxas_assembles() {
     }
     let ptxas = ptxas();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    // The three real models, and SmolLM2 ternarized to I2_S (per-token int8 activations, whole-tensor scales).
-    let i2s = common::quantized_smollm2("i2_s").map(|(_, gguf)| gguf);
-    for name in ["smollm2", "qwen2", "gemma3", "smollm2-i2_s"] {
-        let plan = match (name, &i2s) {
-            ("smollm2-i2_s", Some(gguf)) => compile_gguf(gguf, name, "cuda"),
-            ("smollm2-i2_s", None) => None,
-            _ => compile(name, "cuda"),
+    // The three real models, and SmolLM2 ternarized to the formats with whole-tensor scales and per-token int8
+    // activations (I2_S, and bitnet.cpp's TL1 and TL2).
+    for name in [
+        "smollm2",
+        "qwen2",
+        "gemma3",
+        "smollm2-i2_s",
+        "smollm2-tl1",
+        "smollm2-tl2",
+    ] {
+        let plan = match name.strip_prefix("smollm2-") {
+            Some(format) => common::quantized_smollm2(format)
+                .and_then(|(_, gguf)| compile_gguf(&gguf, name, "cuda")),
+            None => compile(name, "cuda"),
         };
         let Some(path) = plan else {
             continue;
@@ -107,6 +114,14 @@ fn every_kernel_of_the_real_models_compiles_to_ptx_that_ptxas_assembles() {
             cuda.ptx.iter().map(|p| p.arch.as_str()).collect::<Vec<_>>(),
             ["compute_80", "compute_90"]
         );
+        if let Some(format) = name.strip_prefix("smollm2-") {
+            let prefix = format!("matmul_{format}_");
+            assert!(
+                cuda.kernels.iter().any(|k| k.name().starts_with(&prefix)),
+                "{name}: no {format} matmul among {:?}",
+                cuda.kernels.iter().map(|k| k.name()).collect::<Vec<_>>()
+            );
+        }
         // Every launch's kernels are in the module.
         for kernel in &cuda.kernels {
             assert!(

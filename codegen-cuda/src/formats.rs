@@ -4,7 +4,7 @@
 //! template serves GGUF blocks and blocks with f32 scales.
 
 use kiln_ir::layout::{f16_fields, Layout};
-use kiln_ir::QuantFormat;
+use kiln_ir::{tl, QuantFormat};
 
 /// A block format's C helpers, by name.
 pub struct Helper {
@@ -30,6 +30,8 @@ pub fn supported(format: QuantFormat) -> bool {
             | TQ2_0
             | TQ1_0
             | I2_S
+            | TL1
+            | TL2
     )
 }
 
@@ -113,6 +115,9 @@ fn decode_body(f: &Fields) -> String {
              for (int i = 0; i < 8; i++) c.q[i] = __vsub4(({ld}(b + 4 * i) >> shift) & 0x03030303u, 0x01010101u);\n    \
              c.scale[0] = c.scale[1] = 1.0f;\n    c.minv = 0.0f;\n"
         );
+    }
+    if matches!(f.format, QuantFormat::TL1 | QuantFormat::TL2) {
+        return tl_body(f.format);
     }
     let d = f.scale(0);
     match f.format {
@@ -231,4 +236,55 @@ fn decode_body(f: &Fields) -> String {
         }
         other => unreachable!("no CUDA decoder for {other}"),
     }
+}
+
+/// A 2-bit table (for `table_weight`) of weight `n` of each index below `count`, as `weights` gives them.
+fn weight_table<const N: usize>(count: u8, weights: impl Fn(u8) -> [i8; N], n: usize) -> String {
+    let bits = (0..count).fold(0u32, |t, i| t | (((weights(i)[n] + 1) as u32) << (2 * i)));
+    format!("0x{bits:07X}u")
+}
+
+/// TL1 and TL2 in kiln's row blocks (`kiln_ir::tl::row_blocks`): each index's weights come from 2-bit tables built
+/// from `kiln_ir::tl`'s own decoding, so the C cannot drift from the reference. No block scale: the matmul applies
+/// the tensor's.
+fn tl_body(format: QuantFormat) -> String {
+    let pair = |n| weight_table(tl::PAIR_INDEX_MAX + 1, tl::pair_weights, n);
+    let pairs = format!("const u32 pair_tables[2] = {{{}, {}}};", pair(0), pair(1));
+    let fill = "    for (int i = 0; i < 8; i++) c.q[i] = 0;\n";
+    let finish = "    c.scale[0] = c.scale[1] = 1.0f;\n    c.minv = 0.0f;\n";
+    if format == QuantFormat::TL1 {
+        return format!(
+            "    // Byte 16h + j holds pair 2h in its high nibble and pair 2h + 1 in its low one; pair `sub` is elements\n    \
+             // 32 sub + j (its first weights) and 32 sub + 16 + j (its second).\n    \
+             {pairs}\n    const u8* p = b + 16 * (sub >> 1);\n    const int shift = (sub & 1) ? 0 : 4;\n{fill}    \
+             for (int j = 0; j < 16; j++) {{\n        const u32 index = (p[j] >> shift) & 0xFu;\n        \
+             for (int n = 0; n < 2; n++) c.q[4 * n + (j >> 2)] |= table_weight(pair_tables[n], index) << (8 * (j & 3));\n    \
+             }}\n{finish}"
+        );
+    }
+    let triple = |n| {
+        weight_table(
+            tl::TRIPLE_INDEX_MAX + 1,
+            |i| tl::triple_weights(i, false),
+            n,
+        )
+    };
+    format!(
+        "    // Subs 0, 1, 2: byte j < 16 holds triple (j, 16 + j, 32 + j) in its high nibble (group 0) and (48 + j,\n    \
+         // 64 + j, 80 + j) in its low one (group 1), negated where bit 16 group + j of the u32 at byte 16 is set.\n    \
+         // Sub 3: byte 20 + j (j < 8) holds pair (96 + j, 112 + j) high and (104 + j, 120 + j) low.\n    \
+         const u32 triple_tables[3] = {{{}, {}, {}}};\n    {pairs}\n    const u32 signs = ld_a32(b + 16);\n{fill}    \
+         for (int half = 0; half < 2; half++) {{\n        \
+         for (int j = 0; j < 16; j++) {{\n            u32 w;\n            if (sub < 3) {{\n                \
+         const int e = 32 * sub + 16 * half, group = e / 48;\n                \
+         const u32 index = (b[j] >> (group ? 0 : 4)) & 0xFu;\n                \
+         w = table_weight(triple_tables[(e % 48) / 16], index);\n                \
+         if ((signs >> (16 * group + j)) & 1u) w = (0u - w) & 0xFFu;\n            }} else {{\n                \
+         const u32 index = (b[20 + (j & 7)] >> ((j & 8) ? 0 : 4)) & 0xFu;\n                \
+         w = table_weight(pair_tables[half], index);\n            }}\n            \
+         c.q[4 * half + (j >> 2)] |= w << (8 * (j & 3));\n        }}\n    }}\n{finish}",
+        triple(0),
+        triple(1),
+        triple(2),
+    )
 }

@@ -11,12 +11,17 @@ mod ops;
 
 use kiln_ir::cuda_abi::{ArchPtx, CudaCode, CudaKernel};
 
-pub use formats::supported as supports_format;
+pub use formats::{helper as decoder, supported as supports_format, Helper};
 
 /// The virtual architectures plans carry PTX for: Ampere and Hopper.
 pub const ARCHS: [&str; 2] = ["compute_80", "compute_90"];
 
-const PRELUDE: &str = include_str!("prelude.cu");
+/// The first part of every module: types, block-field loads and the decoded-codes struct, in plain C++ (plus two
+/// CUDA intrinsics) so that hosts compile the format decoders too.
+pub const CODES_PRELUDE: &str = include_str!("codes.cu");
+
+/// The module prelude: `CODES_PRELUDE`, then the device helpers.
+const PRELUDE: &str = concat!(include_str!("codes.cu"), "\n", include_str!("prelude.cu"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaCodegenError {

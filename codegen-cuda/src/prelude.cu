@@ -1,12 +1,5 @@
-// kiln CUDA prelude: fixed-width types and the helpers every kernel shares. NVRTC has no CUDA headers built in,
-// so half-precision conversions go through inline PTX.
-typedef unsigned char u8;
-typedef signed char i8;
-typedef short i16;
-typedef unsigned short u16;
-typedef int i32;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+// kiln CUDA prelude, part 2 (after `codes.cu`): the device helpers every kernel shares. NVRTC has no CUDA headers
+// built in, so half-precision conversions go through inline PTX.
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -78,21 +71,6 @@ __device__ __forceinline__ float round_bf16(float x) {
     return __uint_as_float(b & 0xFFFF0000u);
 }
 
-__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-// Loads for block fields: `a` forms need 4-byte alignment, `u` forms take any address (GGUF-layout blocks).
-__device__ __forceinline__ u32 ld_a32(const u8* p) { return *(const u32*)p; }
-__device__ __forceinline__ u32 ld_u32(const u8* p) {
-    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
-}
-__device__ __forceinline__ u16 ld_u16(const u8* p) { return (u16)(p[0] | (p[1] << 8)); }
-__device__ __forceinline__ float ld_f32(const u8* p) { return __uint_as_float(ld_u32(p)); }
-
-// Spreads 4 bits to bit 4 of each byte of a word (the fifth bit of Q5 codes).
-__device__ __forceinline__ u32 spread_bit4(u32 b) {
-    return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
-}
-
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 __device__ __forceinline__ float relu_sqr(float x) { return x > 0.0f ? x * x : 0.0f; }
@@ -101,14 +79,6 @@ __device__ __forceinline__ float relu_sqr(float x) { return x > 0.0f ? x * x : 0
 __device__ __forceinline__ float gelu(float x) {
     return 0.5f * x * (1.0f + tanhf(0.7978846f * x * (1.0f + 0.044715f * x * x)));
 }
-
-// Block-format weights are decoded 32 values at a time into signed byte codes: value i is
-// `scale[i / 16] * code[i] + minv`, which covers every format's scales, offsets and minimums.
-struct Codes32 {
-    u32 q[8];
-    float scale[2];
-    float minv;
-};
 
 // The dot product of decoded weights with 32 activation codes (`x` 4-byte aligned) whose block scale is `dx` and
 // whose two group sums (of 16 codes each) are `s0`, `s1`.
@@ -121,8 +91,3 @@ __device__ __forceinline__ float dot_codes(const Codes32& w, const u8* x, float 
     return dx * (w.scale[0] * (float)lo + w.scale[1] * (float)hi) + w.minv * dx * (float)(s0 + s1);
 }
 
-// Value i of decoded weights.
-__device__ __forceinline__ float code_value(const Codes32& w, int i) {
-    const int code = (int)(i8)(w.q[i >> 2] >> (8 * (i & 3)));
-    return w.scale[i >> 4] * (float)code + w.minv;
-}

@@ -62,6 +62,22 @@ fn i2_s_applies_each_tensor_scale_to_the_row_sums() {
 }
 
 #[test]
+fn tl_formats_decode_through_weight_tables() {
+    for format in [QuantFormat::TL1, QuantFormat::TL2] {
+        let kernel = CudaKernel::MatMul {
+            format,
+            layout: Layout {
+                f32_scales: false,
+                interleave: 4,
+            },
+            k: 256,
+            epilogue: Epilogue::Store,
+        };
+        insta::assert_snapshot!(format!("matmul_{format}"), kernel_source(&kernel));
+    }
+}
+
+#[test]
 fn gguf_layout_reads_f16_scales_unaligned() {
     let kernel = CudaKernel::MatMul {
         format: QuantFormat::Q4_0,

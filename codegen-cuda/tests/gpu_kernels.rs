@@ -18,8 +18,8 @@ use kiln_runtime::reference::kernels as reference;
 use rand::{Rng, SeedableRng};
 use weights::{random_weight, reference as matmul_reference, FORMATS};
 
-/// The formats of the CPU kernel tests that the CUDA backend has kernels for; the rest (TL1, TL2) are named on
-/// stderr, since `kiln compile --target cuda` refuses them with an error.
+/// The formats of the CPU kernel tests that the CUDA backend has kernels for; any other is named on stderr, since
+/// `kiln compile --target cuda` refuses it with an error.
 fn cuda_formats() -> Vec<QuantFormat> {
     let (ours, not): (Vec<_>, Vec<_>) = FORMATS
         .into_iter()
