@@ -60,8 +60,8 @@ fn a_bitnet_model_round_trips_through_quantize_compile_and_run() {
     assert_eq!(formats("token_embd.weight"), [QuantFormat::F16]);
 
     let plan = common::compile(&i2s, None);
-    // Every launch has generated code: the ternary matmuls and the F16 LM head (plain-float matrices keep the
-    // GGUF layout their kernels read).
+    // Every launch has generated code: the ternary matmuls, the F16 LM head (plain-float matrices keep the GGUF
+    // layout their kernels read) and the F16 embedding lookup.
     let run = common::kiln(&["run", plan.to_str().unwrap(), "-p", "hi", "-n", "1"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(

@@ -322,24 +322,34 @@ impl Dequantize for Block32 {
         let unpacked = self.unpack(kb, w);
         let d = kb.b.ins().splat(F32X4, unpacked[2]);
         let m = self.min_at.map(|_| kb.b.ins().splat(F32X4, unpacked[3]));
-        let offset = kb.i32x4(self.offset as i32);
         let mut values = Vec::with_capacity(8);
         for &codes in &unpacked[..2] {
-            let halves = [kb.b.ins().uwiden_low(codes), kb.b.ins().uwiden_high(codes)];
-            for half in halves {
-                for wide in [kb.b.ins().uwiden_low(half), kb.b.ins().uwiden_high(half)] {
-                    let q = kb.b.ins().isub(wide, offset);
-                    let q = kb.b.ins().fcvt_from_sint(F32X4, q);
-                    let y = kb.b.ins().fmul(d, q);
-                    values.push(match m {
-                        Some(m) => kb.b.ins().fadd(y, m),
-                        None => y,
-                    });
-                }
+            for q in code_values(kb, codes, self.offset as i32) {
+                let y = kb.b.ins().fmul(d, q);
+                values.push(match m {
+                    Some(m) => kb.b.ins().fadd(y, m),
+                    None => y,
+                });
             }
         }
         values
     }
+}
+
+/// 16 unsigned byte codes less `offset`, as four f32x4 in order: each code widened to an i32 lane and the offset
+/// taken off in integers, so the conversion is exact.
+pub(crate) fn code_values(kb: &mut Kb, codes: Value, offset: i32) -> [Value; 4] {
+    let offset = kb.i32x4(offset);
+    let halves = [kb.b.ins().uwiden_low(codes), kb.b.ins().uwiden_high(codes)];
+    [(0, false), (0, true), (1, false), (1, true)].map(|(h, high)| {
+        let wide = if high {
+            kb.b.ins().uwiden_high(halves[h])
+        } else {
+            kb.b.ins().uwiden_low(halves[h])
+        };
+        let q = kb.b.ins().isub(wide, offset);
+        kb.b.ins().fcvt_from_sint(F32X4, q)
+    })
 }
 
 /// F32, F16 and BF16 weights against f32 activations (already rounded to the weights' precision): 16 values per
@@ -408,5 +418,16 @@ impl BlockDot for Float {
             v = kb.b.ins().fma(wi, xi, v);
         }
         kb.b.def_var(acc.v, v);
+    }
+
+    fn dequantizer(&self) -> Option<&dyn Dequantize> {
+        Some(self)
+    }
+}
+
+impl Dequantize for Float {
+    /// The widened values themselves: exact for every finite value.
+    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+        self.unpack(kb, w)
     }
 }

@@ -13,7 +13,7 @@
 //! decoded vector next to the `vpdpbusd` that reads it.
 
 use crate::builder::Kb;
-use crate::formats::{BlockDot, RowAcc};
+use crate::formats::{code_values, BlockDot, Dequantize, RowAcc};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
@@ -139,6 +139,56 @@ impl BlockDot for KQuant {
             }
             _ => ScaleMinK::accumulate(kb, codes, scales, x, dx, acc),
         }
+    }
+
+    fn dequantizer(&self) -> Option<&dyn Dequantize> {
+        Some(self)
+    }
+}
+
+impl Dequantize for KQuant {
+    /// Group by group from the unpacked codes, each value as `kiln_ir::dequant` computes it: `(d * sc) * q -
+    /// dmin * mn` (Q4_K, Q5_K: the scale and minimum of sub-block `g / 2`), `(d * sc) * (q - 32)` (Q6_K: the
+    /// signed scale of group `g`) or `d * (q - 1)` (the ternaries).
+    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+        let unpacked = self.unpack(kb, w);
+        let (codes, rest) = unpacked.split_at(GROUPS);
+        // Byte `lane` of a vector of 6-bit scales or minimums (or Q6_K's signed scales) as an f32.
+        let byte = |kb: &mut Kb, v: Value, lane: usize, signed: bool| {
+            let b = kb.b.ins().extractlane(v, lane as u8);
+            let i = if signed {
+                kb.b.ins().sextend(I32, b)
+            } else {
+                kb.b.ins().uextend(I32, b)
+            };
+            kb.b.ins().fcvt_from_sint(F32, i)
+        };
+        let mut values = Vec::with_capacity(4 * GROUPS);
+        for (g, &group) in codes.iter().enumerate() {
+            let (scale, offset, minimum) = match self.format {
+                QuantFormat::Q6_K => {
+                    let sc = byte(kb, rest[0], g, true);
+                    (kb.b.ins().fmul(rest[1], sc), 32, None)
+                }
+                QuantFormat::TQ2_0 | QuantFormat::TQ1_0 => (rest[0], 1, None),
+                _ => {
+                    let sc = byte(kb, rest[0], g / 2, false);
+                    let mn = byte(kb, rest[1], g / 2, false);
+                    let minimum = kb.b.ins().fmul(rest[3], mn);
+                    (kb.b.ins().fmul(rest[2], sc), 0, Some(minimum))
+                }
+            };
+            let scale = kb.b.ins().splat(F32X4, scale);
+            let minimum = minimum.map(|m| kb.b.ins().splat(F32X4, m));
+            for q in code_values(kb, group, offset) {
+                let y = kb.b.ins().fmul(scale, q);
+                values.push(match minimum {
+                    Some(m) => kb.b.ins().fsub(y, m),
+                    None => y,
+                });
+            }
+        }
+        values
     }
 }
 

@@ -154,4 +154,12 @@ fn embed() {
         k: 32,
     };
     insta::assert_snapshot!("embed_q4_1", clif(f));
+    // A k-quant (sub-block scales and minimums) and a float table (widened in place).
+    for (format, layout, k) in [
+        (QuantFormat::Q4_K, layout, 256),
+        (QuantFormat::F16, Layout::GGUF, 16),
+    ] {
+        let f = CpuFunction::Embed { format, layout, k };
+        insta::assert_snapshot!(format!("embed_{format}"), clif(f));
+    }
 }
