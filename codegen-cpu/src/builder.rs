@@ -229,6 +229,20 @@ impl<'a> Kb<'a> {
         self.b.ins().iadd(sum, acc)
     }
 
+    /// `acc + sum(dot_u8i8(a_i8, b_u8))` over `pairs`, spread over four independent chains summed at the end:
+    /// a single chain would wait on each `vpdpbusd`'s latency in turn. The sums are integers, so the grouping
+    /// changes no result.
+    pub fn dot_u8i8_sum(&mut self, acc: Value, pairs: &[(Value, Value)]) -> Value {
+        let zero = self.i32x4(0);
+        let mut chains = [acc, zero, zero, zero];
+        for (i, &(a_i8, b_u8)) in pairs.iter().enumerate() {
+            chains[i % 4] = self.dot_u8i8(chains[i % 4], a_i8, b_u8);
+        }
+        let front = self.b.ins().iadd(chains[0], chains[1]);
+        let back = self.b.ins().iadd(chains[2], chains[3]);
+        self.b.ins().iadd(front, back)
+    }
+
     /// `[a0*b0 + a1*b1, a2*b2 + a3*b3, ...]` of two `i16x8` as `i32x4`: written as the tree Cranelift folds into
     /// one `pmaddwd`.
     pub fn dot_i16(&mut self, a: Value, b: Value) -> Value {

@@ -440,11 +440,13 @@ impl Tq2 {
 /// A ternary block's result: `d * dx * (dot - sum(qx))`, the total of the activation codes from their 16 group
 /// sums in two `pmaddwd`.
 fn ternary_accumulate(kb: &mut Kb, codes: &[Value], d: Value, x: Value, dx: Value, acc: RowAcc) {
-    let mut dot = kb.i32x4(0);
-    for (g, &c) in codes.iter().enumerate() {
-        let xq = act_codes(kb, x, g);
-        dot = kb.dot_u8i8(dot, xq, c);
-    }
+    let pairs: Vec<(Value, Value)> = codes
+        .iter()
+        .enumerate()
+        .map(|(g, &c)| (act_codes(kb, x, g), c))
+        .collect();
+    let zero = kb.i32x4(0);
+    let dot = kb.dot_u8i8_sum(zero, &pairs);
     let ones = i16x8(kb, [1; 8]);
     let sums = act_group_sums(kb, x);
     let a = kb.dot_i16(sums[0], ones);

@@ -56,11 +56,16 @@ impl BlockDot for TernaryRow {
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
         let x = x[0];
-        let mut dot = kb.i32x4(0);
-        for (i, &codes) in w.iter().enumerate() {
-            let xq = kb.load(I8X16, x, ActFormat::I8Row.codes_at() + 16 * i);
-            dot = kb.dot_u8i8(dot, xq, codes);
-        }
+        let pairs: Vec<(Value, Value)> = w
+            .iter()
+            .enumerate()
+            .map(|(i, &codes)| {
+                let xq = kb.load(I8X16, x, ActFormat::I8Row.codes_at() + 16 * i);
+                (xq, codes)
+            })
+            .collect();
+        let zero = kb.i32x4(0);
+        let dot = kb.dot_u8i8_sum(zero, &pairs);
         // The codes' offset of 1: minus the activations' total, from their eight group sums.
         let sums = kb.load(I16X8, x, ActFormat::SUMS_AT);
         let ones = kb.bytes16(std::array::from_fn(|i| (i % 2 == 0) as u8));
