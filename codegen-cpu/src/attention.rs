@@ -18,6 +18,9 @@ use kiln_ir::cpu_abi::KV_PAGE;
 /// Output vectors accumulated per pass of the weighted sum: 8 accumulators leave registers for the loads.
 const SUM_VECTORS: usize = 8;
 
+/// Positions scored together (a power of two): their dot products interleaved.
+const SCORE_KEYS: usize = 4;
+
 struct Cache {
     pages: Value,
     width: Value,
@@ -66,40 +69,58 @@ pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize)
             kb.offset(scores, i, 4)
         };
 
-        // Scores, and their maximum.
+        // Scores, and their maximum, `SCORE_KEYS` positions at a time: each score is a chain of dependent adds,
+        // and Cranelift emits instructions in the order built, so interleaving several lets the CPU overlap them.
         let neg_inf = kb.f32(f32::NEG_INFINITY);
         let max = kb.var(F32, neg_inf);
-        kb.for_range(first, end, 1, |kb, j| {
-            let row = cache.row(kb, k, j);
-            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors.
+        let score_keys = |kb: &mut Kb, j: Value, keys: usize| {
+            let rows: Vec<Value> = (0..keys)
+                .map(|n| {
+                    let position = kb.b.ins().iadd_imm_s(j, n as i64);
+                    cache.row(kb, k, position)
+                })
+                .collect();
+            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per position.
             let zero = kb.f32x4(0.0);
-            let mut partials = [zero; 2];
+            let mut partials = vec![[zero; 2]; keys];
             for i in 0..vectors {
-                let (qi, ki) = (kb.load(F32X4, q, 16 * i), kb.load(F32X4, row, 16 * i));
-                let product = kb.b.ins().fmul(qi, ki);
-                partials[i % 2] = kb.b.ins().fadd(partials[i % 2], product);
-            }
-            let mut dot = kb.f32(0.0);
-            for half in partials {
-                for lane in 0..4 {
-                    let p = kb.b.ins().extractlane(half, lane);
-                    dot = kb.b.ins().fadd(dot, p);
+                let qi = kb.load(F32X4, q, 16 * i);
+                for (partial, &row) in partials.iter_mut().zip(&rows) {
+                    let ki = kb.load(F32X4, row, 16 * i);
+                    let product = kb.b.ins().fmul(qi, ki);
+                    partial[i % 2] = kb.b.ins().fadd(partial[i % 2], product);
                 }
             }
-            let score = kb.b.ins().fmul(dot, scale);
-            let at = score_at(kb, j);
-            kb.store(score, at, 0);
-            let m = kb.b.use_var(max);
-            let m = kb.b.ins().fmax(m, score);
-            kb.b.def_var(max, m);
+            for (n, partial) in partials.into_iter().enumerate() {
+                let mut dot = kb.f32(0.0);
+                for half in partial {
+                    for lane in 0..4 {
+                        let p = kb.b.ins().extractlane(half, lane);
+                        dot = kb.b.ins().fadd(dot, p);
+                    }
+                }
+                let score = kb.b.ins().fmul(dot, scale);
+                let position = kb.b.ins().iadd_imm_s(j, n as i64);
+                let at = score_at(kb, position);
+                kb.store(score, at, 0);
+                let m = kb.b.use_var(max);
+                let m = kb.b.ins().fmax(m, score);
+                kb.b.def_var(max, m);
+            }
+        };
+        let count = kb.b.ins().isub(end, first);
+        let whole = kb.b.ins().band_imm_s(count, -(SCORE_KEYS as i64));
+        let grouped_end = kb.b.ins().iadd(first, whole);
+        kb.for_range(first, grouped_end, SCORE_KEYS as i64, |kb, j| {
+            score_keys(kb, j, SCORE_KEYS)
         });
+        kb.for_range(grouped_end, end, 1, |kb, j| score_keys(kb, j, 1));
 
         // Softmax weights, unnormalized, and their sum: `exp` four positions at a time (each lane computes what
         // the scalar `exp` does), the sum still taken position by position; then the last few one by one.
         let max = kb.b.use_var(max);
         let zero = kb.f32(0.0);
         let total = kb.var(F32, zero);
-        let count = kb.b.ins().isub(end, first);
         let whole = kb.b.ins().band_imm_s(count, !3);
         let vector_end = kb.b.ins().iadd(first, whole);
         // The weights of the `lanes` positions from `j`, as one f32x4 or one f32.
