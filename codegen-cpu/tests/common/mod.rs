@@ -1,6 +1,6 @@
 //! Shared by the kernel tests and the kernel benches: compiling one function and calling it as the executor does,
 //! random weights, and the reference math.
-#![allow(dead_code)] // each target uses its own subset
+#![allow(dead_code, unused_imports)] // each target uses its own subset
 
 use kiln_codegen_cpu::{compile, CpuIsa};
 use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, MatMulArgs, QuantizeArgs};
