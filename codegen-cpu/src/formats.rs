@@ -42,6 +42,11 @@ pub trait BlockDot {
     fn row_term(&self, _w: &[Value], _x: &[Value]) -> Option<(Value, Value)> {
         None
     }
+    /// The type of a row's vector accumulator: f32x4, or i32x4 for formats whose blocks give exact integers
+    /// (converted once, after the last block).
+    fn acc_type(&self) -> Type {
+        F32X4
+    }
     /// Whether the blocks leave out factors common to the whole row (a whole-tensor weight scale, a per-token
     /// activation scale), which `scale_row` then applies once.
     fn tensor_scaled(&self) -> bool {

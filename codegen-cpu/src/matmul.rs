@@ -330,11 +330,15 @@ struct GroupAcc {
 }
 
 impl GroupAcc {
-    fn new(kb: &mut Kb, rows: usize) -> Self {
+    fn new(kb: &mut Kb, rows: usize, acc_type: Type) -> Self {
         let zero = kb.f32x4(0.0);
+        let start = match acc_type {
+            F32X4 => zero,
+            _ => kb.i32x4(0),
+        };
         let rows: Vec<RowAcc> = (0..rows)
             .map(|_| RowAcc {
-                v: kb.var(F32X4, zero),
+                v: kb.var(acc_type, start),
             })
             .collect();
         let terms = match rows.len() {
@@ -366,7 +370,17 @@ impl GroupAcc {
     /// The rows' sums: for four rows one f32x4 (each lane summed in the order `hsum_f32` sums it), else one f32
     /// per row; plus the row terms where the format has them.
     fn finish(&self, kb: &mut Kb, with_terms: bool) -> Vec<Value> {
-        let sums: Vec<Value> = self.rows.iter().map(|acc| kb.b.use_var(acc.v)).collect();
+        let sums: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|acc| {
+                let v = kb.b.use_var(acc.v);
+                match kb.b.func.dfg.value_type(v) {
+                    F32X4 => v,
+                    _ => kb.b.ins().fcvt_from_sint(F32X4, v),
+                }
+            })
+            .collect();
         let sums = match sums[..] {
             [a, b, c, d] => vec![kb.hsum4_f32([a, b, c, d])],
             _ => sums.into_iter().map(|v| kb.hsum_f32(v)).collect(),
@@ -387,7 +401,7 @@ impl GroupAcc {
 /// The dot products of the group's rows of `tensor` with one token's activations at `xt`, as `finish` returns
 /// them.
 fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Value) -> Vec<Value> {
-    let accs = GroupAcc::new(kb, shape.rows);
+    let accs = GroupAcc::new(kb, shape.rows, shape.dot.acc_type());
     let block_bytes = shape.dot.block_bytes();
     let mut has_terms = false;
     // The first block's first row, the bytes from one row's block to the next, and from one block to the next.

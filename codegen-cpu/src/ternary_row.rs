@@ -1,8 +1,8 @@
 //! The ternary formats with one scale for the whole tensor (I2_S, TL1, TL2) against BitNet's per-token int8
 //! activations (`ActFormat::I8Row`). Neither side has a per-block scale, so a row's dot product stays an exact
 //! integer until the very end: `dot = w_scale * dx * (sum(code * qx) - sum(qx))` (codes 0, 1, 2 for -1, 0, +1).
-//! Per block the integer sum is added to the row's f32 accumulator, which holds it exactly (a row's total stays
-//! far below 2^24 for any real width); `scale_row` applies the two scales once.
+//! The row's accumulator is an i32x4, converted to f32 once after the last block (exactly: a row's total stays far
+//! below 2^24 for any real width); `scale_row` applies the two scales once.
 //!
 //! The formats differ only in how a 128-value block becomes eight vectors of 16 codes (vector `v` holding
 //! elements `16v..16v + 16`), so the dot product, the activations and the scaling are one. I2_S shifts its 2-bit
@@ -12,7 +12,7 @@
 use crate::builder::Kb;
 use crate::formats::{bit_mask16, BlockDot, RowAcc};
 use crate::kquants::shift_bytes;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I8X16};
+use cranelift_codegen::ir::types::{F32, I16X8, I32, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::tl;
@@ -72,10 +72,14 @@ impl BlockDot for TernaryRow {
         let ones = kb.bitcast(I16X8, ones);
         let total = kb.dot_i16(sums, ones);
         let sum = kb.b.ins().isub(dot, total);
-        let sum = kb.b.ins().fcvt_from_sint(F32X4, sum);
         let v = kb.b.use_var(acc.v);
-        let v = kb.b.ins().fadd(v, sum);
+        let v = kb.b.ins().iadd(v, sum);
         kb.b.def_var(acc.v, v);
+    }
+
+    /// Integers: a row's total stays far below 2^24 for any real width, so converting it once is exact.
+    fn acc_type(&self) -> Type {
+        I32X4
     }
 
     fn tensor_scaled(&self) -> bool {
