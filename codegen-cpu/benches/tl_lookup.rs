@@ -52,7 +52,7 @@ impl Weights {
             let (r, b, t) = (
                 at / (blocks * BLOCK_BYTES),
                 at / BLOCK_BYTES % blocks,
-                at % 32,
+                at % BLOCK_BYTES,
             );
             transposed[(((r / 16) * blocks + b) * BLOCK_BYTES + t) * 16 + r % 16] = byte;
         }

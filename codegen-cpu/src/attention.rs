@@ -74,12 +74,10 @@ pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize)
         let neg_inf = kb.f32(f32::NEG_INFINITY);
         let max = kb.var(F32, neg_inf);
         let score_keys = |kb: &mut Kb, j: Value, keys: usize| {
-            let rows: Vec<Value> = (0..keys)
-                .map(|n| {
-                    let position = kb.b.ins().iadd_imm_s(j, n as i64);
-                    cache.row(kb, k, position)
-                })
+            let positions: Vec<Value> = (0..keys)
+                .map(|n| kb.b.ins().iadd_imm_s(j, n as i64))
                 .collect();
+            let rows: Vec<Value> = positions.iter().map(|&p| cache.row(kb, k, p)).collect();
             // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per position.
             let zero = kb.f32x4(0.0);
             let mut partials = vec![[zero; 2]; keys];
@@ -91,7 +89,7 @@ pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize)
                     partial[i % 2] = kb.b.ins().fadd(partial[i % 2], product);
                 }
             }
-            for (n, partial) in partials.into_iter().enumerate() {
+            for (partial, &position) in partials.into_iter().zip(&positions) {
                 let mut dot = kb.f32(0.0);
                 for half in partial {
                     for lane in 0..4 {
@@ -100,7 +98,6 @@ pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize)
                     }
                 }
                 let score = kb.b.ins().fmul(dot, scale);
-                let position = kb.b.ins().iadd_imm_s(j, n as i64);
                 let at = score_at(kb, position);
                 kb.store(score, at, 0);
                 let m = kb.b.use_var(max);

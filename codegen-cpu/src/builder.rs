@@ -229,12 +229,11 @@ impl<'a> Kb<'a> {
         self.b.ins().iadd(sum, acc)
     }
 
-    /// `acc + sum(dot_u8i8(a_i8, b_u8))` over `pairs`, spread over four independent chains summed at the end:
-    /// a single chain would wait on each `vpdpbusd`'s latency in turn. The sums are integers, so the grouping
-    /// changes no result.
-    pub fn dot_u8i8_sum(&mut self, acc: Value, pairs: &[(Value, Value)]) -> Value {
-        let zero = self.i32x4(0);
-        let mut chains = [acc, zero, zero, zero];
+    /// `sum(dot_u8i8(a_i8, b_u8))` over `pairs`, spread over four independent chains summed at the end: a single
+    /// chain would wait on each `vpdpbusd`'s latency in turn. The sums are integers, so the grouping changes no
+    /// result.
+    pub fn dot_u8i8_sum(&mut self, pairs: &[(Value, Value)]) -> Value {
+        let mut chains = [self.i32x4(0); 4];
         for (i, &(a_i8, b_u8)) in pairs.iter().enumerate() {
             chains[i % 4] = self.dot_u8i8(chains[i % 4], a_i8, b_u8);
         }

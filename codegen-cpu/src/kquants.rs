@@ -445,8 +445,7 @@ fn ternary_accumulate(kb: &mut Kb, codes: &[Value], d: Value, x: Value, dx: Valu
         .enumerate()
         .map(|(g, &c)| (act_codes(kb, x, g), c))
         .collect();
-    let zero = kb.i32x4(0);
-    let dot = kb.dot_u8i8_sum(zero, &pairs);
+    let dot = kb.dot_u8i8_sum(&pairs);
     let ones = i16x8(kb, [1; 8]);
     let sums = act_group_sums(kb, x);
     let a = kb.dot_i16(sums[0], ones);
