@@ -195,15 +195,19 @@ impl Dequantize for KQuant {
 /// Groups of 16 values in a block of 256: the activations' group sums, and one code vector each.
 const GROUPS: usize = 16;
 
-/// `sum(code * qx)` of each group, as `i32x4` partial sums.
-fn group_dots(kb: &mut Kb, codes: &[Value], x: Value) -> Vec<Value> {
+/// `sum(code * qx)` over each run of `per` consecutive groups, as `i32x4` partial sums: a run's `vpdpbusd`s
+/// accumulate into one register (integer sums, so the grouping changes no result).
+fn group_dots(kb: &mut Kb, codes: &[Value], x: Value, per: usize) -> Vec<Value> {
     codes
-        .iter()
+        .chunks_exact(per)
         .enumerate()
-        .map(|(g, &c)| {
-            let xq = act_codes(kb, x, g);
-            let zero = kb.i32x4(0);
-            kb.dot_u8i8(zero, xq, c)
+        .map(|(run, codes)| {
+            let mut sum = kb.i32x4(0);
+            for (i, &c) in codes.iter().enumerate() {
+                let xq = act_codes(kb, x, per * run + i);
+                sum = kb.dot_u8i8(sum, xq, c);
+            }
+            sum
         })
         .collect()
 }
@@ -308,11 +312,8 @@ impl ScaleMinK {
 
     fn accumulate(kb: &mut Kb, codes: &[Value], rest: &[Value], x: Value, dx: Value, acc: RowAcc) {
         let (scales, mins, d, dmin) = (rest[0], rest[1], rest[2], rest[3]);
-        let groups = group_dots(kb, codes, x);
-        let dots: Vec<Value> = groups
-            .chunks_exact(2)
-            .map(|pair| kb.b.ins().iadd(pair[0], pair[1]))
-            .collect();
+        // Sub-block j is groups 2j and 2j + 1.
+        let dots = group_dots(kb, codes, x, 2);
         let scales = kb.b.ins().uwiden_low(scales);
         let sc_lo = kb.b.ins().uwiden_low(scales);
         let sc_hi = kb.b.ins().uwiden_high(scales);
@@ -381,7 +382,7 @@ impl Q6K {
 
     fn accumulate(kb: &mut Kb, codes: &[Value], rest: &[Value], x: Value, dx: Value, acc: RowAcc) {
         let (scales, d) = (rest[0], rest[1]);
-        let dots = group_dots(kb, codes, x);
+        let dots = group_dots(kb, codes, x, 1);
         let scales16 = [
             kb.b.ins().swiden_low(scales),
             kb.b.ins().swiden_high(scales),
