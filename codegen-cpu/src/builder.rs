@@ -283,7 +283,21 @@ impl<'a> Kb<'a> {
         pairs(self, ab, cd)
     }
 
-    /// Lanes of `u` (0..4) and `v` (4..8) picked into an f32x4.
+    /// The 4x4 transpose of four vectors' 32-bit lanes: lane `i` of result `j` is lane `j` of vector `i`.
+    pub fn transpose32(&mut self, [a, b, c, d]: [Value; 4]) -> [Value; 4] {
+        let ab_lo = self.shuffle32(a, b, [0, 4, 1, 5]);
+        let cd_lo = self.shuffle32(c, d, [0, 4, 1, 5]);
+        let ab_hi = self.shuffle32(a, b, [2, 6, 3, 7]);
+        let cd_hi = self.shuffle32(c, d, [2, 6, 3, 7]);
+        [
+            self.shuffle32(ab_lo, cd_lo, [0, 1, 4, 5]),
+            self.shuffle32(ab_lo, cd_lo, [2, 3, 6, 7]),
+            self.shuffle32(ab_hi, cd_hi, [0, 1, 4, 5]),
+            self.shuffle32(ab_hi, cd_hi, [2, 3, 6, 7]),
+        ]
+    }
+
+    /// 32-bit lanes of `u` (0..4) and `v` (4..8) picked into a vector of `u`'s type.
     pub fn shuffle32(&mut self, u: Value, v: Value, lanes: [u8; 4]) -> Value {
         let mut bytes = [0u8; 16];
         for (i, &lane) in lanes.iter().enumerate() {
@@ -297,9 +311,13 @@ impl<'a> Kb<'a> {
             .dfg
             .immediates
             .push(ConstantData::from(bytes.to_vec()));
-        let (u, v) = (self.bitcast(I8X16, u), self.bitcast(I8X16, v));
+        let ty = self.b.func.dfg.value_type(u);
+        let (u, v) = (self.as_bytes(u), self.as_bytes(v));
         let picked = self.b.ins().shuffle(u, v, mask);
-        self.bitcast(F32X4, picked)
+        match ty {
+            I8X16 => picked,
+            _ => self.bitcast(ty, picked),
+        }
     }
 
     /// The four lanes of an `i32x4` added.
@@ -320,6 +338,14 @@ impl<'a> Kb<'a> {
 
     pub fn bitcast(&mut self, ty: Type, v: Value) -> Value {
         self.b.ins().bitcast(ty, lanes(), v)
+    }
+
+    /// `v` as an i8x16 (itself if it is one).
+    pub fn as_bytes(&mut self, v: Value) -> Value {
+        match self.b.func.dfg.value_type(v) {
+            I8X16 => v,
+            _ => self.bitcast(I8X16, v),
+        }
     }
 
     /// A scalar i16 load sign-extended to i32.

@@ -68,10 +68,15 @@ pub trait BlockDot {
     }
 }
 
-/// A block of a group of four interleaved rows kept as one entry: each row's code vectors, and the rows' scalars
-/// (the scale, the minimum) gathered into one f32x4 each. A token then scales the four rows with one multiply and
-/// takes each row's factor with a lane shuffle, where it took a scalar multiply and a broadcast per row, and meets
-/// the four minimums with one `fma`.
+/// A block of a group of four interleaved rows kept as one entry, laid out so that a token meets the four rows
+/// with fewer instructions than row by row:
+/// - Block32 keeps each row's code vectors and gathers the rows' scalars (the scale, the minimum) into one f32x4
+///   each: a token scales the four rows with one multiply and takes each row's factor with a lane shuffle, and
+///   meets the four minimums with one `fma`.
+/// - The k-quants transpose the four rows' codes, so that a 32-bit lane holds one row's four codes of a `vpdpbusd`
+///   step and the token's four activation codes are broadcast to all lanes: each sub-block's sums come out with
+///   one row per lane, where row by row they needed a horizontal add. Their four accumulators then hold lane-groups
+///   across the rows (`across_rows`): accumulator `l`, lane `r` is what row `r`'s accumulator sums in its lane `l`.
 ///
 /// The arithmetic is `BlockDot::accumulate`'s and `row_term`'s, value for value, so a token gets the same bits
 /// whether it meets the group alone (from the stored blocks) or among other tokens (from the scratch buffer).
@@ -80,16 +85,20 @@ pub trait Grouped {
     fn types(&self) -> Vec<Type>;
     /// The group's block, from each row's `unpack`ed values.
     fn group(&self, kb: &mut Kb, rows: &[Vec<Value>]) -> Vec<Value>;
-    /// Adds the grouped `block`'s products with the activations `x` to each row's accumulator, and its row terms
+    /// Adds the grouped `block`'s products with the activations `x` to the four accumulators, and its row terms
     /// to `terms` (the four rows' f32x4); says whether it has row terms.
     fn accumulate(
         &self,
         kb: &mut Kb,
         block: &[Value],
         x: &[Value],
-        rows: &[RowAcc],
+        accs: &[RowAcc],
         terms: Variable,
     ) -> bool;
+    /// Whether the accumulators hold lane-groups across the rows rather than one row each.
+    fn across_rows(&self) -> bool {
+        false
+    }
 }
 
 /// A stored block's values as f32, computed as the reference dequantizer (`kiln_ir::dequant`) computes them.

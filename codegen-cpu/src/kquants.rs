@@ -9,14 +9,16 @@
 //! (group g holds values 16g..16g+16), followed by what the format's scales need; `accumulate` meets each with
 //! its activation codes in one `vpdpbusd` and applies the scales. Decoding (nibbles, fifth or sixth bits, base-3
 //! digits, the packed 6-bit scales) is most of the work, so a prompt's matmul decodes each block once into the
-//! scratch buffer and every token reads the bytes back (`matmul`). One token at a time, Cranelift places each
-//! decoded vector next to the `vpdpbusd` that reads it.
+//! scratch buffer and every token reads the bytes back (`matmul`); Q4_K, Q5_K and Q6_K keep a group of four rows
+//! there transposed (`Grouped`). One token at a time, Cranelift places each decoded vector next to the
+//! `vpdpbusd` that reads it.
 
 use crate::builder::Kb;
-use crate::formats::{code_values, BlockDot, Dequantize, RowAcc};
+use crate::formats::{code_values, BlockDot, Dequantize, Grouped, RowAcc};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8X16};
-use cranelift_codegen::ir::{InstBuilder, Type, Value};
+use cranelift_codegen::ir::{ConstantData, InstBuilder, Type, Value};
+use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::layout::Layout;
 use kiln_ir::QuantFormat;
@@ -67,8 +69,13 @@ pub(crate) fn shift_bytes(kb: &mut Kb, v: Value, bits: i64, mask: u8) -> Value {
 
 /// `acc += fcvt(ints) * scale` on the row's vector accumulator.
 fn add_scaled(kb: &mut Kb, acc: RowAcc, ints: Value, scale: Value) {
-    let f = kb.b.ins().fcvt_from_sint(F32X4, ints);
     let scale = kb.b.ins().splat(F32X4, scale);
+    add_scaled_vec(kb, acc, ints, scale);
+}
+
+/// `add_scaled` with a scale per lane.
+fn add_scaled_vec(kb: &mut Kb, acc: RowAcc, ints: Value, scale: Value) {
+    let f = kb.b.ins().fcvt_from_sint(F32X4, ints);
     let v = kb.b.use_var(acc.v);
     let v = kb.b.ins().fma(f, scale, v);
     kb.b.def_var(acc.v, v);
@@ -144,6 +151,179 @@ impl BlockDot for KQuant {
     fn dequantizer(&self) -> Option<&dyn Dequantize> {
         Some(self)
     }
+
+    fn grouped(&self) -> Option<&dyn Grouped> {
+        matches!(
+            self.format,
+            QuantFormat::Q4_K | QuantFormat::Q5_K | QuantFormat::Q6_K
+        )
+        .then_some(self as _)
+    }
+}
+
+/// Q4_K, Q5_K and Q6_K over a group of four rows, transposed (`Grouped`). The entry: for each group of 16 codes
+/// four code vectors, vector `k` holding codes `4k..4k + 4` of the group of rows 0..4 (one row per 32-bit lane);
+/// then the scales across the rows, the rows' minimums or offset factors as i16 pairs, the rows' `d` (and
+/// `dmin`):
+/// - Q4_K, Q5_K: the 8 sub-block scales as i32x4; for each `l` of 0..4 the pairs `(mn_l, mn_{l+4})`; `d`,
+///   `dmin`. Row by row, lane `l` of a row's accumulator gets `sc_l * T_l + sc_{l+4} * T_{l+4}` (`T_j` the
+///   sub-block's integer sum) times `d * dx`, then `mn_l * X_l + mn_{l+4} * X_{l+4}` (`X_j` the activations'
+///   sub-block sum) times `-dmin * dx`.
+/// - Q6_K: the 16 group scales as i32x4; for each `l` the pairs `(sc_{2l}, sc_{2l+1})` and `(sc_{8+2l},
+///   sc_{9+2l})`; `d`. Lane `l` gets `sum_k sc_{4k+l} * T_{4k+l} - 32 * (the four groups 2l, 2l+1, 8+2l, 9+2l's
+///   scale times activation sum)` times `d * dx`.
+///
+/// Accumulator `l` gets the same per row, in the row's lane.
+impl Grouped for KQuant {
+    fn types(&self) -> Vec<Type> {
+        let mut types = vec![I8X16; 4 * GROUPS];
+        let (scales, pairs, floats) = match self.format {
+            QuantFormat::Q6_K => (16, 8, 1),
+            _ => (8, 4, 2),
+        };
+        types.extend(vec![I32X4; scales]);
+        types.extend(vec![I16X8; pairs]);
+        types.extend(vec![F32X4; floats]);
+        types
+    }
+
+    fn group(&self, kb: &mut Kb, rows: &[Vec<Value>]) -> Vec<Value> {
+        let mut entry: Vec<Value> = (0..GROUPS)
+            .flat_map(|group| kb.transpose32(std::array::from_fn(|r| rows[r][group])))
+            .collect();
+        let q6 = self.format == QuantFormat::Q6_K;
+        // The rows' scales as i16x8, by half (Q6_K's 16 signed, in two; the others' 8 unsigned, in one).
+        let halves: Vec<[Value; 4]> = match q6 {
+            true => vec![
+                std::array::from_fn(|r| kb.b.ins().swiden_low(rows[r][GROUPS])),
+                std::array::from_fn(|r| kb.b.ins().swiden_high(rows[r][GROUPS])),
+            ],
+            false => vec![std::array::from_fn(|r| {
+                kb.b.ins().uwiden_low(rows[r][GROUPS])
+            })],
+        };
+        for half in &halves {
+            for high in [false, true] {
+                let lanes = half.map(|v| match (q6, high) {
+                    (true, false) => kb.b.ins().swiden_low(v),
+                    (true, true) => kb.b.ins().swiden_high(v),
+                    (false, false) => kb.b.ins().uwiden_low(v),
+                    (false, true) => kb.b.ins().uwiden_high(v),
+                });
+                entry.extend(kb.transpose32(lanes));
+            }
+        }
+        if q6 {
+            // An i16x8 of scales already pairs (sc_{2l}, sc_{2l+1}) in 32-bit lane l.
+            for &half in &halves {
+                entry.extend(kb.transpose32(half));
+            }
+            entry.push(kb.f32x4_of(std::array::from_fn(|r| rows[r][GROUPS + 1])));
+        } else {
+            let pairs = std::array::from_fn(|r| {
+                let mins = kb.b.ins().uwiden_low(rows[r][GROUPS + 1]);
+                interleave_halves16(kb, mins)
+            });
+            entry.extend(kb.transpose32(pairs));
+            for field in [GROUPS + 2, GROUPS + 3] {
+                entry.push(kb.f32x4_of(std::array::from_fn(|r| rows[r][field])));
+            }
+        }
+        entry
+    }
+
+    fn accumulate(
+        &self,
+        kb: &mut Kb,
+        block: &[Value],
+        x: &[Value],
+        accs: &[RowAcc],
+        _terms: Variable,
+    ) -> bool {
+        let (codes, rest) = block.split_at(4 * GROUPS);
+        let (x, dx) = (x[0], x[1]);
+        // Group g's sums, one row per lane: its four code vectors, each against four activation codes broadcast.
+        let totals: Vec<Value> = (0..GROUPS)
+            .map(|g| {
+                let act = act_codes(kb, x, g);
+                let mut sum = kb.i32x4(0);
+                for k in 0..4u8 {
+                    let four = kb.shuffle32(act, act, [k; 4]);
+                    sum = kb.dot_u8i8(sum, four, codes[4 * g + k as usize]);
+                }
+                sum
+            })
+            .collect();
+        let sums = act_group_sums(kb, x);
+        let dx = kb.b.ins().splat(F32X4, dx);
+        if self.format == QuantFormat::Q6_K {
+            let (scales, rest) = rest.split_at(16);
+            let (pairs, rest) = rest.split_at(8);
+            let ddx = kb.b.ins().fmul(rest[0], dx);
+            for (l, &acc) in accs.iter().enumerate() {
+                let mut scaled = kb.b.ins().imul(totals[l], scales[l]);
+                for k in 1..4 {
+                    let part = kb.b.ins().imul(totals[4 * k + l], scales[4 * k + l]);
+                    scaled = kb.b.ins().iadd(scaled, part);
+                }
+                let halves = [0, 1].map(|h| {
+                    let act_pair = kb.shuffle32(sums[h], sums[h], [l as u8; 4]);
+                    kb.dot_i16(pairs[4 * h + l], act_pair)
+                });
+                let offset = kb.b.ins().iadd(halves[0], halves[1]);
+                let offset = kb.b.ins().ishl_imm_s(offset, 5);
+                let scaled = kb.b.ins().isub(scaled, offset);
+                add_scaled_vec(kb, acc, scaled, ddx);
+            }
+            return false;
+        }
+        let (scales, rest) = rest.split_at(8);
+        let (min_pairs, rest) = rest.split_at(4);
+        // Sub-block j is groups 2j and 2j + 1.
+        let totals: Vec<Value> = totals
+            .chunks_exact(2)
+            .map(|pair| kb.b.ins().iadd(pair[0], pair[1]))
+            .collect();
+        // The activations' sub-block sums X_0..X_8, paired `(X_l, X_{l+4})` in 32-bit lane l.
+        let sub_sums = kb.b.ins().iadd_pairwise(sums[0], sums[1]);
+        let x_pairs = interleave_halves16(kb, sub_sums);
+        let ddx = kb.b.ins().fmul(rest[0], dx);
+        let neg = kb.b.ins().fneg(rest[1]);
+        let mdx = kb.b.ins().fmul(neg, dx);
+        for (l, &acc) in accs.iter().enumerate() {
+            let low = kb.b.ins().imul(totals[l], scales[l]);
+            let high = kb.b.ins().imul(totals[l + 4], scales[l + 4]);
+            let scaled = kb.b.ins().iadd(low, high);
+            add_scaled_vec(kb, acc, scaled, ddx);
+            let x_pair = kb.shuffle32(x_pairs, x_pairs, [l as u8; 4]);
+            let mins = kb.dot_i16(min_pairs[l], x_pair);
+            add_scaled_vec(kb, acc, mins, mdx);
+        }
+        false
+    }
+
+    fn across_rows(&self) -> bool {
+        true
+    }
+}
+
+/// `[v0, v4, v1, v5, v2, v6, v3, v7]` of an i16x8: 32-bit lane `l` holds the pair `(v_l, v_{l+4})`.
+fn interleave_halves16(kb: &mut Kb, v: Value) -> Value {
+    let mut bytes = [0u8; 16];
+    for l in 0..4 {
+        for (n, word) in [l, l + 4].into_iter().enumerate() {
+            bytes[4 * l + 2 * n] = 2 * word as u8;
+            bytes[4 * l + 2 * n + 1] = 2 * word as u8 + 1;
+        }
+    }
+    let mask =
+        kb.b.func
+            .dfg
+            .immediates
+            .push(ConstantData::from(bytes.to_vec()));
+    let b = kb.as_bytes(v);
+    let picked = kb.b.ins().shuffle(b, b, mask);
+    kb.bitcast(I16X8, picked)
 }
 
 impl Dequantize for KQuant {

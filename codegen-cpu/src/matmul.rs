@@ -8,7 +8,9 @@
 //! group's blocks are first unpacked into a scratch buffer on the stack, then every token's pass reads them back
 //! with plain loads. The buffer holds the group's whole rows (at most `SCRATCH_BYTES`, which stays in L1), so each
 //! token still finishes its dot products in one pass and the epilogue needs no partial sums. Formats with
-//! `Grouped` blocks keep each block of a group of four rows as one entry, the rows' scalars gathered into vectors.
+//! `Grouped` blocks keep each block of a group of four rows as one entry: Block32 with the rows' scalars gathered
+//! into vectors, the k-quants with the rows' codes transposed so that their sub-block sums come out one row per
+//! lane (no horizontal adds, and no activation vector held across the four rows, which spilled).
 //! (Tiling tokens without the buffer, unpacking each block once per tile of tokens, measured slower on SmolLM2's
 //! prefill, 157 vs 206 tok/s at 512 tokens: the tile's accumulators and activations overflow the registers.)
 
@@ -327,6 +329,8 @@ fn store(
 struct GroupAcc {
     rows: Vec<RowAcc>,
     terms: Vec<Variable>,
+    /// The four accumulators hold lane-groups across the rows (`Grouped::across_rows`), not one row each.
+    across_rows: bool,
 }
 
 impl GroupAcc {
@@ -348,7 +352,11 @@ impl GroupAcc {
                 (0..n).map(|_| kb.var(F32, zero)).collect()
             }
         };
-        GroupAcc { rows, terms }
+        GroupAcc {
+            rows,
+            terms,
+            across_rows: false,
+        }
     }
 
     /// Adds the block's row terms, `(weight factor per row, activation factor)`.
@@ -382,6 +390,12 @@ impl GroupAcc {
             })
             .collect();
         let sums = match sums[..] {
+            // Lane-groups across the rows: the same sums as `hsum4_f32` of the rows' accumulators.
+            [a, b, c, d] if self.across_rows => {
+                let front = kb.b.ins().fadd(a, b);
+                let back = kb.b.ins().fadd(c, d);
+                vec![kb.b.ins().fadd(front, back)]
+            }
             [a, b, c, d] => vec![kb.hsum4_f32([a, b, c, d])],
             _ => sums.into_iter().map(|v| kb.hsum_f32(v)).collect(),
         };
@@ -401,7 +415,9 @@ impl GroupAcc {
 /// The dot products of the group's rows of `tensor` with one token's activations at `xt`, as `finish` returns
 /// them.
 fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Value) -> Vec<Value> {
-    let accs = GroupAcc::new(kb, shape.rows, shape.dot.acc_type());
+    let mut accs = GroupAcc::new(kb, shape.rows, shape.dot.acc_type());
+    accs.across_rows = matches!(source, Source::Scratch { .. })
+        && shape.grouped.is_some_and(|grouped| grouped.across_rows());
     let block_bytes = shape.dot.block_bytes();
     let mut has_terms = false;
     // The first block's first row, the bytes from one row's block to the next, and from one block to the next.

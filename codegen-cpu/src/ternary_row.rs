@@ -180,7 +180,6 @@ fn tl2_codes(kb: &mut Kb, w: Value) -> Vec<Value> {
     let tail = kb.load(I8X16, w, 12);
     let [high, low] = nibbles(kb, tail);
     let pairs = kb.shuffle32(high, low, [2, 3, 6, 7]);
-    let pairs = kb.bitcast(I8X16, pairs);
     codes.extend(pair_codes(kb, pairs));
     codes
 }
