@@ -242,62 +242,11 @@ impl Grouped for KQuant {
     ) -> bool {
         let (codes, rest) = block.split_at(4 * GROUPS);
         let (x, dx) = (x[0], x[1]);
-        // Group g's sums, one row per lane: its four code vectors, each against four activation codes broadcast.
-        let totals: Vec<Value> = (0..GROUPS)
-            .map(|g| {
-                let act = act_codes(kb, x, g);
-                let mut sum = kb.i32x4(0);
-                for k in 0..4u8 {
-                    let four = kb.shuffle32(act, act, [k; 4]);
-                    sum = kb.dot_u8i8(sum, four, codes[4 * g + k as usize]);
-                }
-                sum
-            })
-            .collect();
-        let sums = act_group_sums(kb, x);
+        let totals = transposed_group_dots(kb, codes, x);
         let dx = kb.b.ins().splat(F32X4, dx);
-        if self.format == QuantFormat::Q6_K {
-            let (scales, rest) = rest.split_at(16);
-            let (pairs, rest) = rest.split_at(8);
-            let ddx = kb.b.ins().fmul(rest[0], dx);
-            for (l, &acc) in accs.iter().enumerate() {
-                let mut scaled = kb.b.ins().imul(totals[l], scales[l]);
-                for k in 1..4 {
-                    let part = kb.b.ins().imul(totals[4 * k + l], scales[4 * k + l]);
-                    scaled = kb.b.ins().iadd(scaled, part);
-                }
-                let halves = [0, 1].map(|h| {
-                    let act_pair = kb.shuffle32(sums[h], sums[h], [l as u8; 4]);
-                    kb.dot_i16(pairs[4 * h + l], act_pair)
-                });
-                let offset = kb.b.ins().iadd(halves[0], halves[1]);
-                let offset = kb.b.ins().ishl_imm_s(offset, 5);
-                let scaled = kb.b.ins().isub(scaled, offset);
-                add_scaled_vec(kb, acc, scaled, ddx);
-            }
-            return false;
-        }
-        let (scales, rest) = rest.split_at(8);
-        let (min_pairs, rest) = rest.split_at(4);
-        // Sub-block j is groups 2j and 2j + 1.
-        let totals: Vec<Value> = totals
-            .chunks_exact(2)
-            .map(|pair| kb.b.ins().iadd(pair[0], pair[1]))
-            .collect();
-        // The activations' sub-block sums X_0..X_8, paired `(X_l, X_{l+4})` in 32-bit lane l.
-        let sub_sums = kb.b.ins().iadd_pairwise(sums[0], sums[1]);
-        let x_pairs = interleave_halves16(kb, sub_sums);
-        let ddx = kb.b.ins().fmul(rest[0], dx);
-        let neg = kb.b.ins().fneg(rest[1]);
-        let mdx = kb.b.ins().fmul(neg, dx);
-        for (l, &acc) in accs.iter().enumerate() {
-            let low = kb.b.ins().imul(totals[l], scales[l]);
-            let high = kb.b.ins().imul(totals[l + 4], scales[l + 4]);
-            let scaled = kb.b.ins().iadd(low, high);
-            add_scaled_vec(kb, acc, scaled, ddx);
-            let x_pair = kb.shuffle32(x_pairs, x_pairs, [l as u8; 4]);
-            let mins = kb.dot_i16(min_pairs[l], x_pair);
-            add_scaled_vec(kb, acc, mins, mdx);
+        match self.format {
+            QuantFormat::Q6_K => Q6K::accumulate_grouped(kb, &totals, rest, x, dx, accs),
+            _ => ScaleMinK::accumulate_grouped(kb, &totals, rest, x, dx, accs),
         }
         false
     }
@@ -324,6 +273,22 @@ fn interleave_halves16(kb: &mut Kb, v: Value) -> Value {
     let b = kb.as_bytes(v);
     let picked = kb.b.ins().shuffle(b, b, mask);
     kb.bitcast(I16X8, picked)
+}
+
+/// Each group's `sum(code * qx)` for four rows, one row per lane, from the group's four transposed code vectors,
+/// each against four activation codes broadcast.
+fn transposed_group_dots(kb: &mut Kb, codes: &[Value], x: Value) -> Vec<Value> {
+    (0..GROUPS)
+        .map(|g| {
+            let act = act_codes(kb, x, g);
+            let mut sum = kb.i32x4(0);
+            for k in 0..4u8 {
+                let four = kb.shuffle32(act, act, [k; 4]);
+                sum = kb.dot_u8i8(sum, four, codes[4 * g + k as usize]);
+            }
+            sum
+        })
+        .collect()
 }
 
 impl Dequantize for KQuant {
@@ -527,6 +492,41 @@ impl ScaleMinK {
         let scale = kb.b.ins().fmul(neg, dx);
         add_scaled(kb, acc, total.expect("two halves"), scale);
     }
+
+    /// `accumulate` for four rows transposed (`Grouped`): `totals` are the 16 groups' sums, one row per lane;
+    /// `rest` the entry's scales, minimum pairs, `d` and `dmin`; `dx` splatted.
+    fn accumulate_grouped(
+        kb: &mut Kb,
+        totals: &[Value],
+        rest: &[Value],
+        x: Value,
+        dx: Value,
+        accs: &[RowAcc],
+    ) {
+        let (scales, rest) = rest.split_at(8);
+        let (min_pairs, rest) = rest.split_at(4);
+        // Sub-block j is groups 2j and 2j + 1.
+        let totals: Vec<Value> = totals
+            .chunks_exact(2)
+            .map(|pair| kb.b.ins().iadd(pair[0], pair[1]))
+            .collect();
+        // The activations' sub-block sums X_0..X_8, paired `(X_l, X_{l+4})` in 32-bit lane l.
+        let [lo, hi] = act_group_sums(kb, x);
+        let sub_sums = kb.b.ins().iadd_pairwise(lo, hi);
+        let x_pairs = interleave_halves16(kb, sub_sums);
+        let ddx = kb.b.ins().fmul(rest[0], dx);
+        let neg = kb.b.ins().fneg(rest[1]);
+        let mdx = kb.b.ins().fmul(neg, dx);
+        for (l, &acc) in accs.iter().enumerate() {
+            let low = kb.b.ins().imul(totals[l], scales[l]);
+            let high = kb.b.ins().imul(totals[l + 4], scales[l + 4]);
+            let scaled = kb.b.ins().iadd(low, high);
+            add_scaled_vec(kb, acc, scaled, ddx);
+            let x_pair = kb.shuffle32(x_pairs, x_pairs, [l as u8; 4]);
+            let mins = kb.dot_i16(min_pairs[l], x_pair);
+            add_scaled_vec(kb, acc, mins, mdx);
+        }
+    }
 }
 
 /// Q6_K: 16 groups of 16 with signed 8-bit scales, 6-bit codes offset by 32: low 4 bits in `ql` (each half of
@@ -591,6 +591,38 @@ impl Q6K {
         let sum = kb.b.ins().isub(sum.expect("16 groups"), offset);
         let ddx = kb.b.ins().fmul(d, dx);
         add_scaled(kb, acc, sum, ddx);
+    }
+
+    /// `accumulate` for four rows transposed (`Grouped`): `totals` are the 16 groups' sums, one row per lane;
+    /// `rest` the entry's scales, scale pairs and `d`; `dx` splatted.
+    fn accumulate_grouped(
+        kb: &mut Kb,
+        totals: &[Value],
+        rest: &[Value],
+        x: Value,
+        dx: Value,
+        accs: &[RowAcc],
+    ) {
+        let (scales, rest) = rest.split_at(16);
+        let (pairs, rest) = rest.split_at(8);
+        let sums = act_group_sums(kb, x);
+        let ddx = kb.b.ins().fmul(rest[0], dx);
+        for (l, &acc) in accs.iter().enumerate() {
+            let mut scaled = kb.b.ins().imul(totals[l], scales[l]);
+            for k in 1..4 {
+                let part = kb.b.ins().imul(totals[4 * k + l], scales[4 * k + l]);
+                scaled = kb.b.ins().iadd(scaled, part);
+            }
+            // The offset: 32 * the scale-weighted activation sums of groups 2l, 2l + 1, 8 + 2l and 9 + 2l.
+            let halves = [0, 1].map(|h| {
+                let act_pair = kb.shuffle32(sums[h], sums[h], [l as u8; 4]);
+                kb.dot_i16(pairs[4 * h + l], act_pair)
+            });
+            let offset = kb.b.ins().iadd(halves[0], halves[1]);
+            let offset = kb.b.ins().ishl_imm_s(offset, 5);
+            let scaled = kb.b.ins().isub(scaled, offset);
+            add_scaled_vec(kb, acc, scaled, ddx);
+        }
     }
 }
 
