@@ -17,7 +17,7 @@ use crate::builder::Kb;
 use crate::formats::{code_values, BlockDot, Dequantize, Grouped, RowAcc};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8X16};
-use cranelift_codegen::ir::{ConstantData, InstBuilder, Type, Value};
+use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::layout::Layout;
@@ -258,20 +258,16 @@ impl Grouped for KQuant {
 
 /// `[v0, v4, v1, v5, v2, v6, v3, v7]` of an i16x8: 32-bit lane `l` holds the pair `(v_l, v_{l+4})`.
 fn interleave_halves16(kb: &mut Kb, v: Value) -> Value {
-    let mut bytes = [0u8; 16];
+    let mut index = [0u8; 16];
     for l in 0..4 {
         for (n, word) in [l, l + 4].into_iter().enumerate() {
-            bytes[4 * l + 2 * n] = 2 * word as u8;
-            bytes[4 * l + 2 * n + 1] = 2 * word as u8 + 1;
+            index[4 * l + 2 * n] = 2 * word as u8;
+            index[4 * l + 2 * n + 1] = 2 * word as u8 + 1;
         }
     }
-    let mask =
-        kb.b.func
-            .dfg
-            .immediates
-            .push(ConstantData::from(bytes.to_vec()));
-    let b = kb.as_bytes(v);
-    let picked = kb.b.ins().shuffle(b, b, mask);
+    let index = kb.bytes16(index);
+    let bytes = kb.as_bytes(v);
+    let picked = kb.pshufb(bytes, index);
     kb.bitcast(I16X8, picked)
 }
 

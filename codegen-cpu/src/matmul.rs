@@ -334,7 +334,7 @@ struct GroupAcc {
 }
 
 impl GroupAcc {
-    fn new(kb: &mut Kb, rows: usize, acc_type: Type) -> Self {
+    fn new(kb: &mut Kb, rows: usize, acc_type: Type, across_rows: bool) -> Self {
         let zero = kb.f32x4(0.0);
         let start = match acc_type {
             F32X4 => zero,
@@ -355,7 +355,7 @@ impl GroupAcc {
         GroupAcc {
             rows,
             terms,
-            across_rows: false,
+            across_rows,
         }
     }
 
@@ -415,9 +415,9 @@ impl GroupAcc {
 /// The dot products of the group's rows of `tensor` with one token's activations at `xt`, as `finish` returns
 /// them.
 fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Value) -> Vec<Value> {
-    let mut accs = GroupAcc::new(kb, shape.rows, shape.dot.acc_type());
-    accs.across_rows = matches!(source, Source::Scratch { .. })
+    let across_rows = matches!(source, Source::Scratch { .. })
         && shape.grouped.is_some_and(|grouped| grouped.across_rows());
+    let accs = GroupAcc::new(kb, shape.rows, shape.dot.acc_type(), across_rows);
     let block_bytes = shape.dot.block_bytes();
     let mut has_terms = false;
     // The first block's first row, the bytes from one row's block to the next, and from one block to the next.
