@@ -36,11 +36,12 @@ fn openai_client_gets_what_kiln_run_gets() {
         String::from_utf8_lossy(&client.stderr)
     );
     if report.contains("No module named 'openai'") && std::env::var_os("CI").is_none() {
+        // The metrics count the client's requests, so they are skipped with it.
         eprintln!("\n!!!!!!!! SKIPPED: the `openai` Python package is missing (pip install openai) !!!!!!!!\n");
-    } else {
-        assert!(client.status.success(), "openai client: {report}");
-        eprintln!("{report}");
+        return;
     }
+    assert!(client.status.success(), "openai client: {report}");
+    eprintln!("{report}");
 
     check_metrics(&metrics_url);
 

@@ -8,10 +8,10 @@
 //! other rounding difference into its logits (a different summation order alone moves them by 0.15). The
 //! weighted sum keeps up to `SUM_VECTORS` output vectors in registers per pass over the positions.
 
-use crate::builder::Kb;
+use crate::builder::{Kb, Target};
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, Value};
-use cranelift_codegen::isa::TargetFrontendConfig;
+
 use kiln_ir::cpu_abi::offsets::attention as arg;
 use kiln_ir::cpu_abi::KV_PAGE;
 
@@ -47,10 +47,10 @@ pub fn supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8)
 }
 
-pub fn build(func: &mut Function, config: TargetFrontendConfig, head_dim: usize) {
+pub fn build(func: &mut Function, target: Target, head_dim: usize) {
     debug_assert!(supports(head_dim), "`generate` refuses other widths");
     let vectors = head_dim / 4;
-    Kb::build(func, config, |kb| {
+    Kb::build(func, target, |kb| {
         let q = kb.arg(arg::Q, I64);
         let (k, v) = (kb.arg(arg::K, I64), kb.arg(arg::V, I64));
         let cache = Cache {

@@ -2,7 +2,7 @@
 //! every kernel uses, each written once.
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32X4, I16, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::types::{F32X4, I16, I16X8, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
     BlockArg, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Type, Value,
 };
@@ -13,6 +13,25 @@ pub struct Kb<'a> {
     pub b: FunctionBuilder<'a>,
     /// The argument-block pointer.
     pub args: Value,
+    byte_dot: ByteDot,
+}
+
+/// What kernels are generated for: Cranelift's view of the target, and the instructions that multiply bytes.
+#[derive(Clone, Copy)]
+pub struct Target {
+    pub frontend: TargetFrontendConfig,
+    pub byte_dot: ByteDot,
+}
+
+/// How the host multiplies unsigned by signed bytes and sums each four products (`Kb::dot_u8i8`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteDot {
+    /// The widening multiply-add tree, which Cranelift folds into one `vpdpbusd` on hosts with VNNI (and lowers
+    /// exactly, if slowly, elsewhere).
+    Widening,
+    /// x86 without VNNI: `pmaddubsw` then `pmaddwd` by ones. The tree would lower to about nine widening
+    /// instructions per 16 bytes there; these are two.
+    Pmaddubsw,
 }
 
 /// Memory the kernels touch is always valid, so accesses never trap; alignment is not promised (weight blocks
@@ -35,7 +54,7 @@ fn lanes() -> MemFlagsData {
 
 impl<'a> Kb<'a> {
     /// Starts the body of `func` (one pointer parameter) and hands it to `body`.
-    pub fn build(func: &mut Function, config: TargetFrontendConfig, body: impl FnOnce(&mut Kb)) {
+    pub fn build(func: &mut Function, target: Target, body: impl FnOnce(&mut Kb)) {
         let mut ctx = FunctionBuilderContext::new();
         let mut b = FunctionBuilder::new(func, &mut ctx);
         let entry = b.create_block();
@@ -43,10 +62,14 @@ impl<'a> Kb<'a> {
         b.switch_to_block(entry);
         b.seal_block(entry);
         let args = b.block_params(entry)[0];
-        let mut kb = Kb { b, args };
+        let mut kb = Kb {
+            b,
+            args,
+            byte_dot: target.byte_dot,
+        };
         body(&mut kb);
         kb.b.ins().return_(&[]);
-        kb.b.finalize(config);
+        kb.b.finalize(target.frontend);
     }
 
     pub fn arg(&mut self, offset: i32, ty: Type) -> Value {
@@ -104,6 +127,13 @@ impl<'a> Kb<'a> {
     /// never need.
     pub fn pshufb(&mut self, v: Value, index: Value) -> Value {
         self.b.ins().x86_pshufb(v, index)
+    }
+
+    /// An `i16x8` constant.
+    pub fn i16x8(&mut self, lanes: [i16; 8]) -> Value {
+        let bytes: Vec<u8> = lanes.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let v = self.bytes16(bytes.try_into().expect("16 bytes"));
+        self.bitcast(I16X8, v)
     }
 
     pub fn i32x4(&mut self, v: i32) -> Value {
@@ -205,9 +235,15 @@ impl<'a> Kb<'a> {
         });
     }
 
-    /// `acc + sum of a[i] * b[i]` over each group of 4 bytes, `a` signed and `b` unsigned: written as the tree
-    /// Cranelift folds into one `vpdpbusd` on hosts with VNNI (and lowers exactly, if slower, elsewhere).
+    /// `acc + sum of a[i] * b[i]` over each group of 4 bytes, `a` signed and `b` unsigned, every byte of `b` at
+    /// most 128: with `pmaddubsw`, whose pair sums saturate at i16, that bound keeps them exact.
     pub fn dot_u8i8(&mut self, acc: Value, a_i8: Value, b_u8: Value) -> Value {
+        if self.byte_dot == ByteDot::Pmaddubsw {
+            let pairs = self.b.ins().x86_pmaddubsw(a_i8, b_u8);
+            let ones = self.i16x8([1; 8]);
+            let quads = self.dot_i16(pairs, ones);
+            return self.b.ins().iadd(quads, acc);
+        }
         let ins = |kb: &mut Kb, lo: bool| {
             let a = if lo {
                 kb.b.ins().swiden_low(a_i8)
@@ -229,11 +265,52 @@ impl<'a> Kb<'a> {
         self.b.ins().iadd(sum, acc)
     }
 
-    /// `sum(dot_u8i8(a_i8, b_u8))` over `pairs`, spread over four independent chains summed at the end: a single
-    /// chain would wait on each `vpdpbusd`'s latency in turn. The sums are integers, so the grouping changes no
-    /// result.
-    pub fn dot_u8i8_sum(&mut self, pairs: &[(Value, Value)]) -> Value {
-        let mut chains = [self.i32x4(0); 4];
+    /// `acc + sum of a[i] * (b[i] - 128)` over each group of 4 bytes, for `pmaddubsw` hosts, where `b` itself
+    /// (up to 255) would saturate: the magnitudes `|b - 128|` against `a` negated where `b - 128` is negative, as
+    /// llama.cpp multiplies signed bytes. `a` must not hold -128, whose negation wraps.
+    pub fn dot_biased_u8i8(&mut self, acc: Value, a_i8: Value, b_biased: Value) -> Value {
+        let bias = self.i8x16(0x80);
+        let b = self.b.ins().bxor(b_biased, bias);
+        let magnitude = self.b.ins().iabs(b);
+        let negated = self.b.ins().ineg(a_i8);
+        // `b - 128` is negative exactly where the top bit of `b_biased` is clear.
+        let signed = self.b.ins().blendv(b_biased, a_i8, negated);
+        self.dot_u8i8(acc, signed, magnitude)
+    }
+
+    pub fn byte_dot(&self) -> ByteDot {
+        self.byte_dot
+    }
+
+    /// `acc + sum(dot_u8i8(a_i8, b_u8))` over `pairs`, every byte of each `b_u8` at most `max_code` (at most
+    /// 128). The sums are integers, so their grouping changes no result, and each host groups them its own way:
+    /// - VNNI: each `vpdpbusd` accumulates onto the last; from eight pairs on, in four independent chains summed
+    ///   at the end, since a single chain would wait on each one's latency in turn.
+    /// - `pmaddubsw`: as many pairs as keep the sums exact are added in i16 before one `pmaddwd`. A lane of
+    ///   `pmaddubsw` lies in `[-256 * max_code, 254 * max_code]`, so `128 / max_code` of them fit in i16.
+    pub fn dot_u8i8_sum(&mut self, acc: Value, pairs: &[(Value, Value)], max_code: u8) -> Value {
+        if self.byte_dot == ByteDot::Pmaddubsw {
+            let ones = self.i16x8([1; 8]);
+            let per = (128 / max_code.max(1) as usize).max(1);
+            let mut sum = acc;
+            for chunk in pairs.chunks(per) {
+                let mut words = self.b.ins().x86_pmaddubsw(chunk[0].0, chunk[0].1);
+                for &(a_i8, b_u8) in &chunk[1..] {
+                    let more = self.b.ins().x86_pmaddubsw(a_i8, b_u8);
+                    words = self.b.ins().iadd(words, more);
+                }
+                let quads = self.dot_i16(words, ones);
+                sum = self.b.ins().iadd(quads, sum);
+            }
+            return sum;
+        }
+        if pairs.len() < 8 {
+            return pairs
+                .iter()
+                .fold(acc, |sum, &(a_i8, b_u8)| self.dot_u8i8(sum, a_i8, b_u8));
+        }
+        let zero = self.i32x4(0);
+        let mut chains = [acc, zero, zero, zero];
         for (i, &(a_i8, b_u8)) in pairs.iter().enumerate() {
             chains[i % 4] = self.dot_u8i8(chains[i % 4], a_i8, b_u8);
         }

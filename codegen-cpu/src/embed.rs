@@ -3,11 +3,11 @@
 //! Rows interleaved by the layout are found lane by lane: row `r`'s block `b` is entry
 //! `(r / interleave * blocks + b) * interleave + r % interleave`.
 
-use crate::builder::Kb;
+use crate::builder::{Kb, Target};
 use crate::formats::BlockDot;
 use cranelift_codegen::ir::types::{I32, I64};
 use cranelift_codegen::ir::{Function, InstBuilder};
-use cranelift_codegen::isa::TargetFrontendConfig;
+
 use kiln_ir::cpu_abi::offsets::embed as arg;
 use kiln_ir::layout::Layout;
 
@@ -16,20 +16,14 @@ pub fn supports(dot: &dyn BlockDot) -> bool {
     dot.dequantizer().is_some()
 }
 
-pub fn build(
-    func: &mut Function,
-    config: TargetFrontendConfig,
-    dot: &dyn BlockDot,
-    layout: Layout,
-    k: usize,
-) {
+pub fn build(func: &mut Function, target: Target, dot: &dyn BlockDot, layout: Layout, k: usize) {
     let dequantizer = dot
         .dequantizer()
         .expect("`generate` refuses tables it cannot dequantize");
     let (elems, block_bytes) = (dot.elems(), dot.block_bytes());
     let blocks = k / elems;
     let interleave = layout.interleave as i64;
-    Kb::build(func, config, |kb| {
+    Kb::build(func, target, |kb| {
         let table = kb.arg(arg::TABLE, I64);
         let ids = kb.arg(arg::IDS, I64);
         let tokens = kb.arg(arg::TOKENS, I64);

@@ -4,7 +4,7 @@
 //! codes, plus a correction for the codes' offset or the block minimum through the activations' group sums:
 //! `w = d * code + m` gives `dot = d * dx * sum(code * qx) + m * dx * sum(qx)`.
 
-use crate::builder::Kb;
+use crate::builder::{ByteDot, Kb};
 use crate::kquants::KQuant;
 use crate::ternary_row::TernaryRow;
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -165,12 +165,20 @@ impl Block32 {
     /// so both compute every row's products the same way.
     fn add_codes(&self, kb: &mut Kb, [lo, hi]: [Value; 2], x: &[Value], ddx: Value, acc: RowAcc) {
         let (c0, c1, min_factor) = (x[1], x[2], x[3]);
+        // Q8_0's codes (its weights plus 128) are past `pmaddubsw`'s exact range: there the weights' signs move
+        // onto the activations, and no offset is left to correct.
+        let biased = self.bytes && kb.byte_dot() == ByteDot::Pmaddubsw;
         let start = match self.min_at {
-            Some(_) => kb.i32x4(0),
-            None => min_factor,
+            None if !biased => min_factor,
+            _ => kb.i32x4(0),
         };
-        let isum = kb.dot_u8i8(start, c0, lo);
-        let isum = kb.dot_u8i8(isum, c1, hi);
+        let isum = if biased {
+            let isum = kb.dot_biased_u8i8(start, c0, lo);
+            kb.dot_biased_u8i8(isum, c1, hi)
+        } else {
+            let max_code = if self.qh_at.is_some() { 31 } else { 15 };
+            kb.dot_u8i8_sum(start, &[(c0, lo), (c1, hi)], max_code)
+        };
         let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
         let v = kb.b.use_var(acc.v);
         let v = kb.b.ins().fma(fsum, ddx, v);

@@ -1,5 +1,6 @@
 //! The host's instruction set, as Cranelift sees it.
 
+use crate::builder::{ByteDot, Target};
 use cranelift_codegen::ir::Type;
 use cranelift_codegen::isa::{CallConv, OwnedTargetIsa, TargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
@@ -29,14 +30,22 @@ pub fn host_isa() -> Result<CpuIsa, IsaError> {
 /// This architecture's portable target: what any server CPU of the last decade has, so a plan compiled for it
 /// runs on every node of a cluster.
 pub fn portable_isa() -> Result<CpuIsa, IsaError> {
+    isa_with_features(if cfg!(target_arch = "x86_64") {
+        PORTABLE_X86_64
+    } else {
+        &[]
+    })
+}
+
+/// This architecture's target with exactly `features` (Cranelift's names without `has_`: `avx2`, `avx_vnni`,
+/// ...), whatever the host has: for code to run elsewhere, or only to look at (the CLIF snapshots).
+pub fn isa_with_features(features: &[&str]) -> Result<CpuIsa, IsaError> {
     let mut builder = cranelift_native::builder_with_options(false)
         .map_err(|e| IsaError::Unsupported(e.to_string()))?;
-    if cfg!(target_arch = "x86_64") {
-        for feature in PORTABLE_X86_64 {
-            builder
-                .enable(&format!("has_{feature}"))
-                .map_err(|e| IsaError::Unsupported(e.to_string()))?;
-        }
+    for feature in features {
+        builder
+            .enable(&format!("has_{feature}"))
+            .map_err(|e| IsaError::Unsupported(e.to_string()))?;
     }
     finish(builder)
 }
@@ -65,6 +74,32 @@ impl CpuIsa {
 
     pub fn pointer_type(&self) -> Type {
         self.isa.pointer_type()
+    }
+
+    /// What kernels are generated for: the frontend config and the byte dot product the flags make fastest.
+    pub(crate) fn kernel_target(&self) -> Target {
+        Target {
+            frontend: self.isa.frontend_config(),
+            byte_dot: self.byte_dot(),
+        }
+    }
+
+    /// `pmaddubsw` on x86 hosts without VNNI; elsewhere the widening tree (`vpdpbusd` where VNNI has it, as
+    /// Cranelift's lowering checks: AVX-VNNI, or AVX512-VNNI with AVX512VL).
+    fn byte_dot(&self) -> ByteDot {
+        let has = |name: &str| {
+            self.isa
+                .isa_flags()
+                .iter()
+                .any(|v| v.name == name && v.as_bool() == Some(true))
+        };
+        let vnni = (has("has_avx") && has("has_avx_vnni"))
+            || (has("has_avx512vl") && has("has_avx512vnni"));
+        if self.arch() == "x86_64" && has("has_ssse3") && has("has_sse41") && !vnni {
+            ByteDot::Pmaddubsw
+        } else {
+            ByteDot::Widening
+        }
     }
 
     /// `x86_64`, `aarch64`, ...

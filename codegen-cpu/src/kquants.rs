@@ -242,7 +242,11 @@ impl Grouped for KQuant {
     ) -> bool {
         let (codes, rest) = block.split_at(4 * GROUPS);
         let (x, dx) = (x[0], x[1]);
-        let totals = transposed_group_dots(kb, codes, x);
+        let max_code = match self.format {
+            QuantFormat::Q6_K => Q6K::MAX_CODE,
+            _ => ScaleMinK::MAX_CODE,
+        };
+        let totals = transposed_group_dots(kb, codes, x, max_code);
         let dx = kb.b.ins().splat(F32X4, dx);
         match self.format {
             QuantFormat::Q6_K => Q6K::accumulate_grouped(kb, &totals, rest, x, dx, accs),
@@ -273,16 +277,15 @@ fn interleave_halves16(kb: &mut Kb, v: Value) -> Value {
 
 /// Each group's `sum(code * qx)` for four rows, one row per lane, from the group's four transposed code vectors,
 /// each against four activation codes broadcast.
-fn transposed_group_dots(kb: &mut Kb, codes: &[Value], x: Value) -> Vec<Value> {
+fn transposed_group_dots(kb: &mut Kb, codes: &[Value], x: Value, max_code: u8) -> Vec<Value> {
     (0..GROUPS)
         .map(|g| {
             let act = act_codes(kb, x, g);
-            let mut sum = kb.i32x4(0);
-            for k in 0..4u8 {
-                let four = kb.shuffle32(act, act, [k; 4]);
-                sum = kb.dot_u8i8(sum, four, codes[4 * g + k as usize]);
-            }
-            sum
+            let pairs: Vec<(Value, Value)> = (0..4u8)
+                .map(|k| (kb.shuffle32(act, act, [k; 4]), codes[4 * g + k as usize]))
+                .collect();
+            let zero = kb.i32x4(0);
+            kb.dot_u8i8_sum(zero, &pairs, max_code)
         })
         .collect()
 }
@@ -333,22 +336,26 @@ impl Dequantize for KQuant {
     }
 }
 
+/// The largest ternary digit (-1, 0, +1 stored as 0, 1, 2), the bound `Kb::dot_u8i8_sum` takes.
+pub(crate) const TERNARY_MAX_CODE: u8 = 2;
+
 /// Groups of 16 values in a block of 256: the activations' group sums, and one code vector each.
 const GROUPS: usize = 16;
 
 /// `sum(code * qx)` over each run of `per` consecutive groups, as `i32x4` partial sums: a run's `vpdpbusd`s
 /// accumulate into one register (integer sums, so the grouping changes no result).
-fn group_dots(kb: &mut Kb, codes: &[Value], x: Value, per: usize) -> Vec<Value> {
+fn group_dots(kb: &mut Kb, codes: &[Value], x: Value, per: usize, max_code: u8) -> Vec<Value> {
     codes
         .chunks_exact(per)
         .enumerate()
         .map(|(run, codes)| {
-            let mut sum = kb.i32x4(0);
-            for (i, &c) in codes.iter().enumerate() {
-                let xq = act_codes(kb, x, per * run + i);
-                sum = kb.dot_u8i8(sum, xq, c);
-            }
-            sum
+            let pairs: Vec<(Value, Value)> = codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| (act_codes(kb, x, per * run + i), c))
+                .collect();
+            let zero = kb.i32x4(0);
+            kb.dot_u8i8_sum(zero, &pairs, max_code)
         })
         .collect()
 }
@@ -363,6 +370,8 @@ struct ScaleMinK {
 
 impl ScaleMinK {
     const SCALES_AT: usize = 8;
+    /// The largest code (`Kb::dot_u8i8_sum`): Q5_K's five bits, which bound Q4_K's four too.
+    const MAX_CODE: u8 = 31;
 
     fn of(format: QuantFormat) -> Self {
         let qh_at = match format {
@@ -454,7 +463,7 @@ impl ScaleMinK {
     fn accumulate(kb: &mut Kb, codes: &[Value], rest: &[Value], x: Value, dx: Value, acc: RowAcc) {
         let (scales, mins, d, dmin) = (rest[0], rest[1], rest[2], rest[3]);
         // Sub-block j is groups 2j and 2j + 1.
-        let dots = group_dots(kb, codes, x, 2);
+        let dots = group_dots(kb, codes, x, 2, Self::MAX_CODE);
         let scales = kb.b.ins().uwiden_low(scales);
         let sc_lo = kb.b.ins().uwiden_low(scales);
         let sc_hi = kb.b.ins().uwiden_high(scales);
@@ -531,6 +540,7 @@ impl ScaleMinK {
 struct Q6K;
 
 impl Q6K {
+    const MAX_CODE: u8 = 63;
     const QL_AT: usize = 4;
     const QH_AT: usize = 4 + 128;
     const SCALES_AT: usize = 4 + 128 + 64;
@@ -558,7 +568,7 @@ impl Q6K {
 
     fn accumulate(kb: &mut Kb, codes: &[Value], rest: &[Value], x: Value, dx: Value, acc: RowAcc) {
         let (scales, d) = (rest[0], rest[1]);
-        let dots = group_dots(kb, codes, x, 1);
+        let dots = group_dots(kb, codes, x, 1, Self::MAX_CODE);
         let scales16 = [
             kb.b.ins().swiden_low(scales),
             kb.b.ins().swiden_high(scales),
@@ -654,8 +664,9 @@ fn ternary_accumulate(kb: &mut Kb, codes: &[Value], d: Value, x: Value, dx: Valu
         .enumerate()
         .map(|(g, &c)| (act_codes(kb, x, g), c))
         .collect();
-    let dot = kb.dot_u8i8_sum(&pairs);
-    let ones = i16x8(kb, [1; 8]);
+    let zero = kb.i32x4(0);
+    let dot = kb.dot_u8i8_sum(zero, &pairs, TERNARY_MAX_CODE);
+    let ones = kb.i16x8([1; 8]);
     let sums = act_group_sums(kb, x);
     let a = kb.dot_i16(sums[0], ones);
     let b = kb.dot_i16(sums[1], ones);
@@ -663,13 +674,6 @@ fn ternary_accumulate(kb: &mut Kb, codes: &[Value], d: Value, x: Value, dx: Valu
     let sum = kb.b.ins().isub(dot, total);
     let ddx = kb.b.ins().fmul(d, dx);
     add_scaled(kb, acc, sum, ddx);
-}
-
-/// An `i16x8` constant.
-fn i16x8(kb: &mut Kb, lanes: [i16; 8]) -> Value {
-    let bytes: Vec<u8> = lanes.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let v = kb.bytes16(bytes.try_into().expect("16 bytes"));
-    kb.bitcast(I16X8, v)
 }
 
 /// TQ1_0: five base-3 digits per byte stored as the fraction ceil(q * 256 / 243), so digit k of byte v is

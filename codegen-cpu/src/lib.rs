@@ -17,7 +17,7 @@ mod rms_norm;
 mod rope;
 mod ternary_row;
 
-pub use isa::{host_isa, portable_isa, CpuIsa, IsaError};
+pub use isa::{host_isa, isa_with_features, portable_isa, CpuIsa, IsaError};
 
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::{AbiParam, Function, Signature, UserFuncName};
@@ -65,7 +65,7 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
     let mut func = Function::with_name_signature(UserFuncName::testcase(function.to_string()), sig);
     match function {
         CpuFunction::Quantize { act, k, norm } => {
-            quantize::build(&mut func, isa.target().frontend_config(), *act, *k, *norm)
+            quantize::build(&mut func, isa.kernel_target(), *act, *k, *norm)
         }
         CpuFunction::Attention { head_dim } if !attention::supports(*head_dim) => {
             return Err(CodegenError::Unsupported(
@@ -74,7 +74,7 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
             ))
         }
         CpuFunction::Attention { head_dim } => {
-            attention::build(&mut func, isa.target().frontend_config(), *head_dim)
+            attention::build(&mut func, isa.kernel_target(), *head_dim)
         }
         CpuFunction::Rope { head_dim, dims, .. } if !rope::supports(*head_dim, *dims) => {
             return Err(CodegenError::Unsupported(
@@ -93,13 +93,7 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
                         format!("no generated dequantizer for {format} in the {layout} layout"),
                     )
                 })?;
-            embed::build(
-                &mut func,
-                isa.target().frontend_config(),
-                dot.as_ref(),
-                *layout,
-                *k,
-            )
+            embed::build(&mut func, isa.kernel_target(), dot.as_ref(), *layout, *k)
         }
         CpuFunction::RmsNorm { n, .. } if !rms_norm::supports(*n) => {
             return Err(CodegenError::Unsupported(
@@ -108,19 +102,13 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
             ))
         }
         &CpuFunction::RmsNorm { n, residual } => {
-            rms_norm::build(&mut func, isa.target().frontend_config(), n, residual)
+            rms_norm::build(&mut func, isa.kernel_target(), n, residual)
         }
         &CpuFunction::Rope {
             head_dim,
             dims,
             style,
-        } => rope::build(
-            &mut func,
-            isa.target().frontend_config(),
-            head_dim,
-            dims,
-            style,
-        ),
+        } => rope::build(&mut func, isa.kernel_target(), head_dim, dims, style),
         CpuFunction::MatMul {
             format,
             layout,
@@ -135,7 +123,7 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
             })?;
             matmul::build(
                 &mut func,
-                isa.target().frontend_config(),
+                isa.kernel_target(),
                 dot.as_ref(),
                 *layout,
                 *k,

@@ -14,12 +14,12 @@
 //! (Tiling tokens without the buffer, unpacking each block once per tile of tokens, measured slower on SmolLM2's
 //! prefill, 157 vs 206 tok/s at 512 tokens: the tile's accumulators and activations overflow the registers.)
 
-use crate::builder::Kb;
+use crate::builder::{Kb, Target};
 use crate::formats::{BlockDot, Grouped, RowAcc};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, StackSlotData, StackSlotKind, Type, Value};
-use cranelift_codegen::isa::TargetFrontendConfig;
+
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::offsets::matmul as arg;
 use kiln_ir::cpu_abi::Epilogue;
@@ -73,7 +73,7 @@ enum Source<'s> {
 
 pub fn build(
     func: &mut Function,
-    config: TargetFrontendConfig,
+    target: Target,
     dot: &dyn BlockDot,
     layout: Layout,
     k: usize,
@@ -93,7 +93,7 @@ pub fn build(
         1
     };
     let scratch = Some(Scratch::new(&shape, tensors)).filter(|s| s.bytes <= SCRATCH_BYTES);
-    Kb::build(func, config, |kb| {
+    Kb::build(func, target, |kb| {
         let a = Args {
             x: kb.arg(arg::X, I64),
             x_stride: kb.arg(arg::X_STRIDE, I64),

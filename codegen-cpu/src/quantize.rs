@@ -1,11 +1,11 @@
 //! Activation quantization: rows of f32 (RMS-normalized first when the kernel is a norm prologue) rounded to the
 //! block format the weights' dot product reads, with ggml's rounding rules (`kiln_ir::activation`).
 
-use crate::builder::Kb;
+use crate::builder::{Kb, Target};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, Value};
-use cranelift_codegen::isa::TargetFrontendConfig;
+
 use kiln_ir::cpu_abi::offsets::quantize as arg;
 use kiln_ir::cpu_abi::{ActFormat, FloatRound};
 
@@ -32,14 +32,8 @@ impl Source {
     }
 }
 
-pub fn build(
-    func: &mut Function,
-    config: TargetFrontendConfig,
-    act: ActFormat,
-    k: usize,
-    norm: bool,
-) {
-    Kb::build(func, config, |kb| {
+pub fn build(func: &mut Function, target: Target, act: ActFormat, k: usize, norm: bool) {
+    Kb::build(func, target, |kb| {
         let x = kb.arg(arg::X, I64);
         let x_stride = kb.arg(arg::X_STRIDE, I64);
         let gain = kb.arg(arg::GAIN, I64);

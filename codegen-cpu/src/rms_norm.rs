@@ -3,11 +3,11 @@
 //! activation quantizer's (`quantize::rms_scale`, squares summed in f64), and each value is `x * scale * gain`
 //! (then `residual + ...`) in the executor's order, so the result is the reference's.
 
-use crate::builder::Kb;
+use crate::builder::{Kb, Target};
 use crate::quantize::rms_scale;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder};
-use cranelift_codegen::isa::TargetFrontendConfig;
+
 use kiln_ir::cpu_abi::offsets::rms_norm as arg;
 
 /// Whether a group width has a generated norm: whole vectors, and pairs for the f64 sum.
@@ -15,9 +15,9 @@ pub fn supports(n: usize) -> bool {
     n.is_multiple_of(4)
 }
 
-pub fn build(func: &mut Function, config: TargetFrontendConfig, n: usize, residual: bool) {
+pub fn build(func: &mut Function, target: Target, n: usize, residual: bool) {
     debug_assert!(supports(n), "`generate` refuses other widths");
-    Kb::build(func, config, |kb| {
+    Kb::build(func, target, |kb| {
         let x = kb.arg(arg::X, I64);
         let x_stride = kb.arg(arg::X_STRIDE, I64);
         let out = kb.arg(arg::OUT, I64);

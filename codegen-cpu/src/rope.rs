@@ -7,10 +7,10 @@
 //! NeoX pairs (i, i + dims/2) are lane-aligned vectors; interleaved pairs (2i, 2i + 1) sit side by side in a
 //! vector, which meets its own swap `[x1, x0, ...]` and the table entries duplicated `[c0, c0, c1, c1]`.
 
-use crate::builder::Kb;
+use crate::builder::{Kb, Target};
 use cranelift_codegen::ir::types::{F32X4, I32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, Value};
-use cranelift_codegen::isa::TargetFrontendConfig;
+
 use kiln_ir::cpu_abi::offsets::rope as arg;
 use kiln_ir::RopeStyle;
 
@@ -19,16 +19,10 @@ pub fn supports(head_dim: usize, dims: usize) -> bool {
     dims.is_multiple_of(8) && dims <= head_dim
 }
 
-pub fn build(
-    func: &mut Function,
-    config: TargetFrontendConfig,
-    head_dim: usize,
-    dims: usize,
-    style: RopeStyle,
-) {
+pub fn build(func: &mut Function, target: Target, head_dim: usize, dims: usize, style: RopeStyle) {
     debug_assert!(supports(head_dim, dims), "`generate` refuses other shapes");
     let half = dims / 2;
-    Kb::build(func, config, |kb| {
+    Kb::build(func, target, |kb| {
         let x = kb.arg(arg::X, I64);
         let x_stride = kb.arg(arg::X_STRIDE, I64);
         let tokens = kb.arg(arg::TOKENS, I64);

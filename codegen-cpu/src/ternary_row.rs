@@ -11,7 +11,7 @@
 
 use crate::builder::Kb;
 use crate::formats::{bit_mask16, BlockDot, RowAcc};
-use crate::kquants::shift_bytes;
+use crate::kquants::{shift_bytes, TERNARY_MAX_CODE};
 use cranelift_codegen::ir::types::{F32, I16X8, I32, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use kiln_ir::cpu_abi::ActFormat;
@@ -64,7 +64,8 @@ impl BlockDot for TernaryRow {
                 (xq, codes)
             })
             .collect();
-        let dot = kb.dot_u8i8_sum(&pairs);
+        let zero = kb.i32x4(0);
+        let dot = kb.dot_u8i8_sum(zero, &pairs, TERNARY_MAX_CODE);
         // The codes' offset of 1: minus the activations' total, from their eight group sums.
         let sums = kb.load(I16X8, x, ActFormat::SUMS_AT);
         let ones = kb.bytes16(std::array::from_fn(|i| (i % 2 == 0) as u8));

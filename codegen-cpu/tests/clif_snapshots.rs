@@ -1,16 +1,26 @@
 //! The CLIF of one kernel per format and per epilogue, as generated (before Cranelift's optimizations), so any
 //! change to code generation shows up in review. Bless changes with `INSTA_UPDATE=always` (or `cargo insta`).
 
-use kiln_codegen_cpu::{generate, host_isa};
+use kiln_codegen_cpu::{generate, isa_with_features, portable_isa, CpuIsa};
 use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, FloatRound};
 use kiln_ir::layout::Layout;
 use kiln_ir::{Activation, QuantFormat};
 
+/// A fixed target, whatever the host: x86-64 with AVX-VNNI, whose byte dot products are the widening tree that
+/// Cranelift folds into `vpdpbusd`.
+fn vnni_isa() -> CpuIsa {
+    isa_with_features(&[
+        "sse3", "ssse3", "sse41", "sse42", "avx", "avx2", "fma", "avx_vnni",
+    ])
+    .unwrap()
+}
+
+fn clif_for(function: CpuFunction, isa: &CpuIsa) -> String {
+    generate(&function, isa).unwrap().display().to_string()
+}
+
 fn clif(function: CpuFunction) -> String {
-    generate(&function, &host_isa().unwrap())
-        .unwrap()
-        .display()
-        .to_string()
+    clif_for(function, &vnni_isa())
 }
 
 const X4: Layout = Layout {
@@ -72,6 +82,31 @@ fn matmul_per_format() {
             epilogue: Epilogue::Store,
         };
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
+    }
+}
+
+/// On x86 without VNNI (the portable target) the byte dot products are `pmaddubsw` and `pmaddwd`, and Q8_0 moves
+/// its weights' signs onto the activations: one Block32 format with 4-bit codes, Q8_0, and a k-quant.
+#[test]
+fn matmul_without_vnni() {
+    for (format, interleave, k) in [
+        (QuantFormat::Q4_1, 4, 64),
+        (QuantFormat::Q8_0, 4, 64),
+        (QuantFormat::Q4_K, 1, 256),
+    ] {
+        let f = CpuFunction::MatMul {
+            format,
+            layout: Layout {
+                f32_scales: true,
+                interleave,
+            },
+            k,
+            epilogue: Epilogue::Store,
+        };
+        insta::assert_snapshot!(
+            format!("matmul_{format}_pmaddubsw"),
+            clif_for(f, &portable_isa().unwrap())
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{reference, Loaded, MatMul, FORMATS};
-use kiln_codegen_cpu::{host_isa, CpuIsa};
+use kiln_codegen_cpu::{host_isa, portable_isa, CpuIsa};
 use kiln_ir::activation::ActivationFormat;
 use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, QuantizeArgs};
 use kiln_ir::layout::{f16_fields, Layout};
@@ -79,9 +79,23 @@ fn layouts_of(format: QuantFormat) -> Vec<Layout> {
     }
 }
 
+/// The host's ISA and the portable one, named: on a host with VNNI, the byte dot products of both `vpdpbusd` and
+/// `pmaddubsw` (elsewhere both take `pmaddubsw`).
+fn byte_dot_isas() -> [(&'static str, CpuIsa); 2] {
+    [
+        ("host", host_isa().unwrap()),
+        ("portable", portable_isa().unwrap()),
+    ]
+}
+
 #[test]
 fn matmuls_match_the_reference_over_formats_shapes_and_epilogues() {
-    let isa = host_isa().unwrap();
+    for (target, isa) in byte_dot_isas() {
+        matmuls_match_the_reference(target, &isa);
+    }
+}
+
+fn matmuls_match_the_reference(target: &str, isa: &CpuIsa) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let epilogues = [
         Epilogue::Store,
@@ -117,10 +131,10 @@ fn matmuls_match_the_reference_over_formats_shapes_and_epilogues() {
                         tokens,
                         epilogue,
                     };
-                    let err = run_case(&isa, &mut rng, &case);
+                    let err = run_case(isa, &mut rng, &case);
                     assert!(
                         err < 2e-4,
-                        "{format} {layout} n={n} k={k} t={tokens} {}: relative error {err}",
+                        "{target}: {format} {layout} n={n} k={k} t={tokens} {}: relative error {err}",
                         epilogue.name()
                     );
                 }
@@ -173,13 +187,18 @@ fn dequantize_act(act: ActFormat, row: &[u8], k: usize) -> Vec<f32> {
 /// call for that token alone gives. The server relies on it: batching must not change a greedy request's ids.
 #[test]
 fn matmuls_over_several_tokens_give_each_token_its_one_token_outputs() {
-    let isa = host_isa().unwrap();
+    for (target, isa) in byte_dot_isas() {
+        batching_keeps_each_tokens_outputs(target, &isa);
+    }
+}
+
+fn batching_keeps_each_tokens_outputs(target: &str, isa: &CpuIsa) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for format in FORMATS {
         for layout in layouts_of(format) {
             for epilogue in [Epilogue::Residual, Epilogue::Gated(Activation::Silu)] {
                 let (n, k, tokens) = (12, 768, 5);
-                let mut m = MatMul::new(&isa, &mut rng, format, layout, n, k, tokens, epilogue);
+                let mut m = MatMul::new(isa, &mut rng, format, layout, n, k, tokens, epilogue);
                 m.quantize();
                 m.run(0, n);
                 let batched = m.out.clone();
@@ -194,10 +213,86 @@ fn matmuls_over_several_tokens_give_each_token_its_one_token_outputs() {
                 assert_eq!(
                     differs,
                     None,
-                    "{format} {layout} {}: output {differs:?} of {tokens} tokens computed together differs \
+                    "{target}: {format} {layout} {}: output {differs:?} of {tokens} tokens computed together differs \
                      from the token computed alone",
                     epilogue.name()
                 );
+            }
+        }
+    }
+}
+
+/// Weights whose every code is its format's largest value, with unit scales (Q8_0: -128 in even rows, 127 in odd
+/// ones, the extremes of both its byte dot products).
+fn extreme_weight(format: QuantFormat, rows: usize, k: usize) -> Vec<u8> {
+    let tensor_scale = |mut bytes: Vec<u8>| {
+        bytes.extend(1.0f32.to_le_bytes());
+        bytes.extend([0u8; 28]);
+        bytes
+    };
+    match format {
+        QuantFormat::TL1 | QuantFormat::TL2 => {
+            tensor_scale(kiln_ir::tl::row_blocks(format, &vec![1; rows * k]))
+        }
+        QuantFormat::I2_S => tensor_scale(vec![0xAA; rows * k / 4]),
+        _ => {
+            let fill = match format {
+                QuantFormat::Q8_0 => 0x80,
+                QuantFormat::TQ2_0 => 0xAA,
+                _ => 0xFF,
+            };
+            let mut bytes = vec![fill; rows * k / format.block_elems() * format.block_bytes()];
+            let row_bytes = k / format.block_elems() * format.block_bytes();
+            if format == QuantFormat::Q8_0 {
+                bytes
+                    .chunks_exact_mut(row_bytes)
+                    .skip(1)
+                    .step_by(2)
+                    .for_each(|row| row.fill(0x7F));
+            }
+            for block in bytes.chunks_exact_mut(format.block_bytes()) {
+                for &f in f16_fields(format) {
+                    block[f..f + 2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+                }
+            }
+            bytes
+        }
+    }
+}
+
+/// The byte dot products stay exact at the extremes: every weight code at its largest and every activation
+/// code at +-127, where `pmaddubsw`'s i16 pair sums (and the i16 sums of several of them) are closest to
+/// saturating.
+#[test]
+fn matmuls_are_exact_at_the_largest_codes() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    for (target, isa) in byte_dot_isas() {
+        for format in FORMATS.into_iter().filter(|f| !f.is_float()) {
+            for layout in layouts_of(format) {
+                let (n, k, tokens) = (8, 512, 3);
+                let mut m = MatMul::new(
+                    &isa,
+                    &mut rng,
+                    format,
+                    layout,
+                    n,
+                    k,
+                    tokens,
+                    Epilogue::Store,
+                );
+                m.w = layout.repack(format, &[n, k], &extreme_weight(format, n, k));
+                for sign in [1.0, -1.0] {
+                    m.x.fill(sign);
+                    m.quantize();
+                    m.run(0, n);
+                    let expected = reference(&m.view(&m.w), &m.x, k);
+                    for (i, (got, want)) in m.out.iter().zip(&expected).enumerate() {
+                        assert!(
+                            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "{target}: {format} {layout} activations {sign}: output {i} is {got}, not {want}"
+                        );
+                    }
+                }
             }
         }
     }
