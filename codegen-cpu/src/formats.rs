@@ -8,7 +8,7 @@ use crate::builder::{ByteDot, Kb};
 use crate::kquants::KQuant;
 use crate::ternary_row::TernaryRow;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
@@ -185,21 +185,20 @@ impl Block32 {
         kb.b.def_var(acc.v, v);
     }
 
-    /// The 16 bits of `qh` from `first_bit` spread over 16 bytes: 0x10 where the bit is set, else 0.
-    fn high_bits(kb: &mut Kb, qh: Value, first_bit: usize) -> Value {
-        let set = bit_mask16(kb, qh, first_bit);
+    /// The 16 bits of bytes `at` and `at + 1` of `qh` spread over 16 bytes: 0x10 where the bit is set, else 0.
+    fn high_bits(kb: &mut Kb, qh: Value, at: u8) -> Value {
+        let set = bit_mask16(kb, qh, at);
         let high = kb.i8x16(0x10);
         kb.b.ins().band(set, high)
     }
 }
 
-/// The 16 bits of the 32-bit `word` from `first_bit` (0 or 16) as 16 byte lanes: 0xFF where the bit is set.
-pub(crate) fn bit_mask16(kb: &mut Kb, word: Value, first_bit: usize) -> Value {
-    let splat = kb.b.ins().splat(I32X4, word);
-    let bytes = kb.bitcast(I8X16, splat);
-    let byte = (first_bit / 8) as u8;
-    let mut index = [byte; 16];
-    index[8..].fill(byte + 1);
+/// The 16 bits of bytes `at` and `at + 1` of the vector `bytes` as 16 byte lanes: 0xFF where the bit is set.
+/// The bits come in a vector load that covers them, not a scalar load: broadcasting a scalar costs a move and a
+/// broadcast per use, where the `pshufb` that spreads the bits picks them from any byte of a vector.
+pub(crate) fn bit_mask16(kb: &mut Kb, bytes: Value, at: u8) -> Value {
+    let mut index = [at; 16];
+    index[8..].fill(at + 1);
     let index = kb.bytes16(index);
     let spread = kb.pshufb(bytes, index);
     let masks = kb.bytes16(std::array::from_fn(|i| 1 << (i % 8)));
@@ -263,9 +262,10 @@ impl BlockDot for Block32 {
             (kb.b.ins().band(q, mask), kb.b.ins().ushr_imm_s(q, 4))
         };
         if let Some(at) = self.qh_at {
-            let qh = kb.load(I32, w, at);
+            // 16 bytes from `qh`, which end within the block (before the codes' last 4).
+            let qh = kb.load(I8X16, w, at);
             let h0 = Self::high_bits(kb, qh, 0);
-            let h1 = Self::high_bits(kb, qh, 16);
+            let h1 = Self::high_bits(kb, qh, 2);
             lo = kb.b.ins().bor(lo, h0);
             hi = kb.b.ins().bor(hi, h1);
         }

@@ -12,7 +12,7 @@
 use crate::builder::Kb;
 use crate::formats::{bit_mask16, BlockDot, RowAcc};
 use crate::kquants::{shift_bytes, TERNARY_MAX_CODE};
-use cranelift_codegen::ir::types::{F32, I16X8, I32, I32X4, I8X16};
+use cranelift_codegen::ir::types::{F32, I16X8, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use kiln_ir::cpu_abi::ActFormat;
 use kiln_ir::tl;
@@ -159,11 +159,12 @@ fn tl1_codes(kb: &mut Kb, w: Value) -> Vec<Value> {
 /// `(96 + j, 112 + j)` high and `(104 + j, 120 + j)` low.
 fn tl2_codes(kb: &mut Kb, w: Value) -> Vec<Value> {
     let bytes = kb.load(I8X16, w, 0);
-    let signs = kb.load(I32, w, 16);
+    // Bytes 12..28: the signs are its bytes 4..8.
+    let signs = kb.load(I8X16, w, 12);
     let two = kb.i8x16(2);
     let mut codes = Vec::with_capacity(VECTORS);
-    for (index, first_bit) in nibbles(kb, bytes).into_iter().zip([0, 16]) {
-        let negative = bit_mask16(kb, signs, first_bit);
+    for (index, at) in nibbles(kb, bytes).into_iter().zip([4, 6]) {
+        let negative = bit_mask16(kb, signs, at);
         for n in 0..3 {
             let digits = table(kb, |i| {
                 code(
