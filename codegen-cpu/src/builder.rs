@@ -239,10 +239,7 @@ impl<'a> Kb<'a> {
     /// most 128: with `pmaddubsw`, whose pair sums saturate at i16, that bound keeps them exact.
     pub fn dot_u8i8(&mut self, acc: Value, a_i8: Value, b_u8: Value) -> Value {
         if self.byte_dot == ByteDot::Pmaddubsw {
-            let pairs = self.b.ins().x86_pmaddubsw(a_i8, b_u8);
-            let ones = self.i16x8([1; 8]);
-            let quads = self.dot_i16(pairs, ones);
-            return self.b.ins().iadd(quads, acc);
+            return self.dot_u8i8_sum(acc, &[(a_i8, b_u8)], 128);
         }
         let ins = |kb: &mut Kb, lo: bool| {
             let a = if lo {
