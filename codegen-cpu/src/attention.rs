@@ -6,11 +6,12 @@
 //! operation for operation (eight partial sums per score, added in order; each value row added with its
 //! normalized weight, multiply then add), so the two differ only in `exp`'s last bits: SmolLM2 amplifies any
 //! other rounding difference into its logits (a different summation order alone moves them by 0.15). The
-//! weighted sum keeps up to `SUM_VECTORS` output vectors in registers per pass over the positions.
+//! weighted sum keeps up to `SUM_VECTORS` output vectors in registers per pass over a block of positions.
 
 use crate::builder::{Kb, Target};
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, Value};
+use cranelift_frontend::Variable;
 
 use kiln_ir::cpu_abi::offsets::attention as arg;
 use kiln_ir::cpu_abi::KV_PAGE;
@@ -18,8 +19,21 @@ use kiln_ir::cpu_abi::KV_PAGE;
 /// Output vectors accumulated per pass of the weighted sum: 8 accumulators leave registers for the loads.
 const SUM_VECTORS: usize = 8;
 
+/// Positions per block of the weighted sum: 32 value rows of a 256-wide head are 32 KiB, which stay in cache
+/// through the block's passes.
+const VALUE_BLOCK: usize = 32;
+
 /// Positions scored together (a power of two): their dot products interleaved.
 const SCORE_KEYS: usize = 4;
+
+/// Vectors of the head per iteration of the score loop: up to 8, even (so a vector's partial sum is the same in
+/// every chunk) and dividing the head's vectors (an even count for every supported width).
+fn score_chunk(vectors: usize) -> usize {
+    [8, 4, 2]
+        .into_iter()
+        .find(|&n| vectors.is_multiple_of(n))
+        .expect("supported heads have an even number of vectors")
+}
 
 struct Cache {
     pages: Value,
@@ -50,6 +64,7 @@ pub fn supports(head_dim: usize) -> bool {
 pub fn build(func: &mut Function, target: Target, head_dim: usize) {
     debug_assert!(supports(head_dim), "`generate` refuses other widths");
     let vectors = head_dim / 4;
+    let chunk = score_chunk(vectors);
     Kb::build(func, target, |kb| {
         let q = kb.arg(arg::Q, I64);
         let (k, v) = (kb.arg(arg::K, I64), kb.arg(arg::V, I64));
@@ -78,20 +93,34 @@ pub fn build(func: &mut Function, target: Target, head_dim: usize) {
                 .map(|n| kb.b.ins().iadd_imm_s(j, n as i64))
                 .collect();
             let rows: Vec<Value> = positions.iter().map(|&p| cache.row(kb, k, p)).collect();
-            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per position.
+            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per position, carried
+            // through a loop over chunks of the head. Unrolled over the whole head, Cranelift elaborated one
+            // position's chain at a time: one long chain of dependent adds, with `q` spilled for the next positions.
             let zero = kb.f32x4(0.0);
-            let mut partials = vec![[zero; 2]; keys];
-            for i in 0..vectors {
-                let qi = kb.load(F32X4, q, 16 * i);
-                for (partial, &row) in partials.iter_mut().zip(&rows) {
-                    let ki = kb.load(F32X4, row, 16 * i);
-                    let product = kb.b.ins().fmul(qi, ki);
-                    partial[i % 2] = kb.b.ins().fadd(partial[i % 2], product);
+            let partials: Vec<[Variable; 2]> = (0..keys)
+                .map(|_| [0, 1].map(|_| kb.var(F32X4, zero)))
+                .collect();
+            let walks: Vec<(Value, usize)> = std::iter::once(q)
+                .chain(rows.iter().copied())
+                .map(|start| (start, 16 * chunk))
+                .collect();
+            kb.for_walk(vectors / chunk, &walks, |kb, at| {
+                let (q, rows) = (at[0], &at[1..]);
+                for i in 0..chunk {
+                    let qi = kb.load(F32X4, q, 16 * i);
+                    for (partial, &row) in partials.iter().zip(rows) {
+                        let ki = kb.load(F32X4, row, 16 * i);
+                        let product = kb.b.ins().fmul(qi, ki);
+                        let sum = kb.b.use_var(partial[i % 2]);
+                        let sum = kb.b.ins().fadd(sum, product);
+                        kb.b.def_var(partial[i % 2], sum);
+                    }
                 }
-            }
+            });
             for (partial, &position) in partials.into_iter().zip(&positions) {
                 let mut dot = kb.f32(0.0);
                 for half in partial {
+                    let half = kb.b.use_var(half);
                     for lane in 0..4 {
                         let p = kb.b.ins().extractlane(half, lane);
                         dot = kb.b.ins().fadd(dot, p);
@@ -147,29 +176,44 @@ pub fn build(func: &mut Function, target: Target, head_dim: usize) {
         let one = kb.f32(1.0);
         let inv = kb.b.ins().fdiv(one, total);
 
-        // The weighted sum of values, `SUM_VECTORS` output vectors per pass.
-        for pass in (0..vectors).step_by(SUM_VECTORS) {
-            let width = SUM_VECTORS.min(vectors - pass);
-            let zero = kb.f32x4(0.0);
-            let accs: Vec<_> = (0..width).map(|_| kb.var(F32X4, zero)).collect();
-            kb.for_range(first, end, 1, |kb, j| {
-                let at = score_at(kb, j);
-                let p = kb.load_written(F32, at, 0);
-                let weight = kb.b.ins().fmul(p, inv);
-                let weight = kb.b.ins().splat(F32X4, weight);
-                let row = cache.row(kb, v, j);
-                for (i, &acc) in accs.iter().enumerate() {
-                    let vi = kb.load(F32X4, row, 16 * (pass + i));
-                    let term = kb.b.ins().fmul(weight, vi);
-                    let a = kb.b.use_var(acc);
-                    let a = kb.b.ins().fadd(a, term);
-                    kb.b.def_var(acc, a);
-                }
-            });
-            for (i, &acc) in accs.iter().enumerate() {
-                let a = kb.b.use_var(acc);
-                kb.store(a, out, 16 * (pass + i));
-            }
+        // The weighted sum of values: `VALUE_BLOCK` positions at a time, and within a block `SUM_VECTORS` output
+        // vectors per pass, parked in `out` from one block to the next. Each output still sums the positions in
+        // order; the blocks keep a block's value rows in cache for all its passes, where passes over the whole
+        // sequence streamed every row from memory once per pass (eight times for a 256-wide head).
+        let zero = kb.f32x4(0.0);
+        for i in 0..vectors {
+            kb.store(zero, out, 16 * i);
         }
+        kb.for_range(first, end, VALUE_BLOCK as i64, |kb, block| {
+            let block_end = kb.b.ins().iadd_imm_s(block, VALUE_BLOCK as i64);
+            let block_end = kb.b.ins().umin(block_end, end);
+            for pass in (0..vectors).step_by(SUM_VECTORS) {
+                let width = SUM_VECTORS.min(vectors - pass);
+                let accs: Vec<_> = (0..width)
+                    .map(|i| {
+                        let sum = kb.load_written(F32X4, out, 16 * (pass + i));
+                        kb.var(F32X4, sum)
+                    })
+                    .collect();
+                kb.for_range(block, block_end, 1, |kb, j| {
+                    let at = score_at(kb, j);
+                    let p = kb.load_written(F32, at, 0);
+                    let weight = kb.b.ins().fmul(p, inv);
+                    let weight = kb.b.ins().splat(F32X4, weight);
+                    let row = cache.row(kb, v, j);
+                    for (i, &acc) in accs.iter().enumerate() {
+                        let vi = kb.load(F32X4, row, 16 * (pass + i));
+                        let term = kb.b.ins().fmul(weight, vi);
+                        let a = kb.b.use_var(acc);
+                        let a = kb.b.ins().fadd(a, term);
+                        kb.b.def_var(acc, a);
+                    }
+                });
+                for (i, &acc) in accs.iter().enumerate() {
+                    let a = kb.b.use_var(acc);
+                    kb.store(a, out, 16 * (pass + i));
+                }
+            }
+        });
     });
 }
