@@ -242,16 +242,13 @@ impl Grouped for KQuant {
     ) -> bool {
         let (codes, rest) = block.split_at(4 * GROUPS);
         let (x, dx) = (x[0], x[1]);
-        let max_code = match self.format {
-            QuantFormat::Q6_K => Q6K::MAX_CODE,
-            _ => ScaleMinK::MAX_CODE,
+        let (max_code, accumulate): (u8, GroupedAccumulate) = match self.format {
+            QuantFormat::Q6_K => (Q6K::MAX_CODE, Q6K::accumulate_grouped),
+            _ => (ScaleMinK::MAX_CODE, ScaleMinK::accumulate_grouped),
         };
         let totals = transposed_group_dots(kb, codes, x, max_code);
         let dx = kb.b.ins().splat(F32X4, dx);
-        match self.format {
-            QuantFormat::Q6_K => Q6K::accumulate_grouped(kb, &totals, rest, x, dx, accs),
-            _ => ScaleMinK::accumulate_grouped(kb, &totals, rest, x, dx, accs),
-        }
+        accumulate(kb, &totals, rest, x, dx, accs);
         false
     }
 
@@ -274,6 +271,9 @@ fn interleave_halves16(kb: &mut Kb, v: Value) -> Value {
     let picked = kb.pshufb(bytes, index);
     kb.bitcast(I16X8, picked)
 }
+
+/// A k-quant's `accumulate_grouped`: `(kb, totals, rest, x, dx, accs)`.
+type GroupedAccumulate = fn(&mut Kb, &[Value], &[Value], Value, Value, &[RowAcc]);
 
 /// Each group's `sum(code * qx)` for four rows, one row per lane, from the group's four transposed code vectors,
 /// each against four activation codes broadcast.
@@ -342,8 +342,8 @@ pub(crate) const TERNARY_MAX_CODE: u8 = 2;
 /// Groups of 16 values in a block of 256: the activations' group sums, and one code vector each.
 const GROUPS: usize = 16;
 
-/// `sum(code * qx)` over each run of `per` consecutive groups, as `i32x4` partial sums: a run's `vpdpbusd`s
-/// accumulate into one register (integer sums, so the grouping changes no result).
+/// `sum(code * qx)` over each run of `per` consecutive groups, as `i32x4` partial sums: a run's products
+/// accumulate together (`Kb::dot_u8i8_sum`; integer sums, so the grouping changes no result).
 fn group_dots(kb: &mut Kb, codes: &[Value], x: Value, per: usize, max_code: u8) -> Vec<Value> {
     codes
         .chunks_exact(per)
