@@ -1,17 +1,22 @@
-//! Attention of one query head over its sequence's cached keys and values: the scores `q . k_j * scale` of the
-//! positions `first..=last`, their softmax, and the weighted sum of the values. Cached positions live in pages of
-//! `KV_PAGE`, found through the sequence's page table.
+//! Attention of the query heads that share one KV head (a GQA group, or a single head) over their sequence's
+//! cached keys and values: for each head, the scores `q . k_j * scale` of the positions `first..=last`, their
+//! softmax, and the weighted sum of the values. Cached positions live in pages of `KV_PAGE`, found through the
+//! sequence's page table.
+//!
+//! The group's heads read each key and value row once between them. Attention streams the cache: 512 positions
+//! of a 256-wide head are 512 KiB of keys and as much of values, past this machine's L2, and a call per head
+//! read them once per head (four times for Gemma 3's groups of four).
 //!
 //! The head width is baked in (a multiple of 8). The arithmetic follows the executor's reference attention
 //! operation for operation (eight partial sums per score, added in order; each value row added with its
 //! normalized weight, multiply then add), so the two differ only in `exp`'s last bits: SmolLM2 amplifies any
-//! other rounding difference into its logits (a different summation order alone moves them by 0.15). The
-//! weighted sum keeps up to `SUM_VECTORS` output vectors in registers per pass over a block of positions.
+//! other rounding difference into its logits (a different summation order alone moves them by 0.15).
 
 use crate::builder::{Kb, Target};
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
-use cranelift_codegen::ir::{Function, InstBuilder, Value};
+use cranelift_codegen::ir::{Function, InstBuilder, StackSlotData, StackSlotKind, Value};
 use cranelift_frontend::Variable;
+use std::ops::Range;
 
 use kiln_ir::cpu_abi::offsets::attention as arg;
 use kiln_ir::cpu_abi::KV_PAGE;
@@ -20,11 +25,12 @@ use kiln_ir::cpu_abi::KV_PAGE;
 const SUM_VECTORS: usize = 8;
 
 /// Positions per block of the weighted sum: 32 value rows of a 256-wide head are 32 KiB, which stay in cache
-/// through the block's passes.
+/// through the passes of every head of the group.
 const VALUE_BLOCK: usize = 32;
 
-/// Positions scored together (a power of two): their dot products interleaved.
-const SCORE_KEYS: usize = 4;
+/// Scores computed together, keys times heads (a power of two): their dot products interleaved, each key's
+/// vector loaded once for the tile's heads and each head's for the tile's keys.
+const SCORE_TILE: usize = 4;
 
 /// Vectors of the head per iteration of the score loop: up to 8, even (so a vector's partial sum is the same in
 /// every chunk) and dividing the head's vectors (an even count for every supported width).
@@ -33,6 +39,15 @@ fn score_chunk(vectors: usize) -> usize {
         .into_iter()
         .find(|&n| vectors.is_multiple_of(n))
         .expect("supported heads have an even number of vectors")
+}
+
+/// The group's heads in tiles of at most `SCORE_TILE`, as even as can be (7: 3 and 4). Each tile reads the keys
+/// once; all of them in one tile would take more accumulators than there are registers.
+fn head_tiles(group: usize) -> Vec<Range<usize>> {
+    let tiles = group.div_ceil(SCORE_TILE);
+    (0..tiles)
+        .map(|t| t * group / tiles..(t + 1) * group / tiles)
+        .collect()
 }
 
 struct Cache {
@@ -56,111 +71,194 @@ impl Cache {
     }
 }
 
-/// Whether a head width has a generated attention: eight partial sums per score need whole groups of 8.
-pub fn supports(head_dim: usize) -> bool {
-    head_dim.is_multiple_of(8)
+/// Whether a head width and group have a generated attention: eight partial sums per score need whole groups of
+/// 8.
+pub fn supports(head_dim: usize, group: usize) -> bool {
+    head_dim.is_multiple_of(8) && group > 0
 }
 
-pub fn build(func: &mut Function, target: Target, head_dim: usize) {
-    debug_assert!(supports(head_dim), "`generate` refuses other widths");
+/// The kernel's arguments, and the positions attended.
+struct Args {
+    q: Value,
+    k: Value,
+    v: Value,
+    cache: Cache,
+    first: Value,
+    end: Value,
+    out: Value,
+    scores: Value,
+    scale: Value,
+}
+
+impl Args {
+    fn load(kb: &mut Kb) -> Self {
+        let last = kb.arg(arg::LAST, I64);
+        Args {
+            q: kb.arg(arg::Q, I64),
+            k: kb.arg(arg::K, I64),
+            v: kb.arg(arg::V, I64),
+            cache: Cache {
+                pages: kb.arg(arg::PAGES, I64),
+                width: kb.arg(arg::WIDTH, I64),
+                kv_offset: kb.arg(arg::KV_OFFSET, I64),
+            },
+            first: kb.arg(arg::FIRST, I64),
+            end: kb.b.ins().iadd_imm_s(last, 1),
+            out: kb.arg(arg::OUT, I64),
+            scores: kb.arg(arg::SCORES, I64),
+            scale: kb.arg(arg::SCALE, F32),
+        }
+    }
+
+    /// Head `h`'s score of position `j`: each head's scores are a row of `count` in `scores`.
+    fn score_at(&self, kb: &mut Kb, h: Value, j: Value) -> Value {
+        let count = kb.b.ins().isub(self.end, self.first);
+        let row = kb.b.ins().imul(h, count);
+        let i = kb.b.ins().isub(j, self.first);
+        let i = kb.b.ins().iadd(row, i);
+        kb.offset(self.scores, i, 4)
+    }
+}
+
+pub fn build(func: &mut Function, target: Target, head_dim: usize, group: usize) {
+    debug_assert!(supports(head_dim, group), "`generate` refuses other shapes");
+    Kb::build(func, target, |kb| {
+        let a = Args::load(kb);
+        // Each head's maximum score, then the reciprocal of its softmax total: kept in memory, since Cranelift
+        // would recompute a value carried into a loop (a division, for the reciprocal) at every iteration.
+        let per_head = kb.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            4 * group as u32,
+            2,
+        ));
+        let per_head = kb.b.ins().stack_addr(I64, per_head, 0);
+        score(kb, &a, head_dim, group, per_head);
+        softmax(kb, &a, group, per_head);
+        weighted_sum(kb, &a, head_dim, group);
+    });
+}
+
+/// Every head's scores, and each head's maximum stored at `maxes`, `SCORE_TILE` scores at a time: each score is a
+/// chain of dependent adds, and Cranelift emits instructions in the order built, so interleaving several lets the
+/// CPU overlap them.
+fn score(kb: &mut Kb, a: &Args, head_dim: usize, group: usize, maxes: Value) {
     let vectors = head_dim / 4;
     let chunk = score_chunk(vectors);
-    Kb::build(func, target, |kb| {
-        let q = kb.arg(arg::Q, I64);
-        let (k, v) = (kb.arg(arg::K, I64), kb.arg(arg::V, I64));
-        let cache = Cache {
-            pages: kb.arg(arg::PAGES, I64),
-            width: kb.arg(arg::WIDTH, I64),
-            kv_offset: kb.arg(arg::KV_OFFSET, I64),
-        };
-        let first = kb.arg(arg::FIRST, I64);
-        let last = kb.arg(arg::LAST, I64);
-        let end = kb.b.ins().iadd_imm_s(last, 1);
-        let out = kb.arg(arg::OUT, I64);
-        let scores = kb.arg(arg::SCORES, I64);
-        let scale = kb.arg(arg::SCALE, F32);
-        let score_at = |kb: &mut Kb, j: Value| {
-            let i = kb.b.ins().isub(j, first);
-            kb.offset(scores, i, 4)
-        };
-
-        // Scores, and their maximum, `SCORE_KEYS` positions at a time: each score is a chain of dependent adds,
-        // and Cranelift emits instructions in the order built, so interleaving several lets the CPU overlap them.
-        let neg_inf = kb.f32(f32::NEG_INFINITY);
-        let max = kb.var(F32, neg_inf);
-        let score_keys = |kb: &mut Kb, j: Value, keys: usize| {
+    let neg_inf = kb.f32(f32::NEG_INFINITY);
+    let max: Vec<Variable> = (0..group).map(|_| kb.var(F32, neg_inf)).collect();
+    for heads in head_tiles(group) {
+        let score_tile = |kb: &mut Kb, j: Value, keys: usize| {
             let positions: Vec<Value> = (0..keys)
                 .map(|n| kb.b.ins().iadd_imm_s(j, n as i64))
                 .collect();
-            let rows: Vec<Value> = positions.iter().map(|&p| cache.row(kb, k, p)).collect();
-            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per position, carried
+            let rows: Vec<Value> = positions.iter().map(|&p| a.cache.row(kb, a.k, p)).collect();
+            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per score, carried
             // through a loop over chunks of the head. Unrolled over the whole head, Cranelift elaborated one
-            // position's chain at a time: one long chain of dependent adds, with `q` spilled for the next positions.
+            // score's chain at a time: one long chain of dependent adds, with `q` spilled for the next scores.
             let zero = kb.f32x4(0.0);
-            let partials: Vec<[Variable; 2]> = (0..keys)
-                .map(|_| [0, 1].map(|_| kb.var(F32X4, zero)))
+            let partials: Vec<Vec<[Variable; 2]>> = (0..keys)
+                .map(|_| {
+                    heads
+                        .clone()
+                        .map(|_| [0, 1].map(|_| kb.var(F32X4, zero)))
+                        .collect()
+                })
                 .collect();
-            let walks: Vec<(Value, usize)> = std::iter::once(q)
+            let walks: Vec<(Value, usize)> = std::iter::once(a.q)
                 .chain(rows.iter().copied())
                 .map(|start| (start, 16 * chunk))
                 .collect();
             kb.for_walk(vectors / chunk, &walks, |kb, at| {
                 let (q, rows) = (at[0], &at[1..]);
                 for i in 0..chunk {
-                    let qi = kb.load(F32X4, q, 16 * i);
-                    for (partial, &row) in partials.iter().zip(rows) {
-                        let ki = kb.load(F32X4, row, 16 * i);
-                        let product = kb.b.ins().fmul(qi, ki);
-                        let sum = kb.b.use_var(partial[i % 2]);
-                        let sum = kb.b.ins().fadd(sum, product);
-                        kb.b.def_var(partial[i % 2], sum);
+                    let ks: Vec<Value> = rows
+                        .iter()
+                        .map(|&row| kb.load(F32X4, row, 16 * i))
+                        .collect();
+                    for (n, h) in heads.clone().enumerate() {
+                        let qi = kb.load(F32X4, q, 4 * h * head_dim + 16 * i);
+                        for (key, &ki) in ks.iter().enumerate() {
+                            let partial = partials[key][n][i % 2];
+                            let product = kb.b.ins().fmul(qi, ki);
+                            let sum = kb.b.use_var(partial);
+                            let sum = kb.b.ins().fadd(sum, product);
+                            kb.b.def_var(partial, sum);
+                        }
                     }
                 }
             });
-            for (partial, &position) in partials.into_iter().zip(&positions) {
-                let mut dot = kb.f32(0.0);
-                for half in partial {
-                    let half = kb.b.use_var(half);
-                    for lane in 0..4 {
-                        let p = kb.b.ins().extractlane(half, lane);
-                        dot = kb.b.ins().fadd(dot, p);
+            for (partials, &position) in partials.into_iter().zip(&positions) {
+                for (halves, h) in partials.into_iter().zip(heads.clone()) {
+                    let mut dot = kb.f32(0.0);
+                    for half in halves {
+                        let half = kb.b.use_var(half);
+                        for lane in 0..4 {
+                            let p = kb.b.ins().extractlane(half, lane);
+                            dot = kb.b.ins().fadd(dot, p);
+                        }
                     }
+                    let score = kb.b.ins().fmul(dot, a.scale);
+                    let head = kb.i64(h as i64);
+                    let at = a.score_at(kb, head, position);
+                    kb.store(score, at, 0);
+                    let m = kb.b.use_var(max[h]);
+                    let m = kb.b.ins().fmax(m, score);
+                    kb.b.def_var(max[h], m);
                 }
-                let score = kb.b.ins().fmul(dot, scale);
-                let at = score_at(kb, position);
-                kb.store(score, at, 0);
-                let m = kb.b.use_var(max);
-                let m = kb.b.ins().fmax(m, score);
-                kb.b.def_var(max, m);
             }
         };
-        let count = kb.b.ins().isub(end, first);
-        let whole = kb.b.ins().band_imm_s(count, -(SCORE_KEYS as i64));
-        let grouped_end = kb.b.ins().iadd(first, whole);
-        kb.for_range(first, grouped_end, SCORE_KEYS as i64, |kb, j| {
-            score_keys(kb, j, SCORE_KEYS)
+        let keys = SCORE_TILE / heads.len();
+        let count = kb.b.ins().isub(a.end, a.first);
+        let whole = kb.b.ins().band_imm_s(count, -(keys as i64));
+        let tiled_end = kb.b.ins().iadd(a.first, whole);
+        kb.for_range(a.first, tiled_end, keys as i64, |kb, j| {
+            score_tile(kb, j, keys)
         });
-        kb.for_range(grouped_end, end, 1, |kb, j| score_keys(kb, j, 1));
-
-        // Softmax weights, unnormalized, and their sum: `exp` four positions at a time (each lane computes what
-        // the scalar `exp` does), the sum still taken position by position; then the last few one by one.
+        if keys > 1 {
+            kb.for_range(tiled_end, a.end, 1, |kb, j| score_tile(kb, j, 1));
+        }
+    }
+    for (h, &max) in max.iter().enumerate() {
         let max = kb.b.use_var(max);
+        kb.store(max, maxes, 4 * h);
+    }
+}
+
+/// Each head's scores turned into normalized softmax weights, in place: `exp(s - max)` four positions at a time
+/// (each lane computes what the scalar `exp` does), their total summed position by position, then each weight
+/// times the total's reciprocal. Reads each head's maximum from `per_head`, and leaves the reciprocal there.
+fn softmax(kb: &mut Kb, a: &Args, group: usize, per_head: Value) {
+    let count = kb.b.ins().isub(a.end, a.first);
+    let whole = kb.b.ins().band_imm_s(count, !3);
+    let zero = kb.i64(0);
+    let heads = kb.i64(group as i64);
+    kb.for_range(zero, heads, 1, |kb, h| {
+        let row = a.score_at(kb, h, a.first);
+        let slot = kb.offset(per_head, h, 4);
+        // Applies `f` to the `lanes` scores from index `i` (one f32x4, or one f32) and stores the result.
+        let each = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Value, Value) -> Value| {
+            for (start, end, lanes) in [(zero, whole, 4), (whole, count, 1)] {
+                kb.for_range(start, end, lanes, |kb, i| {
+                    let at = kb.offset(row, i, 4);
+                    let ty = if lanes == 4 { F32X4 } else { F32 };
+                    let s = kb.load_written(ty, at, 0);
+                    let own = kb.load_written(F32, slot, 0);
+                    let own = match lanes {
+                        4 => kb.b.ins().splat(F32X4, own),
+                        _ => own,
+                    };
+                    let result = f(kb, s, own);
+                    kb.store(result, at, 0);
+                });
+            }
+        };
         let zero = kb.f32(0.0);
         let total = kb.var(F32, zero);
-        let whole = kb.b.ins().band_imm_s(count, !3);
-        let vector_end = kb.b.ins().iadd(first, whole);
-        // The weights of the `lanes` positions from `j`, as one f32x4 or one f32.
-        let weights = |kb: &mut Kb, j: Value, lanes: u8| {
-            let at = score_at(kb, j);
-            let (ty, m) = match lanes {
-                1 => (F32, max),
-                _ => (F32X4, kb.b.ins().splat(F32X4, max)),
-            };
-            let s = kb.load_written(ty, at, 0);
-            let s = kb.b.ins().fsub(s, m);
+        each(kb, &|kb, s, max| {
+            let s = kb.b.ins().fsub(s, max);
             let e = kb.exp(s);
-            kb.store(e, at, 0);
             let mut t = kb.b.use_var(total);
+            let lanes = kb.b.func.dfg.value_type(e).lane_count() as u8;
             for lane in 0..lanes {
                 let e = match lanes {
                     1 => e,
@@ -169,38 +267,62 @@ pub fn build(func: &mut Function, target: Target, head_dim: usize) {
                 t = kb.b.ins().fadd(t, e);
             }
             kb.b.def_var(total, t);
-        };
-        kb.for_range(first, vector_end, 4, |kb, j| weights(kb, j, 4));
-        kb.for_range(vector_end, end, 1, |kb, j| weights(kb, j, 1));
+            e
+        });
         let total = kb.b.use_var(total);
         let one = kb.f32(1.0);
         let inv = kb.b.ins().fdiv(one, total);
+        kb.store(inv, slot, 0);
+        each(kb, &|kb, p, inv| kb.b.ins().fmul(p, inv));
+    });
+}
 
-        // The weighted sum of values: `VALUE_BLOCK` positions at a time, and within a block `SUM_VECTORS` output
-        // vectors per pass, parked in `out` from one block to the next. Each output still sums the positions in
-        // order; the blocks keep a block's value rows in cache for all its passes, where passes over the whole
-        // sequence streamed every row from memory once per pass (eight times for a 256-wide head).
-        let zero = kb.f32x4(0.0);
+/// Each head's weighted sum of values: `VALUE_BLOCK` positions at a time, their value rows looked up in the page
+/// table once for all heads and passes; within a block, each head's outputs `SUM_VECTORS` at a time, parked in
+/// `out` from one block to the next. Each output still sums the positions in order.
+fn weighted_sum(kb: &mut Kb, a: &Args, head_dim: usize, group: usize) {
+    let vectors = head_dim / 4;
+    let head_bytes = 4 * head_dim;
+    let zero = kb.f32x4(0.0);
+    kb.for_walk(group, &[(a.out, head_bytes)], |kb, at| {
         for i in 0..vectors {
-            kb.store(zero, out, 16 * i);
+            kb.store(zero, at[0], 16 * i);
         }
-        kb.for_range(first, end, VALUE_BLOCK as i64, |kb, block| {
-            let block_end = kb.b.ins().iadd_imm_s(block, VALUE_BLOCK as i64);
-            let block_end = kb.b.ins().umin(block_end, end);
+    });
+    let table = kb.b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        8 * VALUE_BLOCK as u32,
+        3,
+    ));
+    kb.for_range(a.first, a.end, VALUE_BLOCK as i64, |kb, block| {
+        let block_end = kb.b.ins().iadd_imm_s(block, VALUE_BLOCK as i64);
+        let block_end = kb.b.ins().umin(block_end, a.end);
+        let positions = kb.b.ins().isub(block_end, block);
+        let rows = kb.b.ins().stack_addr(I64, table, 0);
+        kb.for_range(block, block_end, 1, |kb, j| {
+            let row = a.cache.row(kb, a.v, j);
+            let i = kb.b.ins().isub(j, block);
+            let at = kb.offset(rows, i, 8);
+            kb.store(row, at, 0);
+        });
+        let zero = kb.i64(0);
+        let heads = kb.i64(group as i64);
+        kb.for_range(zero, heads, 1, |kb, h| {
+            let weights = a.score_at(kb, h, block);
+            let out = kb.offset(a.out, h, head_bytes);
             for pass in (0..vectors).step_by(SUM_VECTORS) {
                 let width = SUM_VECTORS.min(vectors - pass);
-                let accs: Vec<_> = (0..width)
+                let accs: Vec<Variable> = (0..width)
                     .map(|i| {
                         let sum = kb.load_written(F32X4, out, 16 * (pass + i));
                         kb.var(F32X4, sum)
                     })
                     .collect();
-                kb.for_range(block, block_end, 1, |kb, j| {
-                    let at = score_at(kb, j);
-                    let p = kb.load_written(F32, at, 0);
-                    let weight = kb.b.ins().fmul(p, inv);
+                let rows = kb.b.ins().stack_addr(I64, table, 0);
+                kb.for_walk_n(positions, &[(weights, 4), (rows, 8)], |kb, at| {
+                    let weight = kb.load_written(F32, at[0], 0);
                     let weight = kb.b.ins().splat(F32X4, weight);
-                    let row = cache.row(kb, v, j);
+                    let row = kb.load_written(I64, at[1], 0);
                     for (i, &acc) in accs.iter().enumerate() {
                         let vi = kb.load(F32X4, row, 16 * (pass + i));
                         let term = kb.b.ins().fmul(weight, vi);

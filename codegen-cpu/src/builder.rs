@@ -221,11 +221,33 @@ impl<'a> Kb<'a> {
         walks: &[(Value, usize)],
         body: impl FnOnce(&mut Kb, &[Value]),
     ) {
+        let (start, end) = (self.i64(0), self.i64(count as i64));
+        self.walk_range(start, end, walks, body);
+    }
+
+    /// `for_walk` over a count known only when the kernel runs.
+    pub fn for_walk_n(
+        &mut self,
+        count: Value,
+        walks: &[(Value, usize)],
+        body: impl FnOnce(&mut Kb, &[Value]),
+    ) {
+        let start = self.i64(0);
+        self.walk_range(start, count, walks, body);
+    }
+
+    fn walk_range(
+        &mut self,
+        start: Value,
+        end: Value,
+        walks: &[(Value, usize)],
+        body: impl FnOnce(&mut Kb, &[Value]),
+    ) {
         let vars: Vec<Variable> = walks
             .iter()
             .map(|&(start, _)| self.var(I64, start))
             .collect();
-        self.for_count(count, |kb, _| {
+        self.for_range(start, end, 1, |kb, _| {
             let at: Vec<Value> = vars.iter().map(|&v| kb.b.use_var(v)).collect();
             body(kb, &at);
             for ((&var, &p), &(_, stride)) in vars.iter().zip(&at).zip(walks) {

@@ -46,7 +46,7 @@ pub enum CodegenError {
 pub fn supports(function: &CpuFunction) -> bool {
     match function {
         CpuFunction::Quantize { .. } => true,
-        CpuFunction::Attention { head_dim } => attention::supports(*head_dim),
+        CpuFunction::Attention { head_dim, group } => attention::supports(*head_dim, *group),
         CpuFunction::MatMul { format, layout, .. } => {
             formats::block_dot(*format, *layout).is_some()
         }
@@ -67,14 +67,14 @@ pub fn generate(function: &CpuFunction, isa: &CpuIsa) -> Result<Function, Codege
         CpuFunction::Quantize { act, k, norm } => {
             quantize::build(&mut func, isa.kernel_target(), *act, *k, *norm)
         }
-        CpuFunction::Attention { head_dim } if !attention::supports(*head_dim) => {
+        CpuFunction::Attention { head_dim, group } if !attention::supports(*head_dim, *group) => {
             return Err(CodegenError::Unsupported(
                 function.to_string(),
-                format!("a head width of {head_dim}, not a multiple of 8"),
+                format!("a head width of {head_dim} (not a multiple of 8) or a group of {group}"),
             ))
         }
-        CpuFunction::Attention { head_dim } => {
-            attention::build(&mut func, isa.kernel_target(), *head_dim)
+        CpuFunction::Attention { head_dim, group } => {
+            attention::build(&mut func, isa.kernel_target(), *head_dim, *group)
         }
         CpuFunction::Rope { head_dim, dims, .. } if !rope::supports(*head_dim, *dims) => {
             return Err(CodegenError::Unsupported(

@@ -151,7 +151,10 @@ fn attention() {
     // A small head: two vectors per score, one pass of the weighted sum.
     insta::assert_snapshot!(
         "attention_hd8",
-        clif(CpuFunction::Attention { head_dim: 8 })
+        clif(CpuFunction::Attention {
+            head_dim: 8,
+            group: 1
+        })
     );
 }
 

@@ -360,21 +360,30 @@ fn activation_quantization_is_exact() {
     }
 }
 
-/// Attention of one query head over a paged cache whose pages are out of order, for head widths of the real
-/// models (64, 256) and a small one, over spans that start at 0, start inside a page (a sliding window), hold one
-/// position, or cross several pages, with every remainder of the softmax's four-position steps; against softmax
-/// attention in f64.
+/// Attention of a group of query heads over a paged cache whose pages are out of order, for head widths of the real
+/// models (64, 256) and a small one, groups of one head and of the real models' sizes (3, 4, 7: tiles of keys and
+/// of heads, and a group split into two tiles), over spans that start at 0, start inside a page (a sliding
+/// window), hold one position, or cross several pages, with every remainder of the four-position steps; against
+/// softmax attention in f64.
 #[test]
 fn attention_matches_the_reference_over_pages_and_windows() {
     use kiln_ir::cpu_abi::{AttentionArgs, KV_PAGE};
     let isa = host_isa().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    // Three KV heads per position; the query reads the middle one.
+    // Three KV heads per position; the queries read the middle one.
     let (kv_heads, kv_head) = (3, 1);
     let pages: Vec<u32> = vec![4, 0, 3, 1, 2];
     let positions = pages.len() * KV_PAGE;
-    for head_dim in [8, 64, 256] {
-        let f = Loaded::new(&isa, CpuFunction::Attention { head_dim });
+    for (head_dim, group) in [
+        (8, 1),
+        (8, 7),
+        (64, 1),
+        (64, 3),
+        (64, 7),
+        (256, 1),
+        (256, 4),
+    ] {
+        let f = Loaded::new(&isa, CpuFunction::Attention { head_dim, group });
         let width = kv_heads * head_dim;
         let pool = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
             (0..positions * width)
@@ -382,7 +391,9 @@ fn attention_matches_the_reference_over_pages_and_windows() {
                 .collect()
         };
         let (k, v) = (pool(&mut rng), pool(&mut rng));
-        let q: Vec<f32> = (0..head_dim).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        let q: Vec<f32> = (0..group * head_dim)
+            .map(|_| rng.gen_range(-2.0..2.0))
+            .collect();
         let at = |j: usize| {
             (pages[j / KV_PAGE] as usize * KV_PAGE + j % KV_PAGE) * width + kv_head * head_dim
         };
@@ -397,28 +408,33 @@ fn attention_matches_the_reference_over_pages_and_windows() {
             (30, 79),
         ] {
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let scores: Vec<f64> = (first..=last)
-                .map(|j| {
+            let expected: Vec<f64> = q
+                .chunks(head_dim)
+                .flat_map(|q| {
+                    let scores: Vec<f64> = (first..=last)
+                        .map(|j| {
+                            (0..head_dim)
+                                .map(|i| q[i] as f64 * k[at(j) + i] as f64)
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
                     (0..head_dim)
-                        .map(|i| q[i] as f64 * k[at(j) + i] as f64)
-                        .sum::<f64>()
-                        * scale as f64
+                        .map(|i| {
+                            (first..=last)
+                                .zip(&weights)
+                                .map(|(j, w)| w * v[at(j) + i] as f64)
+                                .sum::<f64>()
+                                / total
+                        })
+                        .collect::<Vec<f64>>()
                 })
                 .collect();
-            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            let expected: Vec<f64> = (0..head_dim)
-                .map(|i| {
-                    (first..=last)
-                        .zip(&weights)
-                        .map(|(j, w)| w * v[at(j) + i] as f64)
-                        .sum::<f64>()
-                        / total
-                })
-                .collect();
-            let mut out = vec![f32::NAN; head_dim];
-            let mut scratch = vec![f32::NAN; last - first + 1];
+            let mut out = vec![f32::NAN; group * head_dim];
+            let mut scratch = vec![f32::NAN; group * (last - first + 1)];
             f.call(&AttentionArgs {
                 q: q.as_ptr(),
                 k: k.as_ptr(),
@@ -439,7 +455,7 @@ fn attention_matches_the_reference_over_pages_and_windows() {
                 .fold(0.0, f64::max);
             assert!(
                 err < 1e-6,
-                "head_dim {head_dim}, positions {first}..={last}: error {err}"
+                "head_dim {head_dim}, group {group}, positions {first}..={last}: error {err}"
             );
         }
     }

@@ -54,9 +54,14 @@ pub enum CpuFunction {
         k: usize,
         epilogue: Epilogue,
     },
-    /// One query head attending to a sequence's cached keys and values (paged, `KV_PAGE` positions per page):
-    /// scores, softmax, the weighted sum of values. Takes `AttentionArgs`.
-    Attention { head_dim: usize },
+    /// The `group` query heads that share one KV head (consecutive, `head_dim` apart in `q` and `out`) attending
+    /// to a sequence's cached keys and values (paged, `KV_PAGE` positions per page): scores, softmax, the weighted
+    /// sum of values. Takes `AttentionArgs`. Plans written before grouping hold `group` 1.
+    Attention {
+        head_dim: usize,
+        #[serde(default = "one_head")]
+        group: usize,
+    },
     /// Rotates the first `dims` values of every head (`head_dim` values each) of `tokens` rows, by the cos/sin of
     /// each pair's angle at the row's position, paired as `style` says. Takes `RopeArgs`.
     Rope {
@@ -92,7 +97,10 @@ impl fmt::Display for CpuFunction {
                 k,
                 epilogue,
             } => write!(f, "matmul_{format}_{layout}_k{k}_{}", epilogue.name()),
-            CpuFunction::Attention { head_dim } => write!(f, "attention_hd{head_dim}"),
+            CpuFunction::Attention { head_dim, group: 1 } => write!(f, "attention_hd{head_dim}"),
+            CpuFunction::Attention { head_dim, group } => {
+                write!(f, "attention_hd{head_dim}_g{group}")
+            }
             CpuFunction::Rope {
                 head_dim,
                 dims,
@@ -456,18 +464,36 @@ pub fn op_matmuls(op: &crate::Op, weights: &[Option<MatMulWeight>]) -> Option<Op
     Some(OpMatMuls { norm, calls })
 }
 
-/// The attention function of an attention node (its head width is the last dim of its query, or fused QKV,
-/// operand); `None` for other nodes.
+fn one_head() -> usize {
+    1
+}
+
+/// The attention function of an attention node: its head width is the last dim of its query (or fused QKV)
+/// operand, and its group the query heads per KV head; `None` for other nodes.
 pub fn attention_function(graph: &crate::Graph, node: &crate::Node) -> Option<CpuFunction> {
     use crate::{Op, Operand};
-    if !matches!(node.op, Op::Attention { .. } | Op::AttentionQkv { .. }) {
-        return None;
-    }
-    let Operand::Value(q) = node.operands.first()? else {
-        return None;
+    // Dim `from_end` (1: the last) of operand `i`, which must be fixed.
+    let dim = |i: usize, from_end: usize| -> Option<usize> {
+        let Operand::Value(v) = node.operands.get(i)? else {
+            return None;
+        };
+        let shape = &graph.node(*v).ty.shape;
+        shape
+            .get(shape.len().checked_sub(from_end)?)?
+            .clone()
+            .fixed()
     };
-    let head_dim = graph.node(*q).ty.shape.last()?.clone().fixed()?;
-    Some(CpuFunction::Attention { head_dim })
+    let (head_dim, heads, kv_heads) = match node.op {
+        Op::Attention { .. } => (dim(0, 1)?, dim(0, 2)?, dim(1, 2)?),
+        Op::AttentionQkv {
+            heads, kv_heads, ..
+        } => (dim(0, 1)?, heads, kv_heads),
+        _ => return None,
+    };
+    let group = heads
+        .checked_div(kv_heads)
+        .filter(|g| g * kv_heads == heads)?;
+    Some(CpuFunction::Attention { head_dim, group })
 }
 
 /// The RoPE function of a node that rotates heads (`rope`, `qkv_rope`); `None` for other nodes.

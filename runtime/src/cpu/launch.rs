@@ -121,8 +121,9 @@ pub struct Step<'p> {
     operand_dims: Vec<Vec<usize>>,
     norm: bool,
     calls: Vec<Call<'p>>,
-    /// The generated attention function, for attention ops (else the Rust `ops::attend` runs).
-    attend: Option<KernelFn>,
+    /// The generated attention function, for attention ops, and the query heads one call attends (else the Rust
+    /// `ops::attend` runs).
+    attend: Option<(KernelFn, usize)>,
     /// The generated RoPE function, for ops that rotate heads (else `RopeTable::apply` runs).
     rotate: Option<KernelFn>,
     /// The generated stand-alone RMSNorm, for norms, post-norms and QK-norms (else the Rust norm runs).
@@ -217,7 +218,7 @@ impl<'p> Step<'p> {
             operand_dims,
             norm,
             calls,
-            attend: attention_function(graph, node).and_then(|f| code.get(&f)),
+            attend: attention_function(graph, node).and_then(|f| grouped_attention(code, f)),
             rotate: rope_function(graph, node).and_then(|f| code.get(&f)),
             normalize: rms_norm_function(node).and_then(|f| code.get(&f)),
             look_up: embed_function(&node.op, &matmul_weights).and_then(|f| code.get(&f)),
@@ -809,9 +810,22 @@ struct Rows<'a> {
     v_at: usize,
 }
 
+/// The attention function for `function`'s group, or in plans compiled before attention was grouped, the one for
+/// a single head; with the query heads one call attends.
+fn grouped_attention(code: &NativeCode, function: CpuFunction) -> Option<(KernelFn, usize)> {
+    let CpuFunction::Attention { head_dim, group } = function else {
+        return None;
+    };
+    [group, 1].into_iter().find_map(|group| {
+        code.get(&CpuFunction::Attention { head_dim, group })
+            .map(|f| (f, group))
+    })
+}
+
 /// Appends the step's keys and values to each token's sequence (slot `slots[t]`) at this `layer`, then attends
-/// every (token, head) pair, spread over the pool. Tokens of one sequence see each other (causally) through the
-/// cache; tokens of different sequences never do.
+/// every token's heads, a call per group of query heads that share a KV head (one head without a generated
+/// function), spread over the pool. Tokens of one sequence see each other (causally) through the cache; tokens of
+/// different sequences never do.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     rows: &Rows,
@@ -820,7 +834,7 @@ fn attention(
     kv: &mut PagedKv,
     layer: usize,
     s: &AttentionShape,
-    attend: Option<KernelFn>,
+    attend: Option<(KernelFn, usize)>,
     pool: &Pool,
     out: &mut [f32],
 ) -> Result<(), ExecError> {
@@ -833,21 +847,26 @@ fn attention(
     let kv = &*kv;
     let sequences: Vec<SeqKv> = slots.iter().map(|&slot| kv.sequence(layer, slot)).collect();
     let group = s.heads / s.kv_heads;
-    let pairs = positions.len() * s.heads;
+    let per_call = attend.map_or(1, |(_, heads)| heads);
+    let calls = positions.len() * s.heads / per_call;
     let out_ptr = Shared(out.as_mut_ptr());
     pool.run(&|i| {
         let mut scores = Vec::new();
         // Strided, not in ranges: later tokens attend to more keys, and ranges would leave one thread the heavy end.
-        for pair in (i..pairs).step_by(pool.threads()) {
+        for call in (i..calls).step_by(pool.threads()) {
+            // The call's first (token, head) pair, and its heads' queries and outputs, consecutive.
+            let pair = call * per_call;
             let (t, h) = (pair / s.heads, pair % s.heads);
-            let q = &rows.q[t * rows.q_stride + rows.q_at + h * hd..][..hd];
-            // SAFETY: each (token, head) pair owns its `head_dim` outputs.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(pair * hd), hd) };
+            let q = &rows.q[t * rows.q_stride + rows.q_at + h * hd..][..per_call * hd];
+            // SAFETY: each call owns the `head_dim` outputs of its pairs.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.get().add(pair * hd), per_call * hd)
+            };
             let (seq, kv_head, pos) = (&sequences[t], h / group, positions[t] as usize);
             match attend {
-                Some(f) => {
+                Some((f, heads)) => {
                     let first = s.first_attended(pos);
-                    scores.resize(pos + 1 - first, 0.0);
+                    scores.resize(heads * (pos + 1 - first), 0.0);
                     let (k, v, pages, width) = seq.raw();
                     let args = AttentionArgs {
                         q: q.as_ptr(),
@@ -862,8 +881,9 @@ fn attention(
                         scores: scores.as_mut_ptr(),
                         scale: s.scale,
                     };
-                    // SAFETY: `f` takes `AttentionArgs`; the positions `first..=pos` are cached (written above),
-                    // `scores` has room for them, and `o` holds `head_dim` values.
+                    // SAFETY: `f` takes `AttentionArgs` and attends `heads` query heads of one KV head; the
+                    // positions `first..=pos` are cached (written above), `scores` has room for each head's, and
+                    // `q` and `o` hold `heads * head_dim` values.
                     unsafe { f(&args as *const AttentionArgs as *const u8) };
                 }
                 None => ops::attend(q, seq, kv_head, pos, s, &mut scores, o),
