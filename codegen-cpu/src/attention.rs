@@ -142,85 +142,129 @@ pub fn build(func: &mut Function, target: Target, head_dim: usize, group: usize)
 /// chain of dependent adds, and Cranelift emits instructions in the order built, so interleaving several lets the
 /// CPU overlap them.
 fn score(kb: &mut Kb, a: &Args, head_dim: usize, group: usize, maxes: Value) {
-    let vectors = head_dim / 4;
-    let chunk = score_chunk(vectors);
     let neg_inf = kb.f32(f32::NEG_INFINITY);
-    let max: Vec<Variable> = (0..group).map(|_| kb.var(F32, neg_inf)).collect();
+    let neg_inf = kb.b.ins().splat(F32X4, neg_inf);
+    // Each tile's running maxima, lane by lane, and the head of each lane that holds a score.
+    let mut lane_maxima: Vec<(Variable, Vec<usize>)> = Vec::new();
     for heads in head_tiles(group) {
-        let score_tile = |kb: &mut Kb, j: Value, keys: usize| {
-            let positions: Vec<Value> = (0..keys)
-                .map(|n| kb.b.ins().iadd_imm_s(j, n as i64))
-                .collect();
-            let rows: Vec<Value> = positions.iter().map(|&p| a.cache.row(kb, a.k, p)).collect();
-            // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per score, carried
-            // through a loop over chunks of the head. Unrolled over the whole head, Cranelift elaborated one
-            // score's chain at a time: one long chain of dependent adds, with `q` spilled for the next scores.
-            let zero = kb.f32x4(0.0);
-            let partials: Vec<Vec<[Variable; 2]>> = (0..keys)
-                .map(|_| {
-                    heads
-                        .clone()
-                        .map(|_| [0, 1].map(|_| kb.var(F32X4, zero)))
-                        .collect()
-                })
-                .collect();
-            let walks: Vec<(Value, usize)> = std::iter::once(a.q)
-                .chain(rows.iter().copied())
-                .map(|start| (start, 16 * chunk))
-                .collect();
-            kb.for_walk(vectors / chunk, &walks, |kb, at| {
-                let (q, rows) = (at[0], &at[1..]);
-                for i in 0..chunk {
-                    let ks: Vec<Value> = rows
-                        .iter()
-                        .map(|&row| kb.load(F32X4, row, 16 * i))
-                        .collect();
-                    for (n, h) in heads.clone().enumerate() {
-                        let qi = kb.load(F32X4, q, 4 * h * head_dim + 16 * i);
-                        for (key, &ki) in ks.iter().enumerate() {
-                            let partial = partials[key][n][i % 2];
-                            let product = kb.b.ins().fmul(qi, ki);
-                            let sum = kb.b.use_var(partial);
-                            let sum = kb.b.ins().fadd(sum, product);
-                            kb.b.def_var(partial, sum);
-                        }
-                    }
-                }
-            });
-            for (partials, &position) in partials.into_iter().zip(&positions) {
-                for (halves, h) in partials.into_iter().zip(heads.clone()) {
-                    let mut dot = kb.f32(0.0);
-                    for half in halves {
-                        let half = kb.b.use_var(half);
-                        for lane in 0..4 {
-                            let p = kb.b.ins().extractlane(half, lane);
-                            dot = kb.b.ins().fadd(dot, p);
-                        }
-                    }
-                    let score = kb.b.ins().fmul(dot, a.scale);
-                    let head = kb.i64(h as i64);
-                    let at = a.score_at(kb, head, position);
-                    kb.store(score, at, 0);
-                    let m = kb.b.use_var(max[h]);
-                    let m = kb.b.ins().fmax(m, score);
-                    kb.b.def_var(max[h], m);
-                }
-            }
-        };
         let keys = SCORE_TILE / heads.len();
         let count = kb.b.ins().isub(a.end, a.first);
         let whole = kb.b.ins().band_imm_s(count, -(keys as i64));
         let tiled_end = kb.b.ins().iadd(a.first, whole);
-        kb.for_range(a.first, tiled_end, keys as i64, |kb, j| {
-            score_tile(kb, j, keys)
-        });
+        let mut tiles = vec![(a.first, tiled_end, keys)];
         if keys > 1 {
-            kb.for_range(tiled_end, a.end, 1, |kb, j| score_tile(kb, j, 1));
+            tiles.push((tiled_end, a.end, 1));
+        }
+        for (start, end, keys) in tiles {
+            let tile = ScoreTile {
+                keys,
+                heads: heads.clone(),
+                head_dim,
+            };
+            let max = kb.var(F32X4, neg_inf);
+            kb.for_range(start, end, keys as i64, |kb, j| tile.build(kb, a, j, max));
+            lane_maxima.push((max, tile.lane_heads()));
         }
     }
-    for (h, &max) in max.iter().enumerate() {
-        let max = kb.b.use_var(max);
+    for h in 0..group {
+        let mut max = kb.f32(f32::NEG_INFINITY);
+        for (lanes, heads) in &lane_maxima {
+            let lanes = kb.b.use_var(*lanes);
+            for (lane, _) in heads.iter().enumerate().filter(|&(_, &head)| head == h) {
+                let m = kb.b.ins().extractlane(lanes, lane as u8);
+                max = kb.b.ins().fmax(max, m);
+            }
+        }
         kb.store(max, maxes, 4 * h);
+    }
+}
+
+/// The scores of `keys` consecutive positions for `heads`: lane `key * heads + n` of a tile's scores is
+/// head `heads.start + n`'s score of position `j + key`.
+struct ScoreTile {
+    keys: usize,
+    heads: Range<usize>,
+    head_dim: usize,
+}
+
+impl ScoreTile {
+    /// The head of each lane that holds a score.
+    fn lane_heads(&self) -> Vec<usize> {
+        (0..self.keys).flat_map(|_| self.heads.clone()).collect()
+    }
+
+    /// Scores the tile at position `j`: stores each score and takes the lanes' maxima into `max`.
+    fn build(&self, kb: &mut Kb, a: &Args, j: Value, max: Variable) {
+        let vectors = self.head_dim / 4;
+        let chunk = score_chunk(vectors);
+        let positions: Vec<Value> = (0..self.keys)
+            .map(|n| kb.b.ins().iadd_imm_s(j, n as i64))
+            .collect();
+        let rows: Vec<Value> = positions.iter().map(|&p| a.cache.row(kb, a.k, p)).collect();
+        // Partial sums of elements i mod 8 (`kiln_ir::dequant::dot_f32`), as two vectors per score, carried
+        // through a loop over chunks of the head. Unrolled over the whole head, Cranelift elaborated one score's
+        // chain at a time: one long chain of dependent adds, with `q` spilled for the next scores.
+        let zero = kb.f32x4(0.0);
+        let partials: Vec<[Variable; 2]> = self
+            .lane_heads()
+            .iter()
+            .map(|_| [0, 1].map(|_| kb.var(F32X4, zero)))
+            .collect();
+        let walks: Vec<(Value, usize)> = std::iter::once(a.q)
+            .chain(rows.iter().copied())
+            .map(|start| (start, 16 * chunk))
+            .collect();
+        let tile_heads = self.heads.len();
+        kb.for_walk(vectors / chunk, &walks, |kb, at| {
+            let (q, rows) = (at[0], &at[1..]);
+            for i in 0..chunk {
+                let ks: Vec<Value> = rows
+                    .iter()
+                    .map(|&row| kb.load(F32X4, row, 16 * i))
+                    .collect();
+                for (n, h) in self.heads.clone().enumerate() {
+                    let qi = kb.load(F32X4, q, 4 * h * self.head_dim + 16 * i);
+                    for (key, &ki) in ks.iter().enumerate() {
+                        let partial = partials[key * tile_heads + n][i % 2];
+                        let product = kb.b.ins().fmul(qi, ki);
+                        let sum = kb.b.use_var(partial);
+                        let sum = kb.b.ins().fadd(sum, product);
+                        kb.b.def_var(partial, sum);
+                    }
+                }
+            }
+        });
+        // Each score sums its eight partials in order, from 0: transposed, the four scores' sums are one chain of
+        // vector adds (lane by lane the reference's scalar chain) instead of four chains of scalar ones.
+        let halves = |kb: &mut Kb, half: usize| -> [Value; 4] {
+            std::array::from_fn(|lane| match partials.get(lane) {
+                Some(partial) => kb.b.use_var(partial[half]),
+                None => zero,
+            })
+        };
+        let (low, high) = (halves(kb, 0), halves(kb, 1));
+        let (low, high) = (kb.transpose32(low), kb.transpose32(high));
+        let dots = low
+            .into_iter()
+            .chain(high)
+            .fold(zero, |dot, lanes| kb.b.ins().fadd(dot, lanes));
+        let scale = kb.b.ins().splat(F32X4, a.scale);
+        let scores = kb.b.ins().fmul(dots, scale);
+        let m = kb.b.use_var(max);
+        let m = kb.pmax(scores, m);
+        kb.b.def_var(max, m);
+        if self.keys == SCORE_TILE {
+            let head = kb.i64(self.heads.start as i64);
+            let at = a.score_at(kb, head, j);
+            kb.store(scores, at, 0);
+            return;
+        }
+        for (lane, h) in self.lane_heads().into_iter().enumerate() {
+            let score = kb.b.ins().extractlane(scores, lane as u8);
+            let head = kb.i64(h as i64);
+            let at = a.score_at(kb, head, positions[lane / tile_heads]);
+            kb.store(score, at, 0);
+        }
     }
 }
 

@@ -39,12 +39,38 @@ impl Kb<'_> {
         }
     }
 
-    /// `e^x` within 2 ulp over the range where the result is a normal f32 (inputs are clamped to it).
+    /// `x` where `y < x`, else `y` (also where either is NaN): one `maxps` on vectors, where the IEEE `fmax`
+    /// takes eight instructions to order NaNs and signed zeros.
+    pub fn pmax(&mut self, x: Value, y: Value) -> Value {
+        let greater = self.b.ins().fcmp(FloatCC::LessThan, y, x);
+        self.pick(greater, x, y)
+    }
+
+    /// `x` where `x < y`, else `y` (also where either is NaN): one `minps` on vectors.
+    pub fn pmin(&mut self, x: Value, y: Value) -> Value {
+        let less = self.b.ins().fcmp(FloatCC::LessThan, x, y);
+        self.pick(less, x, y)
+    }
+
+    /// `x` in the lanes where the comparison `mask` holds, else `y`; in the form Cranelift lowers to `minps` and
+    /// `maxps`.
+    fn pick(&mut self, mask: Value, x: Value, y: Value) -> Value {
+        let ty = self.b.func.dfg.value_type(x);
+        if ty.is_vector() {
+            let mask = self.bitcast(ty, mask);
+            self.b.ins().bitselect(mask, x, y)
+        } else {
+            self.b.ins().select(mask, x, y)
+        }
+    }
+
+    /// `e^x` within 2 ulp over the range where the result is a normal f32 (inputs are clamped to it, NaN to its
+    /// low end, as `f32::max` clamps).
     pub fn exp(&mut self, x: Value) -> Value {
         let vector = self.b.func.dfg.value_type(x).is_vector();
         let (lo, hi) = (self.constant_like(x, -87.0), self.constant_like(x, 88.0));
-        let x = self.b.ins().fmax(x, lo);
-        let x = self.b.ins().fmin(x, hi);
+        let x = self.pmax(x, lo);
+        let x = self.pmin(x, hi);
         let log2e = self.constant_like(x, std::f32::consts::LOG2_E);
         let n = self.b.ins().fmul(x, log2e);
         let n = self.b.ins().nearest(n);
@@ -73,8 +99,12 @@ impl Kb<'_> {
         let r1 = self.b.ins().fadd(r, one);
         let p = self.b.ins().fma(p, r2, r1);
         // 2^n from the exponent bits.
-        let (int, float) = if vector { (I32X4, F32X4) } else { (I32, F32) };
-        let n = self.b.ins().fcvt_to_sint_sat(int, n);
+        // `n` is a whole number within the clamp: converted without the saturating forms' checks.
+        let (n, float) = if vector {
+            (self.b.ins().x86_cvtt2dq(I32X4, n), F32X4)
+        } else {
+            (self.b.ins().fcvt_to_sint_sat(I32, n), F32)
+        };
         let bias = if vector {
             self.i32x4(127)
         } else {
