@@ -144,6 +144,39 @@ impl Drop for Pool {
     }
 }
 
+impl Pool {
+    /// Runs `work(begin, end)` over `0..n` cut into `per_thread` pieces per thread of whole `align` units (the last
+    /// piece runs to `n`), each thread taking the next piece when it finishes one. A static split waits for its
+    /// slowest thread, and on a shared machine one core is often slower than the other for the length of an op.
+    pub fn run_pieces(
+        &self,
+        n: usize,
+        align: usize,
+        per_thread: usize,
+        work: &(dyn Fn(usize, usize) + Sync),
+    ) {
+        let units = n / align;
+        let pieces = units.min(self.threads() * per_thread).max(1);
+        if self.threads() == 1 || pieces == 1 {
+            work(0, n);
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        self.run(&|_| loop {
+            let piece = next.fetch_add(1, Relaxed);
+            if piece >= pieces {
+                break;
+            }
+            let begin = piece * units / pieces * align;
+            let end = match piece + 1 {
+                last if last == pieces => n,
+                after => after * units / pieces * align,
+            };
+            work(begin, end);
+        });
+    }
+}
+
 /// The share of `0..n` (in units of `align`) that thread `i` of `threads` takes.
 pub fn split(n: usize, align: usize, i: usize, threads: usize) -> (usize, usize) {
     let units = n / align;
@@ -171,6 +204,36 @@ mod tests {
             });
         }
         assert_eq!(hits.load(SeqCst), 1000 * (1 + (1 << 16) + (1 << 32)));
+    }
+
+    #[test]
+    fn pieces_cover_the_range_once_in_aligned_pieces() {
+        for threads in [1, 2, 3] {
+            let pool = Pool::new(threads);
+            for (n, align, per_thread) in [
+                (576, 4, 8),
+                (49152, 4, 1),
+                (8, 4, 8),
+                (10, 1, 3),
+                (4, 4, 8),
+                (0, 4, 8),
+                (6, 4, 2),
+                (10, 4, 8),
+                (1001, 4, 8),
+            ] {
+                let covered: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
+                pool.run_pieces(n, align, per_thread, &|begin, end| {
+                    assert!(begin % align == 0 && begin <= end && end <= n);
+                    for c in &covered[begin..end] {
+                        c.fetch_add(1, SeqCst);
+                    }
+                });
+                assert!(
+                    covered.iter().all(|c| c.load(SeqCst) == 1),
+                    "{n} by {align}, {per_thread} per thread"
+                );
+            }
+        }
     }
 
     #[test]
