@@ -956,6 +956,47 @@ impl Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_ir::plan::CodeEntry;
+
+    /// A plan's code holding `functions`, each a bare `ret` (looked up here, never called).
+    fn code_of(functions: &[CpuFunction]) -> NativeCode {
+        let entries: Vec<CodeEntry> = functions
+            .iter()
+            .enumerate()
+            .map(|(i, function)| CodeEntry {
+                function: function.clone(),
+                offset: i,
+                len: 1,
+                clif: String::new(),
+            })
+            .collect();
+        NativeCode::load(&entries, &vec![0xC3; functions.len()]).unwrap()
+    }
+
+    /// A plan compiled before attention was grouped names its function without a group (its JSON index, as
+    /// written then); it deserializes as one head, and the executor calls it head by head.
+    #[test]
+    fn plans_from_before_grouping_attend_head_by_head() {
+        let old: CodeEntry = serde_json::from_str(
+            r#"{"function": {"Attention": {"head_dim": 64}}, "offset": 0, "len": 1, "clif": ""}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            old.function,
+            CpuFunction::Attention {
+                head_dim: 64,
+                group: 1
+            }
+        );
+        let wanted = CpuFunction::Attention {
+            head_dim: 64,
+            group: 3,
+        };
+        let heads = |code: &NativeCode| grouped_attention(code, wanted.clone()).map(|(_, h)| h);
+        assert_eq!(heads(&code_of(&[old.function.clone()])), Some(1));
+        assert_eq!(heads(&code_of(&[old.function, wanted.clone()])), Some(3));
+        assert_eq!(heads(&code_of(&[])), None);
+    }
 
     #[test]
     fn attention_matches_the_reference() {
