@@ -993,7 +993,10 @@ mod tests {
             group: 3,
         };
         let heads = |code: &NativeCode| grouped_attention(code, wanted.clone()).map(|(_, h)| h);
-        assert_eq!(heads(&code_of(&[old.function.clone()])), Some(1));
+        assert_eq!(
+            heads(&code_of(std::slice::from_ref(&old.function))),
+            Some(1)
+        );
         assert_eq!(heads(&code_of(&[old.function, wanted.clone()])), Some(3));
         assert_eq!(heads(&code_of(&[])), None);
     }
