@@ -28,8 +28,9 @@ const SUM_VECTORS: usize = 8;
 /// through the passes of every head of the group.
 const VALUE_BLOCK: usize = 32;
 
-/// Scores computed together, keys times heads (a power of two): their dot products interleaved, each key's
-/// vector loaded once for the tile's heads and each head's for the tile's keys.
+/// The most scores computed together, keys times heads: their dot products interleaved, each key's vector loaded
+/// once for the tile's heads and each head's for the tile's keys. A tile of `n` heads takes `SCORE_TILE / n` keys
+/// (4, 2 or 1: a power of two, which the key loop's remainder needs).
 const SCORE_TILE: usize = 4;
 
 /// Vectors of the head per iteration of the score loop: up to 8, even (so a vector's partial sum is the same in
