@@ -86,6 +86,8 @@ struct Args {
     cache: Cache,
     first: Value,
     end: Value,
+    /// Positions attended: `end - first`, the length of each head's row of scores.
+    count: Value,
     out: Value,
     scores: Value,
     scale: Value,
@@ -93,7 +95,9 @@ struct Args {
 
 impl Args {
     fn load(kb: &mut Kb) -> Self {
+        let first = kb.arg(arg::FIRST, I64);
         let last = kb.arg(arg::LAST, I64);
+        let end = kb.b.ins().iadd_imm_s(last, 1);
         Args {
             q: kb.arg(arg::Q, I64),
             k: kb.arg(arg::K, I64),
@@ -103,8 +107,9 @@ impl Args {
                 width: kb.arg(arg::WIDTH, I64),
                 kv_offset: kb.arg(arg::KV_OFFSET, I64),
             },
-            first: kb.arg(arg::FIRST, I64),
-            end: kb.b.ins().iadd_imm_s(last, 1),
+            first,
+            end,
+            count: kb.b.ins().isub(end, first),
             out: kb.arg(arg::OUT, I64),
             scores: kb.arg(arg::SCORES, I64),
             scale: kb.arg(arg::SCALE, F32),
@@ -113,8 +118,7 @@ impl Args {
 
     /// Head `h`'s score of position `j`: each head's scores are a row of `count` in `scores`.
     fn score_at(&self, kb: &mut Kb, h: Value, j: Value) -> Value {
-        let count = kb.b.ins().isub(self.end, self.first);
-        let row = kb.b.ins().imul(h, count);
+        let row = kb.b.ins().imul(h, self.count);
         let i = kb.b.ins().isub(j, self.first);
         let i = kb.b.ins().iadd(row, i);
         kb.offset(self.scores, i, 4)
@@ -149,8 +153,7 @@ fn score(kb: &mut Kb, a: &Args, head_dim: usize, group: usize, maxes: Value) {
     let mut lane_maxima: Vec<(Variable, Vec<usize>)> = Vec::new();
     for heads in head_tiles(group) {
         let keys = SCORE_TILE / heads.len();
-        let count = kb.b.ins().isub(a.end, a.first);
-        let whole = kb.b.ins().band_imm_s(count, -(keys as i64));
+        let whole = kb.b.ins().band_imm_s(a.count, -(keys as i64));
         let tiled_end = kb.b.ins().iadd(a.first, whole);
         let mut tiles = vec![(a.first, tiled_end, keys)];
         if keys > 1 {
@@ -273,8 +276,7 @@ impl ScoreTile {
 /// (each lane computes what the scalar `exp` does), their total summed position by position, then each weight
 /// times the total's reciprocal. Reads each head's maximum from `per_head`, and leaves the reciprocal there.
 fn softmax(kb: &mut Kb, a: &Args, group: usize, per_head: Value) {
-    let count = kb.b.ins().isub(a.end, a.first);
-    let whole = kb.b.ins().band_imm_s(count, !3);
+    let whole = kb.b.ins().band_imm_s(a.count, !3);
     let zero = kb.i64(0);
     let heads = kb.i64(group as i64);
     kb.for_range(zero, heads, 1, |kb, h| {
@@ -282,7 +284,7 @@ fn softmax(kb: &mut Kb, a: &Args, group: usize, per_head: Value) {
         let slot = kb.offset(per_head, h, 4);
         // Applies `f` to the `lanes` scores from index `i` (one f32x4, or one f32) and stores the result.
         let each = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Value, Value) -> Value| {
-            for (start, end, lanes) in [(zero, whole, 4), (whole, count, 1)] {
+            for (start, end, lanes) in [(zero, whole, 4), (whole, a.count, 1)] {
                 kb.for_range(start, end, lanes, |kb, i| {
                     let at = kb.offset(row, i, 4);
                     let ty = if lanes == 4 { F32X4 } else { F32 };
@@ -363,7 +365,6 @@ fn weighted_sum(kb: &mut Kb, a: &Args, head_dim: usize, group: usize) {
                         kb.var(F32X4, sum)
                     })
                     .collect();
-                let rows = kb.b.ins().stack_addr(I64, table, 0);
                 kb.for_walk_n(positions, &[(weights, 4), (rows, 8)], |kb, at| {
                     let weight = kb.load_written(F32, at[0], 0);
                     let weight = kb.b.ins().splat(F32X4, weight);

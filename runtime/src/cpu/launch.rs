@@ -4,7 +4,7 @@
 use super::code::{KernelFn, NativeCode};
 use super::kv::{PagedKv, SeqKv};
 use super::ops::{self, AttentionShape, RopeTable};
-use super::pool::{split, Pool};
+use super::pool::{split, Claims, Pool};
 use crate::engine::ExecError;
 use crate::plan::PlanFile;
 use crate::reference::kernels as reference;
@@ -16,7 +16,6 @@ use kiln_ir::cpu_abi::{
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::{Dim, NodeId, Op, Operand, RopeParams};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// The arena as one step sees it: `t` tokens laid out, of which this launch covers rows `first..first + rows`.
 pub struct Ctx {
@@ -857,16 +856,12 @@ fn attention(
     let per_call = attend.map_or(1, |(_, heads)| heads);
     let calls = positions.len() * s.heads / per_call;
     let out_ptr = Shared(out.as_mut_ptr());
-    let next = AtomicUsize::new(0);
+    // Each thread takes the next call when it finishes one: later tokens attend to more keys, and a thread slowed
+    // down by another process takes fewer calls.
+    let claims = Claims::new(calls);
     pool.run(&|_| {
         let mut scores = Vec::new();
-        // Each thread takes the next call when it finishes one: later tokens attend to more keys, and a thread
-        // slowed down by another process takes fewer calls.
-        loop {
-            let call = next.fetch_add(1, Relaxed);
-            if call >= calls {
-                break;
-            }
+        for call in &claims {
             // The call's first (token, head) pair, and its heads' queries and outputs, consecutive.
             let pair = call * per_call;
             let (t, h) = (pair / s.heads, pair % s.heads);

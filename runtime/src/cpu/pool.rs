@@ -161,19 +161,42 @@ impl Pool {
             work(0, n);
             return;
         }
-        let next = AtomicUsize::new(0);
-        self.run(&|_| loop {
-            let piece = next.fetch_add(1, Relaxed);
-            if piece >= pieces {
-                break;
+        let claims = Claims::new(pieces);
+        self.run(&|_| {
+            for piece in &claims {
+                let begin = piece * units / pieces * align;
+                let end = match piece + 1 {
+                    last if last == pieces => n,
+                    after => after * units / pieces * align,
+                };
+                work(begin, end);
             }
-            let begin = piece * units / pieces * align;
-            let end = match piece + 1 {
-                last if last == pieces => n,
-                after => after * units / pieces * align,
-            };
-            work(begin, end);
         });
+    }
+}
+
+/// The indices `0..count`, each handed to whichever thread of a job asks next: shared by the job's threads, each
+/// iterating `&claims`. A thread slowed down by another process on its core claims fewer.
+pub struct Claims {
+    next: AtomicUsize,
+    count: usize,
+}
+
+impl Claims {
+    pub fn new(count: usize) -> Self {
+        Claims {
+            next: AtomicUsize::new(0),
+            count,
+        }
+    }
+}
+
+impl Iterator for &Claims {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let i = self.next.fetch_add(1, Relaxed);
+        (i < self.count).then_some(i)
     }
 }
 
