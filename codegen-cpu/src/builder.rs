@@ -284,17 +284,17 @@ impl<'a> Kb<'a> {
         self.b.ins().iadd(sum, acc)
     }
 
-    /// `acc + sum of a[i] * (b[i] - 128)` over each group of 4 bytes, for `pmaddubsw` hosts, where `b` itself
-    /// (up to 255) would saturate: the magnitudes `|b - 128|` against `a` negated where `b - 128` is negative, as
-    /// llama.cpp multiplies signed bytes. `a` must not hold -128, whose negation wraps.
-    pub fn dot_biased_u8i8(&mut self, acc: Value, a_i8: Value, b_biased: Value) -> Value {
+    /// The pair `(a', b')` whose `dot_u8i8` is `sum of a[i] * (b[i] - 128)`, for `pmaddubsw` hosts, where `b`
+    /// itself (up to 255) would saturate: the magnitudes `|b - 128|` (at most 128) against `a` negated where
+    /// `b - 128` is negative, as llama.cpp multiplies signed bytes. `a` must not hold -128, whose negation wraps.
+    pub fn biased_pair(&mut self, a_i8: Value, b_biased: Value) -> (Value, Value) {
         let bias = self.i8x16(0x80);
         let b = self.b.ins().bxor(b_biased, bias);
         let magnitude = self.b.ins().iabs(b);
         let negated = self.b.ins().ineg(a_i8);
         // `b - 128` is negative exactly where the top bit of `b_biased` is clear.
         let signed = self.b.ins().blendv(b_biased, a_i8, negated);
-        self.dot_u8i8(acc, signed, magnitude)
+        (signed, magnitude)
     }
 
     pub fn byte_dot(&self) -> ByteDot {
@@ -336,6 +336,59 @@ impl<'a> Kb<'a> {
         let front = self.b.ins().iadd(chains[0], chains[1]);
         let back = self.b.ins().iadd(chains[2], chains[3]);
         self.b.ins().iadd(front, back)
+    }
+
+    /// `[total 0, total 1, total 2, total 3]`: the `dot_u8i8` products of each of four rows' `pairs` summed whole,
+    /// one row per i32 lane, every byte of each `b_u8` at most `max_code`. Integer sums, so the grouping changes no
+    /// result; each host groups them its own way:
+    /// - `pmaddubsw`: each row's products are added in i16, then adjacent rows' sums are paired with `phaddw` while
+    ///   a lane stays within `dot_u8i8_sum`'s bound (`128 / max_code` products: Q5 codes once, Q4 codes twice);
+    ///   one `pmaddwd` widens each vector left.
+    /// - VNNI (and rows past the i16 bound): each row's `dot_u8i8_sum`.
+    ///
+    /// The i32 vectors left are paired with `phaddd` down to one.
+    pub fn dot_u8i8_totals4(&mut self, rows: [&[(Value, Value)]; 4], max_code: u8) -> Value {
+        let per_lane = 128 / max_code.max(1) as usize;
+        let products = rows[0].len();
+        let mut vectors: Vec<Value> = if self.byte_dot == ByteDot::Pmaddubsw && products <= per_lane
+        {
+            let mut words: Vec<Value> = rows
+                .iter()
+                .map(|pairs| {
+                    let mut sum = self.b.ins().x86_pmaddubsw(pairs[0].0, pairs[0].1);
+                    for &(a_i8, b_u8) in &pairs[1..] {
+                        let more = self.b.ins().x86_pmaddubsw(a_i8, b_u8);
+                        sum = self.b.ins().iadd(sum, more);
+                    }
+                    sum
+                })
+                .collect();
+            let mut in_lane = products;
+            while words.len() > 1 && 2 * in_lane <= per_lane {
+                words = self.pairwise(&words);
+                in_lane *= 2;
+            }
+            let ones = self.i16x8([1; 8]);
+            words.into_iter().map(|w| self.dot_i16(w, ones)).collect()
+        } else {
+            let zero = self.i32x4(0);
+            rows.iter()
+                .map(|pairs| self.dot_u8i8_sum(zero, pairs, max_code))
+                .collect()
+        };
+        while vectors.len() > 1 {
+            vectors = self.pairwise(&vectors);
+        }
+        vectors[0]
+    }
+
+    /// Each two vectors' adjacent lanes added (`phaddw`/`phaddd`): the first's pairs in the low half, the second's
+    /// in the high.
+    fn pairwise(&mut self, vectors: &[Value]) -> Vec<Value> {
+        vectors
+            .chunks(2)
+            .map(|pair| self.b.ins().iadd_pairwise(pair[0], pair[1]))
+            .collect()
     }
 
     /// `[a0*b0 + a1*b1, a2*b2 + a3*b3, ...]` of two `i16x8` as `i32x4`: written as the tree Cranelift folds into

@@ -8,7 +8,7 @@ use crate::builder::{ByteDot, Kb};
 use crate::kquants::KQuant;
 use crate::ternary_row::TernaryRow;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32X4, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
@@ -42,8 +42,9 @@ pub trait BlockDot {
     fn row_term(&self, _w: &[Value], _x: &[Value]) -> Option<(Value, Value)> {
         None
     }
-    /// The type of a row's vector accumulator: f32x4, or i32x4 for formats whose blocks give exact integers
-    /// (converted once, after the last block).
+    /// The type of a row's accumulator: an f32x4 or i32x4 (for formats whose blocks give exact integers,
+    /// converted once after the last block) reduced across its lanes at the end; or f32, a row's sum block by
+    /// block, which a group of four rows keeps as one f32x4 (lane `r` row `r`) filled by the grouped form.
     fn acc_type(&self) -> Type {
         F32X4
     }
@@ -71,15 +72,18 @@ pub trait BlockDot {
 /// A block of a group of four interleaved rows kept as one entry, laid out so that a token meets the four rows
 /// with fewer instructions than row by row:
 /// - Block32 keeps each row's code vectors and gathers the rows' scalars (the scale, the minimum) into one f32x4
-///   each: a token scales the four rows with one multiply and takes each row's factor with a lane shuffle, and
-///   meets the four minimums with one `fma`.
+///   each: a token scales the four rows with one multiply. With a minimum, it takes each row's factor with a lane
+///   shuffle and meets the four minimums with one `fma`; with a code offset, it takes the four rows' block totals
+///   together, one row per lane, and adds them to the rows' sums with one `fma` (`groups_stored_rows`: a one-token
+///   pass groups the rows too).
 /// - The k-quants transpose the four rows' codes, so that a 32-bit lane holds one row's four codes of a `vpdpbusd`
 ///   step and the token's four activation codes are broadcast to all lanes: each sub-block's sums come out with
 ///   one row per lane, where row by row they needed a horizontal add. Their four accumulators then hold lane-groups
 ///   across the rows (`across_rows`): accumulator `l`, lane `r` is what row `r`'s accumulator sums in its lane `l`.
 ///
-/// The arithmetic is `BlockDot::accumulate`'s and `row_term`'s, value for value, so a token gets the same bits
-/// whether it meets the group alone (from the stored blocks) or among other tokens (from the scratch buffer).
+/// Where a one-token pass does not group the rows, the arithmetic is `BlockDot::accumulate`'s and `row_term`'s,
+/// value for value; either way a token gets the same bits whether it meets the group alone (from the stored
+/// blocks) or among other tokens (from the scratch buffer).
 pub trait Grouped {
     /// The types of the values `group` returns.
     fn types(&self) -> Vec<Type>;
@@ -97,6 +101,13 @@ pub trait Grouped {
     ) -> bool;
     /// Whether the accumulators hold lane-groups across the rows rather than one row each.
     fn across_rows(&self) -> bool {
+        false
+    }
+
+    /// Whether a one-token pass groups the four rows' unpacked blocks in registers as well: where the grouped form
+    /// is how the format sums four rows at all (an `acc_type` of f32), not only a faster layout of the scratch
+    /// buffer.
+    fn groups_stored_rows(&self) -> bool {
         false
     }
 }
@@ -160,25 +171,58 @@ impl Block32 {
         }
     }
 
-    /// `acc += fcvt(sum(codes * qx)) * ddx` for one row's two code vectors, the integer sum starting from the code
-    /// offset's correction; `ddx` is the row's `d * dx` in every lane. `accumulate` and the grouped form share it,
-    /// so both compute every row's products the same way.
-    fn add_codes(&self, kb: &mut Kb, [lo, hi]: [Value; 2], x: &[Value], ddx: Value, acc: RowAcc) {
-        let (c0, c1, min_factor) = (x[1], x[2], x[3]);
-        // Q8_0's codes (its weights plus 128) are past `pmaddubsw`'s exact range: there the weights' signs move
-        // onto the activations, and no offset is left to correct.
-        let biased = self.bytes && kb.byte_dot() == ByteDot::Pmaddubsw;
-        let start = match self.min_at {
-            None if !biased => min_factor,
-            _ => kb.i32x4(0),
+    /// Whether the format has a code offset rather than a minimum (Q4_0, Q5_0, Q8_0). Its blocks then sum whole
+    /// in integers, offset included, and a row adds each block's total times `d * dx` to one f32, as ggml's scalar
+    /// dot product does; four rows take their totals together (`Kb::dot_u8i8_totals4`), where spread over lanes
+    /// each row needed its own widening, conversion and `fma`. Formats with a minimum (Q4_1, Q5_1) keep each row's
+    /// products spread over four lanes to the end, in the order of llama.cpp's x86 dot product: SmolLM2's greedy
+    /// ids are checked against llama.cpp's, and block totals moved a near-tie there.
+    fn totals(&self) -> bool {
+        self.min_at.is_none()
+    }
+
+    /// Q8_0 on `pmaddubsw` hosts: its codes (its weights plus 128) are past `pmaddubsw`'s exact range, so the
+    /// weights' signs move onto the activations, and no offset is left to correct.
+    fn biased(&self, kb: &Kb) -> bool {
+        self.bytes && kb.byte_dot() == ByteDot::Pmaddubsw
+    }
+
+    /// One row's two code vectors against the activations' as `dot_u8i8` pairs, and the largest code they hold.
+    fn code_pairs(
+        &self,
+        kb: &mut Kb,
+        [lo, hi]: [Value; 2],
+        x: &[Value],
+    ) -> ([(Value, Value); 2], u8) {
+        let (c0, c1) = (x[1], x[2]);
+        if self.biased(kb) {
+            return ([kb.biased_pair(c0, lo), kb.biased_pair(c1, hi)], 128);
+        }
+        let max_code = match (self.bytes, self.qh_at) {
+            (true, _) => u8::MAX,
+            (false, Some(_)) => 31,
+            (false, None) => 15,
         };
-        let isum = if biased {
-            let isum = kb.dot_biased_u8i8(start, c0, lo);
-            kb.dot_biased_u8i8(isum, c1, hi)
-        } else {
-            let max_code = if self.qh_at.is_some() { 31 } else { 15 };
-            kb.dot_u8i8_sum(start, &[(c0, lo), (c1, hi)], max_code)
+        ([(c0, lo), (c1, hi)], max_code)
+    }
+
+    /// A `totals` block's integer totals (one row's in every lane, or four rows' one per lane) with the code
+    /// offset's correction added, as f32.
+    fn corrected(kb: &mut Kb, totals: Value, x: &[Value]) -> Value {
+        let totals = match x.get(3) {
+            Some(&start) => kb.b.ins().iadd(totals, start),
+            None => totals,
         };
+        kb.b.ins().fcvt_from_sint(F32X4, totals)
+    }
+
+    /// `acc += fcvt(sum(codes * qx)) * ddx` lane by lane for one row's two code vectors of a format with a
+    /// minimum; `ddx` is the row's `d * dx` in every lane. `accumulate` and the grouped form share it, so both
+    /// compute every row's products the same way.
+    fn add_lanes(&self, kb: &mut Kb, codes: [Value; 2], x: &[Value], ddx: Value, acc: RowAcc) {
+        let (pairs, max_code) = self.code_pairs(kb, codes, x);
+        let zero = kb.i32x4(0);
+        let isum = kb.dot_u8i8_sum(zero, &pairs, max_code);
         let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
         let v = kb.b.use_var(acc.v);
         let v = kb.b.ins().fma(fsum, ddx, v);
@@ -219,28 +263,32 @@ impl BlockDot for Block32 {
         self.block_bytes
     }
 
-    /// `[dx, codes 0..16, codes 16..32, the minimum's factor]`: with a minimum, `dx * sum(qx)` (the `row_term`);
-    /// with a code offset, the integer sum's starting value `[-offset * sum(qx), 0, 0, 0]`, which keeps the whole
-    /// block in integers.
+    /// `[dx, codes 0..16, codes 16..32]`, then with a minimum its factor `dx * sum(qx)` (the `row_term`), with
+    /// a code offset to correct the correction `-offset * sum(qx)` in every lane.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         let dx = kb.load(F32, x, 0);
-        let s0 = kb.load_i16(x, ActFormat::SUMS_AT);
-        let s1 = kb.load_i16(x, ActFormat::SUMS_AT + 2);
-        let sum = kb.b.ins().iadd(s0, s1);
-        let min_factor = match self.min_at {
-            Some(_) => {
-                let sum = kb.b.ins().fcvt_from_sint(F32, sum);
-                kb.b.ins().fmul(dx, sum)
-            }
-            None => {
-                let start = kb.b.ins().imul_imm_s(sum, -(self.offset as i64));
-                kb.b.ins().scalar_to_vector(I32X4, start)
-            }
-        };
         let codes = ActFormat::Q8_0.codes_at();
         let c0 = kb.load(I8X16, x, codes);
         let c1 = kb.load(I8X16, x, codes + 16);
-        vec![dx, c0, c1, min_factor]
+        let mut values = vec![dx, c0, c1];
+        if self.biased(kb) {
+            return values;
+        }
+        if self.min_at.is_none() {
+            // The two i16 sums (the vector's lane 1) in every lane, each pair multiplied-added by `-offset`.
+            let head = kb.load(I32X4, x, 0);
+            let sums = kb.shuffle32(head, head, [(ActFormat::SUMS_AT / 4) as u8; 4]);
+            let sums = kb.bitcast(I16X8, sums);
+            let factor = kb.i16x8([-(self.offset as i16); 8]);
+            values.push(kb.dot_i16(sums, factor));
+            return values;
+        }
+        let s0 = kb.load_i16(x, ActFormat::SUMS_AT);
+        let s1 = kb.load_i16(x, ActFormat::SUMS_AT + 2);
+        let sum = kb.b.ins().iadd(s0, s1);
+        let sum = kb.b.ins().fcvt_from_sint(F32, sum);
+        values.push(kb.b.ins().fmul(dx, sum));
+        values
     }
 
     fn unpacked(&self) -> Vec<Type> {
@@ -277,12 +325,32 @@ impl BlockDot for Block32 {
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
         let ddx = kb.b.ins().fmul(w[2], x[0]);
-        let ddx = kb.b.ins().splat(F32X4, ddx);
-        self.add_codes(kb, [w[0], w[1]], x, ddx, acc);
+        if !self.totals() {
+            let ddx = kb.b.ins().splat(F32X4, ddx);
+            return self.add_lanes(kb, [w[0], w[1]], x, ddx, acc);
+        }
+        let (pairs, max_code) = self.code_pairs(kb, [w[0], w[1]], x);
+        let zero = kb.i32x4(0);
+        let isum = kb.dot_u8i8_sum(zero, &pairs, max_code);
+        let halves = kb.b.ins().iadd_pairwise(isum, isum);
+        let total = kb.b.ins().iadd_pairwise(halves, halves);
+        let total = Self::corrected(kb, total, x);
+        let total = kb.b.ins().extractlane(total, 0);
+        let v = kb.b.use_var(acc.v);
+        let v = kb.b.ins().fma(total, ddx, v);
+        kb.b.def_var(acc.v, v);
     }
 
     fn row_term(&self, w: &[Value], x: &[Value]) -> Option<(Value, Value)> {
         self.min_at.map(|_| (w[3], x[3]))
+    }
+
+    fn acc_type(&self) -> Type {
+        if self.totals() {
+            F32
+        } else {
+            F32X4
+        }
     }
 
     fn dequantizer(&self) -> Option<&dyn Dequantize> {
@@ -303,6 +371,10 @@ impl Grouped for Block32 {
         types
     }
 
+    fn groups_stored_rows(&self) -> bool {
+        self.totals()
+    }
+
     fn group(&self, kb: &mut Kb, rows: &[Vec<Value>]) -> Vec<Value> {
         let codes = rows.iter().flat_map(|w| [w[0], w[1]]);
         let scalars: Vec<Value> = (2..rows[0].len())
@@ -321,10 +393,21 @@ impl Grouped for Block32 {
     ) -> bool {
         let dx = kb.b.ins().splat(F32X4, x[0]);
         let ddx = kb.b.ins().fmul(block[8], dx);
+        if self.totals() {
+            let pairs: Vec<_> = (0..4)
+                .map(|r| self.code_pairs(kb, [block[2 * r], block[2 * r + 1]], x))
+                .collect();
+            let totals = kb.dot_u8i8_totals4(std::array::from_fn(|r| &pairs[r].0[..]), pairs[0].1);
+            let totals = Self::corrected(kb, totals, x);
+            let v = kb.b.use_var(rows[0].v);
+            let v = kb.b.ins().fma(totals, ddx, v);
+            kb.b.def_var(rows[0].v, v);
+            return false;
+        }
         for (r, &acc) in rows.iter().enumerate() {
             let lane = r as u8;
             let row_ddx = kb.shuffle32(ddx, ddx, [lane; 4]);
-            self.add_codes(kb, [block[2 * r], block[2 * r + 1]], x, row_ddx, acc);
+            self.add_lanes(kb, [block[2 * r], block[2 * r + 1]], x, row_ddx, acc);
         }
         if self.min_at.is_none() {
             return false;

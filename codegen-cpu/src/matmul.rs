@@ -324,23 +324,32 @@ fn store(
     kb.store(value, p, 0);
 }
 
-/// A group's running sums: each row's vector accumulator, and the `row_term`s: one f32 per row, or for four rows
-/// one f32x4 (lane by lane the same sums, in a quarter of the registers).
+/// A group's running sums: each row's accumulator, and the `row_term`s: one f32 per row, or for four rows one f32x4
+/// (lane by lane the same sums, in a quarter of the registers). Accumulators of f32 (`BlockDot::acc_type`) are
+/// kept the same way: for four rows, one f32x4.
 struct GroupAcc {
     rows: Vec<RowAcc>,
     terms: Vec<Variable>,
     /// The four accumulators hold lane-groups across the rows (`Grouped::across_rows`), not one row each.
     across_rows: bool,
+    /// The accumulators hold the rows' sums themselves (f32 per row), with nothing left to reduce.
+    row_sums: bool,
 }
 
 impl GroupAcc {
     fn new(kb: &mut Kb, rows: usize, acc_type: Type, across_rows: bool) -> Self {
         let zero = kb.f32x4(0.0);
+        let row_sums = acc_type == F32;
+        let (acc_type, count) = match acc_type {
+            F32 if rows == 4 => (F32X4, 1),
+            ty => (ty, rows),
+        };
         let start = match acc_type {
             F32X4 => zero,
+            F32 => kb.f32(0.0),
             _ => kb.i32x4(0),
         };
-        let rows: Vec<RowAcc> = (0..rows)
+        let rows: Vec<RowAcc> = (0..count)
             .map(|_| RowAcc {
                 v: kb.var(acc_type, start),
             })
@@ -356,6 +365,7 @@ impl GroupAcc {
             rows,
             terms,
             across_rows,
+            row_sums,
         }
     }
 
@@ -375,29 +385,14 @@ impl GroupAcc {
         }
     }
 
-    /// The rows' sums: for four rows one f32x4 (each lane summed in the order `hsum_f32` sums it), else one f32
-    /// per row; plus the row terms where the format has them.
+    /// The rows' sums (for four rows one f32x4, else one f32 per row), plus the row terms where the format has
+    /// them.
     fn finish(&self, kb: &mut Kb, with_terms: bool) -> Vec<Value> {
-        let sums: Vec<Value> = self
-            .rows
-            .iter()
-            .map(|acc| {
-                let v = kb.b.use_var(acc.v);
-                match kb.b.func.dfg.value_type(v) {
-                    F32X4 => v,
-                    _ => kb.b.ins().fcvt_from_sint(F32X4, v),
-                }
-            })
-            .collect();
-        let sums = match sums[..] {
-            // Lane-groups across the rows: the same sums as `hsum4_f32` of the rows' accumulators.
-            [a, b, c, d] if self.across_rows => {
-                let front = kb.b.ins().fadd(a, b);
-                let back = kb.b.ins().fadd(c, d);
-                vec![kb.b.ins().fadd(front, back)]
-            }
-            [a, b, c, d] => vec![kb.hsum4_f32([a, b, c, d])],
-            _ => sums.into_iter().map(|v| kb.hsum_f32(v)).collect(),
+        let sums: Vec<Value> = self.rows.iter().map(|acc| kb.b.use_var(acc.v)).collect();
+        let sums = if self.row_sums {
+            sums
+        } else {
+            self.reduce(kb, sums)
         };
         if !with_terms {
             return sums;
@@ -410,13 +405,37 @@ impl GroupAcc {
             })
             .collect()
     }
+
+    /// The rows' sums from their vector accumulators' values: for four rows one f32x4 (each lane summed in the
+    /// order `hsum_f32` sums it), else one f32 per row.
+    fn reduce(&self, kb: &mut Kb, accs: Vec<Value>) -> Vec<Value> {
+        let sums: Vec<Value> = accs
+            .into_iter()
+            .map(|v| match kb.b.func.dfg.value_type(v) {
+                F32X4 => v,
+                _ => kb.b.ins().fcvt_from_sint(F32X4, v),
+            })
+            .collect();
+        match sums[..] {
+            // Lane-groups across the rows: the same sums as `hsum4_f32` of the rows' accumulators.
+            [a, b, c, d] if self.across_rows => {
+                let front = kb.b.ins().fadd(a, b);
+                let back = kb.b.ins().fadd(c, d);
+                vec![kb.b.ins().fadd(front, back)]
+            }
+            [a, b, c, d] => vec![kb.hsum4_f32([a, b, c, d])],
+            _ => sums.into_iter().map(|v| kb.hsum_f32(v)).collect(),
+        }
+    }
 }
 
 /// The dot products of the group's rows of `tensor` with one token's activations at `xt`, as `finish` returns
 /// them.
 fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Value) -> Vec<Value> {
-    let across_rows = matches!(source, Source::Scratch { .. })
-        && shape.grouped.is_some_and(|grouped| grouped.across_rows());
+    let grouped = shape
+        .grouped
+        .filter(|grouped| matches!(source, Source::Scratch { .. }) || grouped.groups_stored_rows());
+    let across_rows = grouped.is_some_and(|grouped| grouped.across_rows());
     let accs = GroupAcc::new(kb, shape.rows, shape.dot.acc_type(), across_rows);
     let block_bytes = shape.dot.block_bytes();
     let mut has_terms = false;
@@ -429,19 +448,28 @@ fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Va
     kb.for_walk(shape.blocks, &walks, |kb, at| {
         let (xb, block) = (at[0], at[1]);
         let x = shape.dot.prepare(kb, xb);
-        if let (Source::Scratch { layout, .. }, Some(grouped)) = (source, shape.grouped) {
-            let values = layout.reload(kb, block);
+        let row = |kb: &mut Kb, lane: usize| {
+            let p = kb.b.ins().iadd_imm_s(block, (lane * stride) as i64);
+            match source {
+                Source::Stored => shape.dot.unpack(kb, p),
+                Source::Scratch { layout, .. } => layout.reload(kb, p),
+            }
+        };
+        if let Some(grouped) = grouped {
+            let values = match source {
+                Source::Scratch { layout, .. } => layout.reload(kb, block),
+                Source::Stored => {
+                    let rows: Vec<Vec<Value>> = (0..shape.rows).map(|lane| row(kb, lane)).collect();
+                    grouped.group(kb, &rows)
+                }
+            };
             has_terms |= grouped.accumulate(kb, &values, &x, &accs.rows, accs.terms[0]);
             return;
         }
         let mut terms = Vec::new();
         let mut act_term = None;
         for (lane, &acc) in accs.rows.iter().enumerate() {
-            let p = kb.b.ins().iadd_imm_s(block, (lane * stride) as i64);
-            let w = match source {
-                Source::Stored => shape.dot.unpack(kb, p),
-                Source::Scratch { layout, .. } => layout.reload(kb, p),
-            };
+            let w = row(kb, lane);
             shape.dot.accumulate(kb, &w, &x, acc);
             if let Some((weight, act)) = shape.dot.row_term(&w, &x) {
                 terms.push(weight);
