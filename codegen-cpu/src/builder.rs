@@ -225,6 +225,39 @@ impl<'a> Kb<'a> {
         self.walk_range(start, end, walks, body);
     }
 
+    /// `for_walk` with the body repeated `unroll` times per iteration (`count` a multiple of it), each copy's
+    /// pointers a fixed offset from the iteration's: a short body's loop overhead (the pointers' adds and moves,
+    /// the compare and branches) is then paid once per `unroll` bodies.
+    pub fn for_walk_unrolled(
+        &mut self,
+        count: usize,
+        unroll: usize,
+        walks: &[(Value, usize)],
+        mut body: impl FnMut(&mut Kb, &[Value]),
+    ) {
+        debug_assert!(
+            count.is_multiple_of(unroll),
+            "the unrolled copies cover the count"
+        );
+        let wide: Vec<(Value, usize)> = walks
+            .iter()
+            .map(|&(p, stride)| (p, stride * unroll))
+            .collect();
+        self.for_walk(count / unroll, &wide, |kb, at| {
+            for copy in 0..unroll {
+                let copy_at: Vec<Value> = at
+                    .iter()
+                    .zip(walks)
+                    .map(|(&p, &(_, stride))| match copy {
+                        0 => p,
+                        _ => kb.b.ins().iadd_imm_s(p, (copy * stride) as i64),
+                    })
+                    .collect();
+                body(kb, &copy_at);
+            }
+        });
+    }
+
     /// `for_walk` over a count known only when the kernel runs.
     pub fn for_walk_n(
         &mut self,

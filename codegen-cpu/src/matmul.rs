@@ -445,7 +445,14 @@ fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Va
         Source::Scratch { at, layout } => (at, layout.entry, layout.per_block * layout.entry),
     };
     let walks = [(xt, shape.act_bytes), (base, per_block)];
-    kb.for_walk(shape.blocks, &walks, |kb, at| {
+    // Blocks of at most 32 values are short bodies (about 45 instructions for Q5_0's four rows), of which the loop's
+    // own instructions were a sixth; a k-quant's 256 values are a body long enough to leave whole.
+    let unroll = if shape.dot.elems() <= 32 && shape.blocks.is_multiple_of(2) {
+        2
+    } else {
+        1
+    };
+    kb.for_walk_unrolled(shape.blocks, unroll, &walks, |kb, at| {
         let (xb, block) = (at[0], at[1]);
         let x = shape.dot.prepare(kb, xb);
         let row = |kb: &mut Kb, lane: usize| {
