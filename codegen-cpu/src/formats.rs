@@ -263,8 +263,8 @@ impl BlockDot for Block32 {
         self.block_bytes
     }
 
-    /// `[dx, codes 0..16, codes 16..32]`, then with a minimum its factor `dx * sum(qx)` (the `row_term`), with
-    /// a code offset to correct the correction `-offset * sum(qx)` in every lane.
+    /// `[dx, codes 0..16, codes 16..32]`, then a fourth value: with a minimum, its factor `dx * sum(qx)` (the
+    /// `row_term`); with a code offset (unless `biased`), the correction `-offset * sum(qx)` in every lane.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         let dx = kb.load(F32, x, 0);
         let codes = ActFormat::Q8_0.codes_at();
@@ -332,6 +332,7 @@ impl BlockDot for Block32 {
         let (pairs, max_code) = self.code_pairs(kb, [w[0], w[1]], x);
         let zero = kb.i32x4(0);
         let isum = kb.dot_u8i8_sum(zero, &pairs, max_code);
+        // The row's four lanes added, the total in every lane (rows not interleaved: a rare layout).
         let halves = kb.b.ins().iadd_pairwise(isum, isum);
         let total = kb.b.ins().iadd_pairwise(halves, halves);
         let total = Self::corrected(kb, total, x);
