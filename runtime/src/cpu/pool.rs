@@ -164,11 +164,7 @@ impl Pool {
         let claims = Claims::new(pieces);
         self.run(&|_| {
             for piece in &claims {
-                let begin = piece * units / pieces * align;
-                let end = match piece + 1 {
-                    last if last == pieces => n,
-                    after => after * units / pieces * align,
-                };
+                let (begin, end) = split(n, align, piece, pieces);
                 work(begin, end);
             }
         });
