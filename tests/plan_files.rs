@@ -48,6 +48,7 @@ fn inspect_shows_sections_and_ir() {
         "token_embd.weight",
         "schedule",
         "memory plan: one arena of",
+        "the CPU executor keeps the logits apart",
         "kernels (7 distinct, 152 launches):",
         "qkv_rope(f32[tokens, 576], f32[576], q4_1[576, 576]",
     ] {

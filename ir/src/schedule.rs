@@ -66,6 +66,29 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// Bytes per token of the arena with `apart` left out: the furthest end among the other slots. An executor
+    /// that keeps one output (the logits, of which a step wants only its last rows) in a buffer of its own sizes
+    /// the arena by this.
+    pub fn arena_bytes_per_token_without(&self, apart: &Slot) -> usize {
+        let launches = self
+            .launches
+            .iter()
+            .flat_map(|l| l.operands.iter().chain([&l.output]));
+        let named = self.inputs.iter().chain(&self.outputs).map(|(_, s)| s);
+        launches
+            .chain(named)
+            .filter(|s| *s != apart)
+            .filter_map(|s| match s {
+                Slot::Arena {
+                    offset_per_token,
+                    bytes_per_token,
+                } => Some(offset_per_token + bytes_per_token),
+                Slot::Weight(_) => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Checks the schedule against its graph: launches follow the graph's nodes in order with matching operand
     /// slots, and no two values that are live at the same time share arena bytes.
     pub fn verify(&self, graph: &crate::Graph) -> Result<(), String> {
@@ -160,5 +183,46 @@ impl Schedule {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arena(offset_per_token: usize, bytes_per_token: usize) -> Slot {
+        Slot::Arena {
+            offset_per_token,
+            bytes_per_token,
+        }
+    }
+
+    #[test]
+    fn the_arena_without_the_logits_ends_at_the_furthest_other_slot() {
+        let logits = arena(64, 4000);
+        let schedule = Schedule {
+            kernels: Vec::new(),
+            inputs: vec![("tokens".into(), arena(0, 4))],
+            launches: vec![
+                Launch {
+                    node: 1,
+                    kernel: 0,
+                    layer: None,
+                    operands: vec![arena(0, 4), Slot::Weight("embed".into())],
+                    output: arena(4, 60),
+                },
+                Launch {
+                    node: 2,
+                    kernel: 1,
+                    layer: None,
+                    operands: vec![arena(4, 60)],
+                    output: logits.clone(),
+                },
+            ],
+            outputs: vec![("logits".into(), logits.clone())],
+            arena_bytes_per_token: 4064,
+        };
+        assert_eq!(schedule.arena_bytes_per_token_without(&logits), 64);
+        assert_eq!(schedule.arena_bytes_per_token_without(&arena(4, 60)), 4064);
     }
 }

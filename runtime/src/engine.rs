@@ -19,6 +19,8 @@ pub enum ExecError {
     BadToken { id: u32, vocab: usize },
     #[error("the graph has no `{0}` output")]
     NoOutput(&'static str),
+    #[error("the `{0}` output is not what the schedule's last launch writes")]
+    OutputNotLast(&'static str),
     #[error("nothing to run: the input has no tokens")]
     EmptyInput,
     #[error("the GPU failed while {doing}: {reason}")]

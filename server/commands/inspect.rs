@@ -111,6 +111,10 @@ pub fn schedule_text(schedule: &Schedule) -> String {
     let mut out = String::new();
     let per_token = schedule.arena_bytes_per_token;
     writeln!(out, "\nmemory plan: one arena of {per_token} bytes per token ({} KiB at 1 token, {} MiB at 512)", per_token / 1024, (per_token * 512) >> 20).unwrap();
+    if let Some((_, logits)) = schedule.outputs.iter().find(|(name, _)| name == "logits") {
+        let rest = schedule.arena_bytes_per_token_without(logits);
+        writeln!(out, "  the CPU executor keeps the logits apart, for the rows it computes (a prompt's last), and the rest in {rest} bytes per token ({} MiB at 512)", (rest * 512) >> 20).unwrap();
+    }
     writeln!(
         out,
         "\nkernels ({} distinct, {} launches):",

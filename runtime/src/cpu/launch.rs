@@ -18,34 +18,55 @@ use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::{Dim, NodeId, Op, Operand, RopeParams};
 
 /// The arena as one step sees it: `t` tokens laid out, of which this launch covers rows `first..first + rows`.
-pub struct Ctx {
+pub struct Ctx<'s> {
     arena: *mut u8,
     t: usize,
     first: usize,
     pub rows: usize,
+    /// A slot held outside the arena, in a buffer of this launch's rows alone (the logits).
+    apart: Option<(&'s Slot, *mut u8)>,
 }
 
-impl Ctx {
+impl<'s> Ctx<'s> {
     pub fn new(arena: *mut u8, t: usize, first: usize, rows: usize) -> Self {
         Ctx {
             arena,
             t,
             first,
             rows,
+            apart: None,
+        }
+    }
+
+    /// This context with `slot` read and written at `buffer` (which holds `rows` of it) instead of the arena.
+    pub fn with_apart(self, slot: &'s Slot, buffer: *mut u8) -> Self {
+        Ctx {
+            apart: Some((slot, buffer)),
+            ..self
         }
     }
 
     fn region(&self, slot: &Slot) -> (*mut u8, usize) {
-        match slot {
-            Slot::Arena {
-                offset_per_token,
-                bytes_per_token,
-            } => {
+        match (slot, self.apart) {
+            (
+                Slot::Arena {
+                    bytes_per_token, ..
+                },
+                Some((apart, buffer)),
+            ) if apart == slot => (buffer, self.rows * bytes_per_token),
+            (
+                Slot::Arena {
+                    offset_per_token,
+                    bytes_per_token,
+                },
+                _,
+            ) => {
                 let at = self.t * offset_per_token + self.first * bytes_per_token;
-                // SAFETY: the schedule's memory plan keeps every slot inside `t * arena_bytes_per_token`.
+                // SAFETY: the memory plan keeps every slot but the one apart inside `t * arena_bytes_per_token`
+                // (less that slot's bytes when it ends the arena).
                 (unsafe { self.arena.add(at) }, self.rows * bytes_per_token)
             }
-            Slot::Weight(name) => unreachable!("weight `{name}` read as an activation"),
+            (Slot::Weight(name), _) => unreachable!("weight `{name}` read as an activation"),
         }
     }
 
@@ -296,10 +317,6 @@ impl<'p> Step<'p> {
 
     pub fn is_fallback(&self) -> bool {
         self.calls.iter().any(|c| c.kernels.is_none())
-    }
-
-    pub fn writes(&self, slot: &Slot) -> bool {
-        &self.output == slot
     }
 
     /// An f32 operand: a float weight or an activation.

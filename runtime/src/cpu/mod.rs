@@ -34,9 +34,13 @@ pub struct CpuExecutor<'p> {
     _code: NativeCode,
     inputs: Vec<(String, Slot)>,
     logits: Slot,
+    /// Per token of the arena, which holds every slot but the logits.
     arena_bytes_per_token: usize,
     /// The activation arena, in f32 units (every slot is 4-byte aligned).
     arena: Vec<f32>,
+    /// The logits of the rows the LM head computes, kept out of the arena: a prefill wants only its last row,
+    /// and a vocabulary of 262144 would otherwise take a MiB of arena per prompt token.
+    logits_rows: Vec<f32>,
     kv: PagedKv,
     scratch: launch::Scratch,
     vocab: usize,
@@ -84,14 +88,19 @@ impl<'p> CpuExecutor<'p> {
             } => bytes_per_token / 4,
             Slot::Weight(_) => return Err(ExecError::NoOutput("logits").into()),
         };
+        if schedule.launches.last().map(|l| &l.output) != Some(&logits) {
+            return Err(ExecError::OutputNotLast("logits").into());
+        }
+        let arena_bytes_per_token = schedule.arena_bytes_per_token_without(&logits);
         Ok(CpuExecutor {
             steps,
             pool: Pool::new(threads),
             _code: code,
             inputs: schedule.inputs.clone(),
             logits,
-            arena_bytes_per_token: schedule.arena_bytes_per_token,
+            arena_bytes_per_token,
             arena: Vec::new(),
+            logits_rows: Vec::new(),
             kv: PagedKv::new(1, max_context),
             scratch: launch::Scratch::default(),
             vocab,
@@ -159,6 +168,10 @@ impl<'p> CpuExecutor<'p> {
         if self.arena.len() < units {
             self.arena.resize(units, 0.0);
         }
+        let logits_len = (t - logits_from) * self.vocab;
+        if self.logits_rows.len() < logits_len {
+            self.logits_rows.resize(logits_len, 0.0);
+        }
         let arena = self.arena.as_mut_ptr() as *mut u8;
         for (name, slot) in &self.inputs {
             let values = match name.as_str() {
@@ -171,8 +184,10 @@ impl<'p> CpuExecutor<'p> {
         }
         let last = self.steps.len() - 1;
         for (i, step) in self.steps.iter().enumerate() {
-            let ctx = if i == last && step.writes(&self.logits) {
+            let ctx = if i == last {
+                let logits = self.logits_rows.as_mut_ptr() as *mut u8;
                 launch::Ctx::new(arena, t, logits_from, t - logits_from)
+                    .with_apart(&self.logits, logits)
             } else {
                 launch::Ctx::new(arena, t, 0, t)
             };
@@ -194,10 +209,9 @@ impl<'p> CpuExecutor<'p> {
         for s in batch {
             self.cached[s.slot] = s.start + s.tokens.len();
         }
-        let ctx = launch::Ctx::new(arena, t, logits_from, t - logits_from);
         Ok(Logits {
             vocab: self.vocab,
-            data: ctx.f32s(&self.logits).to_vec(),
+            data: self.logits_rows[..logits_len].to_vec(),
         })
     }
 }
