@@ -44,9 +44,17 @@ pub struct RopeParams {
 impl RopeParams {
     /// The angle pair `pair` of a head is rotated by at position `pos`.
     pub fn angle(&self, pos: i32, pair: usize) -> f64 {
-        pos as f64
-            * self.freq_scale as f64
-            * (self.base as f64).powf(-2.0 * pair as f64 / self.dims as f64)
+        self.scaled_position(pos) * self.frequency(pair)
+    }
+
+    /// `pos * freq_scale`, the factor of an angle that depends on the position.
+    pub fn scaled_position(&self, pos: i32) -> f64 {
+        pos as f64 * self.freq_scale as f64
+    }
+
+    /// `base^(-2 pair / dims)`, the factor of an angle that depends on the pair.
+    pub fn frequency(&self, pair: usize) -> f64 {
+        (self.base as f64).powf(-2.0 * pair as f64 / self.dims as f64)
     }
 }
 

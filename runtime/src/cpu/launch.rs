@@ -3,7 +3,7 @@
 
 use super::code::{KernelFn, NativeCode};
 use super::kv::{PagedKv, SeqKv};
-use super::ops::{self, AttentionShape, RopeTable};
+use super::ops::{self, AttentionShape, RopeTables};
 use super::pool::{split, Claims, Pool};
 use crate::engine::ExecError;
 use crate::plan::PlanFile;
@@ -115,6 +115,7 @@ pub struct Scratch {
     /// Quantized activations of the current launch, per activation format.
     quantized: Vec<(ActFormat, Vec<u8>)>,
     temp: Vec<f32>,
+    rope: RopeTables,
 }
 
 /// One matmul of a launch.
@@ -407,7 +408,13 @@ impl<'p> Step<'p> {
             Op::Rope(rope) => {
                 out.copy_from_slice(self.f32_operand(ctx, 0));
                 let (heads, head_dim) = (self.dims[0], self.dims[1]);
-                self.rope_heads(out, (heads * head_dim, heads, head_dim), rope, positions);
+                self.rope_heads(
+                    out,
+                    (heads * head_dim, heads, head_dim),
+                    rope,
+                    positions,
+                    &mut scratch.rope,
+                );
             }
             Op::Attention { .. } | Op::AttentionQkv { .. } => {
                 let (rows, shape, layer) = self.attention_operands(ctx);
@@ -525,7 +532,7 @@ impl<'p> Step<'p> {
                 None => reference_call(call, w2, x, gain, self.eps(), rows, k, &target),
             }
         }
-        self.finish(ctx, positions, out, &temp);
+        self.finish(ctx, positions, out, &temp, &mut scratch.rope);
         scratch.temp = temp;
     }
 
@@ -593,8 +600,9 @@ impl<'p> Step<'p> {
         (row, heads, head_dim): (usize, usize, usize),
         rope: &RopeParams,
         positions: &[i32],
+        tables: &mut RopeTables,
     ) {
-        let table = RopeTable::new(rope, positions);
+        let table = tables.get(rope, positions);
         match self.rotate {
             Some(f) => {
                 let args = RopeArgs {
@@ -668,7 +676,14 @@ impl<'p> Step<'p> {
     }
 
     /// Work after the matmuls.
-    fn finish(&self, ctx: &Ctx, positions: &[i32], out: &mut [f32], temp: &[f32]) {
+    fn finish(
+        &self,
+        ctx: &Ctx,
+        positions: &[i32],
+        out: &mut [f32],
+        temp: &[f32],
+        rope_tables: &mut RopeTables,
+    ) {
         match &self.op {
             Op::QkvRope {
                 heads,
@@ -694,7 +709,13 @@ impl<'p> Step<'p> {
                         self.rms_norm(heads, gain, *eps, None);
                     }
                 }
-                self.rope_heads(out, (width, heads + kv_heads, *head_dim), rope, positions);
+                self.rope_heads(
+                    out,
+                    (width, heads + kv_heads, *head_dim),
+                    rope,
+                    positions,
+                    rope_tables,
+                );
             }
             Op::GatedFfn { act, .. } if self.calls.len() == 2 => {
                 let f = reference::activation(*act);

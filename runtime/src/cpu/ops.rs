@@ -33,13 +33,16 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
+    /// The angles are `RopeParams::angle`'s, bit for bit, with each pair's `pow` taken once.
     pub fn new(rope: &RopeParams, positions: &[i32]) -> Self {
         let half = rope.dims / 2;
+        let frequencies: Vec<f64> = (0..half).map(|i| rope.frequency(i)).collect();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &pos in positions {
-            for i in 0..half {
-                let (s, c) = rope.angle(pos, i).sin_cos();
+            let p = rope.scaled_position(pos);
+            for f in &frequencies {
+                let (s, c) = (p * f).sin_cos();
                 cos.push(c as f32);
                 sin.push(s as f32);
             }
@@ -77,6 +80,32 @@ impl RopeTable {
     }
 }
 
+/// The RoPE tables of the current step's positions, one per distinct `RopeParams`: every layer of a step rotates
+/// the same positions, so a table is built once per step rather than once per layer.
+#[derive(Default)]
+pub struct RopeTables {
+    positions: Vec<i32>,
+    tables: Vec<(RopeParams, RopeTable)>,
+}
+
+impl RopeTables {
+    pub fn get(&mut self, rope: &RopeParams, positions: &[i32]) -> &RopeTable {
+        if self.positions != positions {
+            self.positions.clear();
+            self.positions.extend_from_slice(positions);
+            self.tables.clear();
+        }
+        let at = match self.tables.iter().position(|(r, _)| r == rope) {
+            Some(at) => at,
+            None => {
+                self.tables.push((*rope, RopeTable::new(rope, positions)));
+                self.tables.len() - 1
+            }
+        };
+        &self.tables[at].1
+    }
+}
+
 /// Attends one query head at position `pos` to the sequence's cached keys at or before it (within the window),
 /// writing `head_dim` values to `out`. `scores` is scratch.
 pub fn attend(
@@ -102,5 +131,43 @@ pub fn attend(
     let inv = 1.0 / sum;
     for (j, &p) in (first..=pos).zip(scores.iter()) {
         axpy(out, p * inv, &kv.value(j)[kv_head * hd..][..hd]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rope(base: f32) -> RopeParams {
+        RopeParams {
+            base,
+            dims: 8,
+            freq_scale: 0.5,
+            style: RopeStyle::Neox,
+        }
+    }
+
+    /// The table `tables` gives for `rope` at `positions` holds exactly `RopeParams::angle`'s cosines and sines.
+    fn assert_table(tables: &mut RopeTables, rope: &RopeParams, positions: &[i32]) {
+        let table = tables.get(rope, positions);
+        for (t, &pos) in positions.iter().enumerate() {
+            for i in 0..rope.dims / 2 {
+                let (s, c) = rope.angle(pos, i).sin_cos();
+                assert_eq!(table.cos()[t * 4 + i], c as f32, "cos at {pos}, pair {i}");
+                assert_eq!(table.sin()[t * 4 + i], s as f32, "sin at {pos}, pair {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_tables_follow_the_step_positions_and_params() {
+        let mut tables = RopeTables::default();
+        let (local, global) = (rope(10_000.0), rope(1_000_000.0));
+        assert_table(&mut tables, &local, &[0, 1, 2, 3]);
+        assert_table(&mut tables, &global, &[0, 1, 2, 3]);
+        assert_table(&mut tables, &local, &[0, 1, 2, 3]);
+        // A new step (a decode token) must not see the prompt's tables.
+        assert_table(&mut tables, &local, &[4]);
+        assert_table(&mut tables, &global, &[4]);
     }
 }
