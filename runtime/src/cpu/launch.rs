@@ -3,7 +3,7 @@
 
 use super::code::{KernelFn, NativeCode};
 use super::kv::{PagedKv, SeqKv};
-use super::ops::{self, AttentionShape, RopeTables};
+use super::ops::{self, AttentionShape, RopeTable, RopeTables};
 use super::pool::{split, Claims, Pool};
 use crate::engine::ExecError;
 use crate::plan::PlanFile;
@@ -15,7 +15,8 @@ use kiln_ir::cpu_abi::{
 };
 use kiln_ir::schedule::{Launch, Slot};
 use kiln_ir::weights::{WeightSource, WeightView};
-use kiln_ir::{Dim, NodeId, Op, Operand, RopeParams};
+use kiln_ir::{Dim, NodeId, Op, Operand, RopeStyle};
+use std::ops::Range;
 
 /// The arena as one step sees it: `t` tokens laid out, of which this launch covers rows `first..first + rows`.
 pub struct Ctx<'s> {
@@ -408,12 +409,12 @@ impl<'p> Step<'p> {
             Op::Rope(rope) => {
                 out.copy_from_slice(self.f32_operand(ctx, 0));
                 let (heads, head_dim) = (self.dims[0], self.dims[1]);
+                let table = scratch.rope.get(rope, positions);
                 self.rope_heads(
                     out,
                     (heads * head_dim, heads, head_dim),
-                    rope,
-                    positions,
-                    &mut scratch.rope,
+                    rope.style,
+                    (table, 0),
                 );
             }
             Op::Attention { .. } | Op::AttentionQkv { .. } => {
@@ -532,7 +533,7 @@ impl<'p> Step<'p> {
                 None => reference_call(call, w2, x, gain, self.eps(), rows, k, &target),
             }
         }
-        self.finish(ctx, positions, out, &temp, &mut scratch.rope);
+        self.finish(ctx, positions, out, &temp, &mut scratch.rope, pool);
         scratch.temp = temp;
     }
 
@@ -592,34 +593,37 @@ impl<'p> Step<'p> {
         }
     }
 
-    /// Rotates the first `heads` heads (`head_dim` values each) of each row (`row` values apart) of `x`, with
-    /// the generated function when the plan has one.
+    /// Rotates the first `heads` heads (`head_dim` values each) of each row (`row` values apart) of `x`, whose
+    /// rows are the table's positions from `first` on, with the generated function when the plan has one.
     fn rope_heads(
         &self,
         x: &mut [f32],
         (row, heads, head_dim): (usize, usize, usize),
-        rope: &RopeParams,
-        positions: &[i32],
-        tables: &mut RopeTables,
+        style: RopeStyle,
+        (table, first): (&RopeTable, usize),
     ) {
-        let table = tables.get(rope, positions);
+        let tokens = x.len() / row;
         match self.rotate {
             Some(f) => {
                 let args = RopeArgs {
                     x: x.as_mut_ptr(),
                     x_stride: row as u64,
-                    tokens: positions.len() as u64,
+                    tokens: tokens as u64,
                     heads: heads as u64,
-                    cos: table.cos().as_ptr(),
-                    sin: table.sin().as_ptr(),
+                    cos: table.cos(first).as_ptr(),
+                    sin: table.sin(first).as_ptr(),
                 };
-                // SAFETY: `f` takes `RopeArgs`; `x` holds `positions.len()` rows of `row` values, the first
-                // `heads` heads of each within it, and the table holds a row of angles per position.
+                assert!(
+                    table.cos(first).len() >= tokens * head_dim / 2,
+                    "a row of angles per token"
+                );
+                // SAFETY: `f` takes `RopeArgs`; `x` holds `tokens` rows of `row` values, the first `heads` heads
+                // of each within it, and the table holds a row of angles per token (checked above).
                 unsafe { f(&args as *const RopeArgs as *const u8) };
             }
             None => {
                 for (t, token) in x.chunks_exact_mut(row).enumerate() {
-                    table.apply(&mut token[..heads * head_dim], head_dim, t, rope.style);
+                    table.apply(&mut token[..heads * head_dim], head_dim, first + t, style);
                 }
             }
         }
@@ -675,7 +679,7 @@ impl<'p> Step<'p> {
         }
     }
 
-    /// Work after the matmuls.
+    /// Work after the matmuls, on the pool in pieces of tokens: all of it is token by token.
     fn finish(
         &self,
         ctx: &Ctx,
@@ -683,7 +687,36 @@ impl<'p> Step<'p> {
         out: &mut [f32],
         temp: &[f32],
         rope_tables: &mut RopeTables,
+        pool: &Pool,
     ) {
+        let table = match &self.op {
+            Op::QkvRope { rope, .. } => Some(rope_tables.get(rope, positions)),
+            _ => None,
+        };
+        let rows = ctx.rows;
+        let width = out.len() / rows;
+        let (out, ctx) = (Shared(out.as_mut_ptr()), Shared(ctx));
+        let per_thread = if rows > 1 { PIECES_PER_THREAD } else { 1 };
+        pool.run_pieces(rows, 1, per_thread, &|begin, end| {
+            // SAFETY: pieces are disjoint ranges of tokens, so of rows of `out`.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(out.get().add(begin * width), (end - begin) * width)
+            };
+            self.finish_tokens(ctx.get(), begin..end, out, temp, table);
+        });
+    }
+
+    /// `finish` for the tokens `range`, whose rows `out` holds; `temp` holds every token's.
+    fn finish_tokens(
+        &self,
+        ctx: &Ctx,
+        range: Range<usize>,
+        out: &mut [f32],
+        temp: &[f32],
+        table: Option<&RopeTable>,
+    ) {
+        let width = out.len() / range.len();
+        let rows_of = |values| rows_in(values, &range, width);
         match &self.op {
             Op::QkvRope {
                 heads,
@@ -702,24 +735,26 @@ impl<'p> Step<'p> {
                         self.f32_operand(ctx, first),
                         self.f32_operand(ctx, first + 1),
                     );
-                    let tokens = positions.len();
                     for (at, gain, heads) in [(0, qn, *heads), (qw, kn, *kv_heads)] {
-                        let heads =
-                            Groups::in_place(&mut out[at..], (width, tokens), (heads, *head_dim));
+                        let heads = Groups::in_place(
+                            &mut out[at..],
+                            (width, range.len()),
+                            (heads, *head_dim),
+                        );
                         self.rms_norm(heads, gain, *eps, None);
                     }
                 }
+                let table = table.expect("qkv_rope's table");
                 self.rope_heads(
                     out,
                     (width, heads + kv_heads, *head_dim),
-                    rope,
-                    positions,
-                    rope_tables,
+                    rope.style,
+                    (table, range.start),
                 );
             }
             Op::GatedFfn { act, .. } if self.calls.len() == 2 => {
                 let f = reference::activation(*act);
-                for (o, &u) in out.iter_mut().zip(temp) {
+                for (o, &u) in out.iter_mut().zip(rows_of(temp)) {
                     *o = f(*o) * u;
                 }
             }
@@ -729,9 +764,10 @@ impl<'p> Step<'p> {
                 let (g, residual) = (self.f32_operand(ctx, 2), self.f32_operand(ctx, 3));
                 assert_eq!(
                     residual.len(),
-                    out.len(),
+                    ctx.rows * width,
                     "the residual has the output's rows"
                 );
+                let (temp, residual) = (rows_of(temp), rows_of(residual));
                 self.rms_norm(Groups::rows(temp, out, g.len()), g, *eps, Some(residual));
             }
             _ => {}
@@ -937,6 +973,11 @@ fn attention(
         }
     });
     Ok(())
+}
+
+/// The rows `range` of `values`, rows of `width` values.
+fn rows_in<'v>(values: &'v [f32], range: &Range<usize>, width: usize) -> &'v [f32] {
+    &values[range.start * width..range.end * width]
 }
 
 /// Groups of `n` values to normalize: group `g` of row `t` at `t * stride + g * n` from `x` (read) and `out`

@@ -50,14 +50,14 @@ impl RopeTable {
         RopeTable { cos, sin, half }
     }
 
-    /// The cosines, `[positions, dims / 2]`.
-    pub fn cos(&self) -> &[f32] {
-        &self.cos
+    /// The cosines from the `t`-th position on, `[positions - t, dims / 2]`.
+    pub fn cos(&self, t: usize) -> &[f32] {
+        &self.cos[t * self.half..]
     }
 
-    /// The sines, `[positions, dims / 2]`.
-    pub fn sin(&self) -> &[f32] {
-        &self.sin
+    /// The sines from the `t`-th position on, `[positions - t, dims / 2]`.
+    pub fn sin(&self, t: usize) -> &[f32] {
+        &self.sin[t * self.half..]
     }
 
     /// Rotates the heads of one token (`head_dim` values each) at the table's `t`-th position.
@@ -153,8 +153,8 @@ mod tests {
         for (t, &pos) in positions.iter().enumerate() {
             for i in 0..rope.dims / 2 {
                 let (s, c) = rope.angle(pos, i).sin_cos();
-                assert_eq!(table.cos()[t * 4 + i], c as f32, "cos at {pos}, pair {i}");
-                assert_eq!(table.sin()[t * 4 + i], s as f32, "sin at {pos}, pair {i}");
+                assert_eq!(table.cos(t)[i], c as f32, "cos at {pos}, pair {i}");
+                assert_eq!(table.sin(t)[i], s as f32, "sin at {pos}, pair {i}");
             }
         }
     }
