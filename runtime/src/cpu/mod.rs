@@ -2,10 +2,15 @@
 //!
 //! Matmul-family ops (the weight stream, nearly all of the time) run generated code: activations are quantized
 //! once per launch (RMS-normalized on the way where the op has a norm prologue), then each thread computes its
-//! share of output rows with the fused epilogue. Attention runs the plan's generated function per (token, head)
-//! pair over the paged KV cache; the other small ops (RoPE, stand-alone norms) run in Rust (`ops`). A matmul whose
+//! share of output rows with the fused epilogue. Attention runs the plan's generated function once per token and KV
+//! head, for the query heads of its group, over the paged KV cache; RoPE and norms run generated functions too, and
+//! the elementwise odds and ends run in Rust (`ops`). A matmul whose
 //! function the plan lacks runs the reference code instead, and `fallbacks()` counts them; attention without one
 //! runs `ops::attend`.
+//!
+//! What follows a launch's matmuls (QK-norm and RoPE, a post-norm and its residual) runs on the pool in pieces of
+//! tokens, with RoPE tables built once per step. Activations live in one arena planned per token, except the
+//! logits: a prompt wants only its last row, and a row per token of a 262144-entry vocabulary would be a MiB each.
 //!
 //! With `with_slots`, one step may carry tokens of several sequences (`step_batch`): rows of the same launches,
 //! each token attending within its own sequence through the paged KV cache (`kv`).
