@@ -342,19 +342,7 @@ impl<'a> Kb<'a> {
     ///   `pmaddubsw` lies in `[-256 * max_code, 254 * max_code]`, so `128 / max_code` of them fit in i16.
     pub fn dot_u8i8_sum(&mut self, acc: Value, pairs: &[(Value, Value)], max_code: u8) -> Value {
         if self.byte_dot == ByteDot::Pmaddubsw {
-            let ones = self.i16x8([1; 8]);
-            let per = (128 / max_code.max(1) as usize).max(1);
-            let mut sum = acc;
-            for chunk in pairs.chunks(per) {
-                let mut words = self.b.ins().x86_pmaddubsw(chunk[0].0, chunk[0].1);
-                for &(a_i8, b_u8) in &chunk[1..] {
-                    let more = self.b.ins().x86_pmaddubsw(a_i8, b_u8);
-                    words = self.b.ins().iadd(words, more);
-                }
-                let quads = self.dot_i16(words, ones);
-                sum = self.b.ins().iadd(quads, sum);
-            }
-            return sum;
+            return self.pmaddubsw_sum(Some(acc), pairs, max_code);
         }
         if pairs.len() < 8 {
             return pairs
@@ -369,6 +357,41 @@ impl<'a> Kb<'a> {
         let front = self.b.ins().iadd(chains[0], chains[1]);
         let back = self.b.ins().iadd(chains[2], chains[3]);
         self.b.ins().iadd(front, back)
+    }
+
+    /// `dot_u8i8_sum` from nothing. On `pmaddubsw` hosts the first products start the sum: an added zero vector
+    /// stays in the code as a `paddd` per call (one per row and block of every matmul that sums this way).
+    pub fn dot_u8i8_total(&mut self, pairs: &[(Value, Value)], max_code: u8) -> Value {
+        if self.byte_dot == ByteDot::Pmaddubsw {
+            return self.pmaddubsw_sum(None, pairs, max_code);
+        }
+        let zero = self.i32x4(0);
+        self.dot_u8i8_sum(zero, pairs, max_code)
+    }
+
+    /// `dot_u8i8_sum` on `pmaddubsw` hosts, onto `acc` when there is one.
+    fn pmaddubsw_sum(
+        &mut self,
+        acc: Option<Value>,
+        pairs: &[(Value, Value)],
+        max_code: u8,
+    ) -> Value {
+        let ones = self.i16x8([1; 8]);
+        let per = (128 / max_code.max(1) as usize).max(1);
+        let mut sum = acc;
+        for chunk in pairs.chunks(per) {
+            let mut words = self.b.ins().x86_pmaddubsw(chunk[0].0, chunk[0].1);
+            for &(a_i8, b_u8) in &chunk[1..] {
+                let more = self.b.ins().x86_pmaddubsw(a_i8, b_u8);
+                words = self.b.ins().iadd(words, more);
+            }
+            let quads = self.dot_i16(words, ones);
+            sum = Some(match sum {
+                Some(sum) => self.b.ins().iadd(quads, sum),
+                None => quads,
+            });
+        }
+        sum.expect("at least one pair")
     }
 
     /// `[total 0, total 1, total 2, total 3]`: the `dot_u8i8` products of each of four rows' `pairs` summed whole,
@@ -404,9 +427,8 @@ impl<'a> Kb<'a> {
             let ones = self.i16x8([1; 8]);
             words.into_iter().map(|w| self.dot_i16(w, ones)).collect()
         } else {
-            let zero = self.i32x4(0);
             rows.iter()
-                .map(|pairs| self.dot_u8i8_sum(zero, pairs, max_code))
+                .map(|pairs| self.dot_u8i8_total(pairs, max_code))
                 .collect()
         };
         while vectors.len() > 1 {

@@ -221,8 +221,7 @@ impl Block32 {
     /// compute every row's products the same way.
     fn add_lanes(&self, kb: &mut Kb, codes: [Value; 2], x: &[Value], ddx: Value, acc: RowAcc) {
         let (pairs, max_code) = self.code_pairs(kb, codes, x);
-        let zero = kb.i32x4(0);
-        let isum = kb.dot_u8i8_sum(zero, &pairs, max_code);
+        let isum = kb.dot_u8i8_total(&pairs, max_code);
         let fsum = kb.b.ins().fcvt_from_sint(F32X4, isum);
         let v = kb.b.use_var(acc.v);
         let v = kb.b.ins().fma(fsum, ddx, v);
@@ -330,8 +329,7 @@ impl BlockDot for Block32 {
             return self.add_lanes(kb, [w[0], w[1]], x, ddx, acc);
         }
         let (pairs, max_code) = self.code_pairs(kb, [w[0], w[1]], x);
-        let zero = kb.i32x4(0);
-        let isum = kb.dot_u8i8_sum(zero, &pairs, max_code);
+        let isum = kb.dot_u8i8_total(&pairs, max_code);
         // The row's four lanes added, the total in every lane (rows not interleaved: a rare layout).
         let halves = kb.b.ins().iadd_pairwise(isum, isum);
         let total = kb.b.ins().iadd_pairwise(halves, halves);

@@ -284,8 +284,7 @@ fn transposed_group_dots(kb: &mut Kb, codes: &[Value], x: Value, max_code: u8) -
             let pairs: Vec<(Value, Value)> = (0..4u8)
                 .map(|k| (kb.shuffle32(act, act, [k; 4]), codes[4 * g + k as usize]))
                 .collect();
-            let zero = kb.i32x4(0);
-            kb.dot_u8i8_sum(zero, &pairs, max_code)
+            kb.dot_u8i8_total(&pairs, max_code)
         })
         .collect()
 }
@@ -354,8 +353,7 @@ fn group_dots(kb: &mut Kb, codes: &[Value], x: Value, per: usize, max_code: u8) 
                 .enumerate()
                 .map(|(i, &c)| (act_codes(kb, x, per * run + i), c))
                 .collect();
-            let zero = kb.i32x4(0);
-            kb.dot_u8i8_sum(zero, &pairs, max_code)
+            kb.dot_u8i8_total(&pairs, max_code)
         })
         .collect()
 }
@@ -664,8 +662,7 @@ fn ternary_accumulate(kb: &mut Kb, codes: &[Value], d: Value, x: Value, dx: Valu
         .enumerate()
         .map(|(g, &c)| (act_codes(kb, x, g), c))
         .collect();
-    let zero = kb.i32x4(0);
-    let dot = kb.dot_u8i8_sum(zero, &pairs, TERNARY_MAX_CODE);
+    let dot = kb.dot_u8i8_total(&pairs, TERNARY_MAX_CODE);
     let ones = kb.i16x8([1; 8]);
     let sums = act_group_sums(kb, x);
     let a = kb.dot_i16(sums[0], ones);

@@ -64,8 +64,7 @@ impl BlockDot for TernaryRow {
                 (xq, codes)
             })
             .collect();
-        let zero = kb.i32x4(0);
-        let dot = kb.dot_u8i8_sum(zero, &pairs, TERNARY_MAX_CODE);
+        let dot = kb.dot_u8i8_total(&pairs, TERNARY_MAX_CODE);
         // The codes' offset of 1: minus the activations' total, from their eight group sums.
         let sums = kb.load(I16X8, x, ActFormat::SUMS_AT);
         let ones = kb.bytes16(std::array::from_fn(|i| (i % 2 == 0) as u8));
