@@ -317,16 +317,14 @@ impl<'a> Kb<'a> {
         self.b.ins().iadd(sum, acc)
     }
 
-    /// The pair `(a', b')` whose `dot_u8i8` is `sum of a[i] * (b[i] - 128)`, for `pmaddubsw` hosts, where `b`
-    /// itself (up to 255) would saturate: the magnitudes `|b - 128|` (at most 128) against `a` negated where
-    /// `b - 128` is negative, as llama.cpp multiplies signed bytes. `a` must not hold -128, whose negation wraps.
-    pub fn biased_pair(&mut self, a_i8: Value, b_biased: Value) -> (Value, Value) {
-        let bias = self.i8x16(0x80);
-        let b = self.b.ins().bxor(b_biased, bias);
-        let magnitude = self.b.ins().iabs(b);
+    /// The pair `(a', b')` whose `dot_u8i8` is `sum of a[i] * b[i]` for signed bytes `b`, on `pmaddubsw` hosts:
+    /// the magnitudes `|b|` (at most 128, unsigned) against `a` negated where `b` is negative, as llama.cpp
+    /// multiplies signed bytes. `a` must not hold -128, whose negation wraps.
+    pub fn signed_pair(&mut self, a_i8: Value, b_i8: Value) -> (Value, Value) {
+        let magnitude = self.b.ins().iabs(b_i8);
         let negated = self.b.ins().ineg(a_i8);
-        // `b - 128` is negative exactly where the top bit of `b_biased` is clear.
-        let signed = self.b.ins().blendv(b_biased, a_i8, negated);
+        // `b` is negative exactly where its top bit is set.
+        let signed = self.b.ins().blendv(b_i8, negated, a_i8);
         (signed, magnitude)
     }
 

@@ -181,10 +181,42 @@ impl Block32 {
         self.min_at.is_none()
     }
 
-    /// Q8_0 on `pmaddubsw` hosts: its codes (its weights plus 128) are past `pmaddubsw`'s exact range, so the
-    /// weights' signs move onto the activations, and no offset is left to correct.
-    fn biased(&self, kb: &Kb) -> bool {
+    /// Q8_0 on `pmaddubsw` hosts: its codes stay the signed bytes GGUF stores. Offset by 128 (as `vpdpbusd` takes
+    /// them) they would be past `pmaddubsw`'s exact range, so the weights' signs move onto the activations and their
+    /// magnitudes multiply them, and no offset is left to correct.
+    fn signed_codes(&self, kb: &Kb) -> bool {
         self.bytes && kb.byte_dot() == ByteDot::Pmaddubsw
+    }
+
+    /// `unpack`'s values, Q8_0's codes offset by 128 into unsigned bytes (as every other format's codes are) or
+    /// left signed.
+    fn unpack_codes(&self, kb: &mut Kb, w: Value, offset_codes: bool) -> Vec<Value> {
+        let (mut lo, mut hi) = if self.bytes {
+            let a = kb.load(I8X16, w, self.qs_at);
+            let b = kb.load(I8X16, w, self.qs_at + 16);
+            if offset_codes {
+                let flip = kb.i8x16(0x80);
+                (kb.b.ins().bxor(a, flip), kb.b.ins().bxor(b, flip))
+            } else {
+                (a, b)
+            }
+        } else {
+            let q = kb.load(I8X16, w, self.qs_at);
+            let mask = kb.i8x16(0x0F);
+            (kb.b.ins().band(q, mask), kb.b.ins().ushr_imm_s(q, 4))
+        };
+        if let Some(at) = self.qh_at {
+            // 16 bytes from `qh`, which end within the block (before the codes' last 4).
+            let qh = kb.load(I8X16, w, at);
+            let h0 = Self::high_bits(kb, qh, 0);
+            let h1 = Self::high_bits(kb, qh, 2);
+            lo = kb.b.ins().bor(lo, h0);
+            hi = kb.b.ins().bor(hi, h1);
+        }
+        let d = kb.load(F32, w, 0);
+        let mut values = vec![lo, hi, d];
+        values.extend(self.min_at.map(|at| kb.load(F32, w, at)));
+        values
     }
 
     /// One row's two code vectors against the activations' as `dot_u8i8` pairs, and the largest code they hold.
@@ -195,8 +227,8 @@ impl Block32 {
         x: &[Value],
     ) -> ([(Value, Value); 2], u8) {
         let (c0, c1) = (x[1], x[2]);
-        if self.biased(kb) {
-            return ([kb.biased_pair(c0, lo), kb.biased_pair(c1, hi)], 128);
+        if self.signed_codes(kb) {
+            return ([kb.signed_pair(c0, lo), kb.signed_pair(c1, hi)], 128);
         }
         let max_code = match (self.bytes, self.qh_at) {
             (true, _) => u8::MAX,
@@ -270,7 +302,7 @@ impl BlockDot for Block32 {
         let c0 = kb.load(I8X16, x, codes);
         let c1 = kb.load(I8X16, x, codes + 16);
         let mut values = vec![dx, c0, c1];
-        if self.biased(kb) {
+        if self.signed_codes(kb) {
             return values;
         }
         if self.min_at.is_none() {
@@ -298,28 +330,8 @@ impl BlockDot for Block32 {
 
     /// `[codes 0..16, codes 16..32, d]`, then `m` for formats with a minimum.
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
-        let (mut lo, mut hi) = if self.bytes {
-            let flip = kb.i8x16(0x80);
-            let a = kb.load(I8X16, w, self.qs_at);
-            let b = kb.load(I8X16, w, self.qs_at + 16);
-            (kb.b.ins().bxor(a, flip), kb.b.ins().bxor(b, flip))
-        } else {
-            let q = kb.load(I8X16, w, self.qs_at);
-            let mask = kb.i8x16(0x0F);
-            (kb.b.ins().band(q, mask), kb.b.ins().ushr_imm_s(q, 4))
-        };
-        if let Some(at) = self.qh_at {
-            // 16 bytes from `qh`, which end within the block (before the codes' last 4).
-            let qh = kb.load(I8X16, w, at);
-            let h0 = Self::high_bits(kb, qh, 0);
-            let h1 = Self::high_bits(kb, qh, 2);
-            lo = kb.b.ins().bor(lo, h0);
-            hi = kb.b.ins().bor(hi, h1);
-        }
-        let d = kb.load(F32, w, 0);
-        let mut values = vec![lo, hi, d];
-        values.extend(self.min_at.map(|at| kb.load(F32, w, at)));
-        values
+        let offset_codes = !self.signed_codes(kb);
+        self.unpack_codes(kb, w, offset_codes)
     }
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
@@ -423,7 +435,7 @@ impl Dequantize for Block32 {
     /// `d * (code - offset)`, or `d * code + m` (multiply, then add), from the unpacked codes: each code widened
     /// to an i32 lane, the offset taken off in integers, converted exactly.
     fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
-        let unpacked = self.unpack(kb, w);
+        let unpacked = self.unpack_codes(kb, w, true);
         let d = kb.b.ins().splat(F32X4, unpacked[2]);
         let m = self.min_at.map(|_| kb.b.ins().splat(F32X4, unpacked[3]));
         let mut values = Vec::with_capacity(8);
