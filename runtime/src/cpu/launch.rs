@@ -614,7 +614,7 @@ impl<'p> Step<'p> {
                     sin: table.sin(first).as_ptr(),
                 };
                 assert!(
-                    table.cos(first).len() >= tokens * head_dim / 2,
+                    first + tokens <= table.positions(),
                     "a row of angles per token"
                 );
                 // SAFETY: `f` takes `RopeArgs`; `x` holds `tokens` rows of `row` values, the first `heads` heads

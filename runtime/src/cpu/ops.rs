@@ -50,6 +50,11 @@ impl RopeTable {
         RopeTable { cos, sin, half }
     }
 
+    /// The positions the table holds angles for.
+    pub fn positions(&self) -> usize {
+        self.cos.len() / self.half
+    }
+
     /// The cosines from the `t`-th position on, `[positions - t, dims / 2]`.
     pub fn cos(&self, t: usize) -> &[f32] {
         &self.cos[t * self.half..]
@@ -150,6 +155,7 @@ mod tests {
     /// The table `tables` gives for `rope` at `positions` holds exactly `RopeParams::angle`'s cosines and sines.
     fn assert_table(tables: &mut RopeTables, rope: &RopeParams, positions: &[i32]) {
         let table = tables.get(rope, positions);
+        assert_eq!(table.positions(), positions.len());
         for (t, &pos) in positions.iter().enumerate() {
             for i in 0..rope.dims / 2 {
                 let (s, c) = rope.angle(pos, i).sin_cos();
