@@ -4,9 +4,8 @@
 //! once per launch (RMS-normalized on the way where the op has a norm prologue), then each thread computes its
 //! share of output rows with the fused epilogue. Attention runs the plan's generated function once per token and KV
 //! head, for the query heads of its group, over the paged KV cache; RoPE and norms run generated functions too, and
-//! the elementwise odds and ends run in Rust (`ops`). A matmul whose
-//! function the plan lacks runs the reference code instead, and `fallbacks()` counts them; attention without one
-//! runs `ops::attend`.
+//! the elementwise odds and ends run in Rust (`ops`). A matmul whose function the plan lacks runs the reference
+//! code instead, and `fallbacks()` counts them; attention without one runs `ops::attend`.
 //!
 //! What follows a launch's matmuls (QK-norm and RoPE, a post-norm and its residual) runs on the pool in pieces of
 //! tokens, with RoPE tables built once per step. Activations live in one arena planned per token, except the
