@@ -82,6 +82,7 @@ fn ternary_decode(c: &mut Criterion) {
         ffn: 2816,
         heads: 16,
         kv_heads: 4,
+        rope_dims: 64,
     };
     if common::bitnet::write_synthetic_bitnet(shape, &source).is_none() {
         return;

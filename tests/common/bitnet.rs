@@ -20,6 +20,8 @@ pub struct Shape {
     pub ffn: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// Dims of each head that RoPE rotates (`rope.dimension_count`): the whole head, or part of it.
+    pub rope_dims: usize,
 }
 
 pub const SMALL: Shape = Shape {
@@ -28,6 +30,7 @@ pub const SMALL: Shape = Shape {
     ffn: 256,
     heads: 4,
     kv_heads: 2,
+    rope_dims: 32,
 };
 
 /// The `SMALL` model's path, written once per test binary; `None` (skipped) without SmolLM2 for the tokenizer.
@@ -56,6 +59,7 @@ fn write(shape: Shape, tokenizer: &GgufFile, path: &std::path::Path) {
         ffn,
         heads,
         kv_heads,
+        rope_dims,
     } = shape;
     let head_dim = d / heads;
     let u32_key = |k: &str, v: usize| (format!("bitnet.{k}"), MetaValue::U32(v as u32));
@@ -74,7 +78,7 @@ fn write(shape: Shape, tokenizer: &GgufFile, path: &std::path::Path) {
         u32_key("feed_forward_length", ffn),
         u32_key("attention.head_count", heads),
         u32_key("attention.head_count_kv", kv_heads),
-        u32_key("rope.dimension_count", head_dim),
+        u32_key("rope.dimension_count", rope_dims),
         ("bitnet.rope.freq_base".into(), MetaValue::F32(10_000.0)),
         (
             "bitnet.attention.layer_norm_rms_epsilon".into(),
