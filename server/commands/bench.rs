@@ -131,8 +131,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         engine.slots()
     );
     let vocab = engine.vocab_size();
-    // Warm-up: fault in the weights and size the buffers.
-    engine.forward_last(&prompt(16, vocab), 0)?;
+    // Warm-up, as llama-bench's: fault in the weights, and size the buffers for the longest prompt, so no measured
+    // run pays for first touches.
+    engine.forward_last(&prompt(longest.max(16), vocab), 0)?;
     anyhow::ensure!(
         !args.profile || engine.set_profiling(true),
         "--profile needs an executor that times its kernels (the CPU executor)"
