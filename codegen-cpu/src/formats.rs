@@ -295,7 +295,7 @@ impl BlockDot for Block32 {
     }
 
     /// `[dx, codes 0..16, codes 16..32]`, then a fourth value: with a minimum, its factor `dx * sum(qx)` (the
-    /// `row_term`); with a code offset (unless `biased`), the correction `-offset * sum(qx)` in every lane.
+    /// `row_term`); with a code offset (unless `signed_codes`), the correction `-offset * sum(qx)` in every lane.
     fn prepare(&self, kb: &mut Kb, x: Value) -> Vec<Value> {
         let dx = kb.load(F32, x, 0);
         let codes = ActFormat::Q8_0.codes_at();
