@@ -243,7 +243,8 @@ fn parse_byte_token(text: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
-/// Turns a stream of token bytes into text, holding back an incomplete UTF-8 sequence until it completes.
+/// Turns a stream of token bytes into text, holding back an incomplete UTF-8 sequence until it completes: the
+/// pieces it returns add up to the lossy decoding of all the bytes at once, however the tokens split them.
 #[derive(Default)]
 pub struct StreamDecoder {
     pending: Vec<u8>,
@@ -252,14 +253,9 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     pub fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(_) => self.pending.len(),
-            // An error with no `error_len` is a truncated sequence at the end: wait for more bytes.
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => self.pending.len(),
-        };
-        let text = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
-        self.pending.drain(..valid);
+        let ready = self.pending.len() - truncated_tail(&self.pending);
+        let text = String::from_utf8_lossy(&self.pending[..ready]).into_owned();
+        self.pending.drain(..ready);
         text
     }
 
@@ -267,5 +263,66 @@ impl StreamDecoder {
         let text = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
         text
+    }
+}
+
+/// Bytes at the end of `bytes` that begin a UTF-8 sequence not yet complete. Invalid bytes before it do not end
+/// the search: they become U+FFFD either way, and the sequence after them may still complete.
+fn truncated_tail(mut bytes: &[u8]) -> usize {
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(_) => return 0,
+            Err(e) => match e.error_len() {
+                None => return bytes.len() - e.valid_up_to(),
+                Some(invalid) => bytes = &bytes[e.valid_up_to() + invalid..],
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streamed(chunks: &[&[u8]]) -> String {
+        let mut decoder = StreamDecoder::default();
+        let mut text: String = chunks.iter().map(|c| decoder.push(c)).collect();
+        text += &decoder.finish();
+        text
+    }
+
+    #[test]
+    fn a_character_split_across_tokens_comes_out_whole() {
+        let euro = "€".as_bytes();
+        let mut decoder = StreamDecoder::default();
+        assert_eq!(decoder.push(&euro[..1]), "");
+        assert_eq!(decoder.push(&euro[1..2]), "");
+        assert_eq!(decoder.push(&euro[2..]), "€");
+    }
+
+    #[test]
+    fn invalid_bytes_before_a_split_character_do_not_break_it() {
+        // 0xFF can never be in UTF-8; the euro sign after it arrives in two tokens.
+        assert_eq!(
+            streamed(&[b"a\xFF\xE2\x82", b"\xACb"]),
+            "a\u{FFFD}\u{20AC}b"
+        );
+    }
+
+    #[test]
+    fn streaming_gives_the_lossy_decoding_of_all_bytes() {
+        let bytes: &[u8] = b"x\xE2\x82\xF0\x9F\x98\x80\xC3\xFFy\xE2\x82\xAC\xED\xA0\x80z\xF0\x9F";
+        let whole = String::from_utf8_lossy(bytes).into_owned();
+        for split in 1..4 {
+            let chunks: Vec<&[u8]> = bytes.chunks(split).collect();
+            assert_eq!(streamed(&chunks), whole, "in chunks of {split}");
+        }
+        for cut in 0..=bytes.len() {
+            assert_eq!(
+                streamed(&[&bytes[..cut], &bytes[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
+        }
     }
 }
