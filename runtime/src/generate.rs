@@ -1,7 +1,8 @@
 //! Generation and perplexity on any `Engine`.
 
 use crate::engine::{Engine, ExecError};
-use crate::sampler::Sampler;
+use crate::fastmath::{exp_le0, sum};
+use crate::sampler::{by_logit, Sampler};
 use crate::tokenizer::Tokenizer;
 use std::ops::ControlFlow;
 
@@ -73,13 +74,9 @@ pub fn generate(
 
 /// `ln(sum(exp(logits)))`, computed stably in f64.
 fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    logits
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let shifted: Vec<f32> = logits.iter().map(|&l| exp_le0(l - max)).collect();
+    sum(&shifted).ln() + max as f64
 }
 
 /// Log-probabilities of a logits row (log-softmax).
@@ -91,15 +88,18 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// The `k` highest logits, highest first.
+/// The `k` highest logits, highest first (ties by id).
 pub fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut all: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
         .map(|(i, &l)| (i as u32, l))
         .collect();
-    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if k < all.len() && k > 0 {
+        all.select_nth_unstable_by(k - 1, by_logit);
+    }
     all.truncate(k);
+    all.sort_by(by_logit);
     all
 }
 
@@ -164,4 +164,37 @@ pub fn perplexity(
         chunks,
         scored_tokens: count,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_logits_are_the_k_highest_in_order_ties_by_id() {
+        let logits = [1.0, 5.0, 3.0, 5.0, -2.0, 3.0, 0.5];
+        assert_eq!(top_logits(&logits, 3), [(1, 5.0), (3, 5.0), (2, 3.0)]);
+        assert_eq!(top_logits(&logits, 0), []);
+        assert_eq!(top_logits(&logits, 20).len(), 7);
+        assert_eq!(top_logits(&logits, 20)[6], (4, -2.0));
+    }
+
+    #[test]
+    fn log_softmax_matches_f64_exp() {
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 2003) as f32 / 100.0 - 10.0)
+            .collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let exact = logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        assert!(
+            (log_sum_exp(&logits) - exact).abs() < 1e-6,
+            "{}",
+            log_sum_exp(&logits) - exact
+        );
+    }
 }

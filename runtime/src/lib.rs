@@ -7,6 +7,7 @@ pub mod chat;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;
+mod fastmath;
 pub mod generate;
 pub mod plan;
 pub mod reference;
