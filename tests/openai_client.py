@@ -5,7 +5,9 @@
 EXPECTED_CHAT_PREFIX: how llama.cpp's greedy answer to "What is the capital of France?" starts under SmolLM2's
 chat template (with its default system prompt), from tests/fixtures/llama_cpp_chat.json.
 """
+import json
 import sys
+import urllib.request
 
 import openai
 
@@ -99,5 +101,41 @@ try:
     check(False, "huge max_tokens accepted")
 except openai.BadRequestError as e:
     check(e.body["param"] == "max_tokens", f"400 body {e.body}")
+
+# The prompt as token ids (no BOS added: the ids are the prompt), echo, and logit_bias.
+tokens = [504, 3575, 282, 4649, 314]  # SmolLM2's ids of "The capital of France is"
+by_ids = client.completions.create(model=model, prompt=tokens, max_tokens=16, temperature=0)
+check(by_ids.choices[0].text == expected and by_ids.usage.prompt_tokens == 5, f"token prompt: {by_ids.choices[0].text!r}")
+echoed = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, echo=True)
+check(echoed.choices[0].text == prompt + expected, f"echo: {echoed.choices[0].text!r}")
+streamed_echo = "".join(ch.choices[0].text for ch in client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, echo=True, stream=True))
+check(streamed_echo == prompt + expected, f"streamed echo: {streamed_echo!r}")
+first = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, logprobs=1)
+tokenize = urllib.request.Request(base_url.removesuffix("/v1") + "/tokenize", data=json.dumps({"prompt": first.choices[0].text, "add_special_tokens": False}).encode(), headers={"Content-Type": "application/json"})
+top_id = json.load(urllib.request.urlopen(tokenize))["tokens"][0]
+biased = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, logit_bias={str(top_id): -100})
+check(biased.choices[0].text != first.choices[0].text, f"logit_bias -100 on {top_id} still gives {biased.choices[0].text!r}")
+
+# Chat content as text parts, and the developer role (passed to the template as system).
+parts = client.chat.completions.create(model=model, messages=[{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}], max_tokens=24, temperature=0)
+check(parts.choices[0].message.content == answer, f"text parts: {parts.choices[0].message.content!r}")
+system = [{"role": "system", "content": "Answer in one word."}, messages[0]]
+developer = [{"role": "developer", "content": "Answer in one word."}, messages[0]]
+as_system = client.chat.completions.create(model=model, messages=system, max_tokens=8, temperature=0)
+as_developer = client.chat.completions.create(model=model, messages=developer, max_tokens=8, temperature=0)
+check(as_system.choices[0].message.content == as_developer.choices[0].message.content, "developer is system")
+
+# What kiln does not implement is refused, not ignored.
+for what, call in [
+    ("tools", lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=4, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])),
+    ("response_format", lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=4, response_format={"type": "json_object"})),
+    ("suffix", lambda: client.completions.create(model=model, prompt=prompt, max_tokens=4, suffix="!")),
+    ("messages", lambda: client.chat.completions.create(model=model, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}], max_tokens=4)),
+]:
+    try:
+        call()
+        check(False, f"{what} accepted")
+    except openai.BadRequestError as e:
+        check(e.body["param"] == what, f"400 body {e.body}")
 
 print(f"openai client: {checks} passed, 0 failed")

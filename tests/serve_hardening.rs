@@ -85,7 +85,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     };
     ok(&s);
     // Each bad request, and the status and error code it must get.
-    let cases: [(&str, &str, u16, &str); 10] = [
+    let cases: [(&str, &str, u16, &str); 17] = [
         ("/v1/completions", r#"{"prompt": "#, 400, "invalid_json"),
         ("/v1/completions", r#"{"prompt": 5}"#, 400, "invalid_json"),
         (
@@ -131,6 +131,48 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             "model_not_found",
         ),
         ("/v2/everything", "{}", 404, "not_found"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": null}]}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": [49152], "max_tokens": 1}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logit_bias": {"-1": 5}}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "echo": true, "logprobs": 1}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "n": 2, "best_of": 4}"#,
+            400,
+            "invalid_value",
+        ),
     ];
     for (path, body, status, code) in cases {
         assert_error(post_json(&s, path, body), status, code);

@@ -73,9 +73,9 @@ fn check_metrics(url: &str) {
     assert!(value("kiln:generation_tokens_total") >= 32.0, "{text}");
     assert!(value("kiln:prompt_tokens_total") >= 10.0, "{text}");
     assert!(
-        // Eleven requests of one choice and three of 3, 4 and 2 generate, each choice a generation of its own
-        // (the three bad requests never reach the engine).
-        value("kiln:time_to_first_token_seconds_count") == 20.0,
+        // Nineteen requests of one choice and three of 3, 4 and 2 generate, each choice a generation of its own
+        // (the seven refused requests never reach the engine).
+        value("kiln:time_to_first_token_seconds_count") == 28.0,
         "{text}"
     );
     assert_eq!(value("kiln:num_requests_running"), 0.0);

@@ -24,6 +24,8 @@ pub struct SamplerConfig {
     /// and by `frequency` times its count (0 disables each).
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// (token id, bias) pairs added to those tokens' logits first (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -38,6 +40,7 @@ impl Default for SamplerConfig {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -75,7 +78,8 @@ impl Sampler {
     /// penalty) and `generated` the tokens sampled so far (for the presence and frequency penalties).
     pub fn sample(&mut self, logits: &[f32], history: &[u32], generated: &[u32]) -> u32 {
         let c = &self.config;
-        let penalizes = (c.repeat_penalty != 1.0 && !history.is_empty())
+        let penalizes = !c.logit_bias.is_empty()
+            || (c.repeat_penalty != 1.0 && !history.is_empty())
             || ((c.presence_penalty != 0.0 || c.frequency_penalty != 0.0) && !generated.is_empty());
         if !penalizes {
             return self.pick(logits);
@@ -91,6 +95,11 @@ impl Sampler {
 
     fn penalize(&self, logits: &mut [f32], history: &[u32], generated: &[u32]) {
         let c = &self.config;
+        for &(id, bias) in &c.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         if c.repeat_penalty != 1.0 {
             let recent = &history[history.len().saturating_sub(c.repeat_last_n)..];
             let mut seen = std::collections::HashSet::new();
@@ -392,6 +401,23 @@ mod tests {
             (0..2000).map(|_| s.sample(&l, &[], &[])).collect();
         assert!(drawn.iter().all(|id| order[..10].contains(id)), "{drawn:?}");
         assert_eq!(drawn.len(), 10, "at temperature 5 all ten are drawn");
+    }
+
+    #[test]
+    fn logit_bias_moves_greedy_and_bans_tokens() {
+        let config = SamplerConfig {
+            logit_bias: vec![(2, 1.5)],
+            ..SamplerConfig::greedy()
+        };
+        assert_eq!(Sampler::new(config).sample(&[0.0, 3.0, 2.0], &[], &[]), 2);
+        let config = SamplerConfig {
+            temperature: 1.0,
+            logit_bias: vec![(1, -100.0)],
+            seed: 4,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(config);
+        assert!((0..200).all(|_| s.sample(&[0.0, 3.0, 2.0], &[], &[]) != 1));
     }
 
     #[test]

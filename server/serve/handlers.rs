@@ -1,7 +1,8 @@
 //! The HTTP endpoints: validate, tokenize, hand the job to the model's engine, and answer in OpenAI's shapes.
 
 use super::api::{
-    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, Sampling, TokenizeRequest,
+    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, OnePrompt, Sampling,
+    TokenizeRequest,
 };
 use super::engine::{Event, Job, TokenLogprob};
 use super::models::Served;
@@ -125,6 +126,7 @@ fn sampler(
         repeat_last_n: 64,
         presence_penalty: penalty(p.presence_penalty, "presence_penalty")?,
         frequency_penalty: penalty(p.frequency_penalty, "frequency_penalty")?,
+        logit_bias: p.logit_bias(m.model.tokenizer.vocab_size())?,
         seed,
     };
     Ok((config, max_tokens))
@@ -176,6 +178,7 @@ fn start(
     if prompt.is_empty() {
         return Err(ApiError::bad_request("prompt", "the prompt is empty"));
     }
+    p.unsupported()?;
     let (sampler, max_tokens) = sampler(m, &p, prompt.len())?;
     let choices = p.n.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&choices) {
@@ -416,19 +419,32 @@ pub async fn completions(
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = parse(body)?;
-    let prompt = match req.prompt {
-        Prompt::One(p) => p,
-        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(_) => {
-            return Err(ApiError::bad_request(
-                "prompt",
-                "exactly one prompt per request is supported",
-            ))
-        }
-    };
     let registry = s.registry()?;
     let m = registry.resolve(req.sampling.model.as_deref())?;
-    let ids = m.model.tokenizer.encode(&prompt, true);
+    let tokenizer = &m.model.tokenizer;
+    let (ids, prompt) = match req.prompt.one()? {
+        OnePrompt::Text(text) => (tokenizer.encode(&text, true), text),
+        OnePrompt::Tokens(ids) => {
+            let text = tokenizer.decode(&ids).map_err(|_| {
+                ApiError::bad_request(
+                    "prompt",
+                    format!(
+                        "the prompt holds a token id past this model's vocabulary ({} tokens)",
+                        tokenizer.vocab_size()
+                    ),
+                )
+            })?;
+            (ids, text)
+        }
+    };
+    if req.echo && req.sampling.logprobs.is_some() {
+        return Err(ApiError::bad_request(
+            "echo",
+            "echo with logprobs (the prompt's logprobs) is not supported",
+        ));
+    }
+    // With `echo`, each choice's text starts with the prompt's.
+    let echo = req.echo.then_some(prompt);
     let q = start(&s, m, "cmpl", ids, req.sampling)?;
     let (id, created, name, want_logprobs) = (q.id.clone(), now(), m.name.clone(), q.logprobs);
     let logprobs = move |tokens: &[TokenLogprob]| {
@@ -439,20 +455,33 @@ pub async fn completions(
         }
     };
     if let Some(include_usage) = q.stream {
+        // Each choice's first chunk carries the echoed prompt.
+        let echoed: Vec<std::sync::atomic::AtomicBool> = (0..q.choices)
+            .map(|_| std::sync::atomic::AtomicBool::new(echo.is_none()))
+            .collect();
         return Ok(stream(
             q,
             include_usage,
             move |index, text, finish, tokens| {
+                let text = match &echo {
+                    Some(prompt)
+                        if !echoed[index].swap(true, std::sync::atomic::Ordering::Relaxed) =>
+                    {
+                        format!("{prompt}{}", text.unwrap_or(""))
+                    }
+                    _ => text.unwrap_or("").to_string(),
+                };
                 json!({ "id": id, "object": "text_completion", "created": created, "model": name,
-            "choices": [{ "index": index, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs(tokens) }] })
+            "choices": [{ "index": index, "text": text, "finish_reason": finish, "logprobs": logprobs(tokens) }] })
             },
         ));
     }
     let (choices, usage) = collect(q).await?;
+    let echo = echo.unwrap_or_default();
     let choices: Vec<Value> = choices
         .iter()
         .enumerate()
-        .map(|(index, c)| json!({ "index": index, "text": c.text, "finish_reason": c.finish, "logprobs": logprobs(&c.logprobs) }))
+        .map(|(index, c)| json!({ "index": index, "text": format!("{echo}{}", c.text), "finish_reason": c.finish, "logprobs": logprobs(&c.logprobs) }))
         .collect();
     Ok(Json(
         json!({ "id": id, "object": "text_completion", "created": created, "model": name,
@@ -480,8 +509,14 @@ pub async fn chat_completions(
             "messages must not be empty",
         ));
     }
+    let messages = req
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| message.into_message(i))
+        .collect::<Result<Vec<_>, _>>()?;
     let rendered = template
-        .render(&req.messages, true)
+        .render(&messages, true)
         .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
     let tokenizer = &m.model.tokenizer;
     let mut ids = tokenizer.encode(&rendered, true);
