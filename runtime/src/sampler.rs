@@ -253,6 +253,18 @@ fn fill_weights(weights: &mut Vec<f32>, logits: &[f32], temperature: f32) {
 mod tests {
     use super::*;
 
+    /// Sampling at `temperature` with no truncation.
+    fn untruncated(temperature: f32, seed: u64) -> SamplerConfig {
+        SamplerConfig {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(
@@ -274,12 +286,8 @@ mod tests {
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
         let config = SamplerConfig {
-            temperature: 1.0,
             top_k: 3,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 7,
-            ..Default::default()
+            ..untruncated(1.0, 7)
         };
         let draw = |c: &SamplerConfig| {
             let mut s = Sampler::new(c.clone());
@@ -364,12 +372,8 @@ mod tests {
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
         for top_k in [0, 3] {
             let config = SamplerConfig {
-                temperature: 1.0,
                 top_k,
-                top_p: 1.0,
-                min_p: 0.0,
-                seed: 3,
-                ..Default::default()
+                ..untruncated(1.0, 3)
             };
             let mut s = Sampler::new(config);
             let mut counts = [0usize; 3];
@@ -389,12 +393,8 @@ mod tests {
         let mut order: Vec<u32> = (0..1000).collect();
         order.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]));
         let config = SamplerConfig {
-            temperature: 5.0,
             top_k: 10,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 1,
-            ..Default::default()
+            ..untruncated(5.0, 1)
         };
         let mut s = Sampler::new(config);
         let drawn: std::collections::HashSet<u32> =
@@ -424,12 +424,8 @@ mod tests {
     fn min_p_keeps_only_near_top_tokens() {
         let logits = [10.0, 9.9, 0.0, -5.0];
         let config = SamplerConfig {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
             min_p: 0.5,
-            seed: 1,
-            ..Default::default()
+            ..untruncated(1.0, 1)
         };
         let mut s = Sampler::new(config);
         assert!((0..50).all(|_| s.sample(&logits, &[], &[]) < 2));
