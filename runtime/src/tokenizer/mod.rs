@@ -7,6 +7,7 @@ mod bpe;
 mod pretokenize;
 mod spm;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use bpe::Bpe;
 use kiln_ir::model::{TokenType, TokenizerKind, TokenizerSpec};
 use pretokenize::PreTokenizer;
@@ -19,6 +20,8 @@ pub enum TokenizerError {
     UnknownPreTokenizer(String),
     #[error("token id {0} is outside the vocabulary")]
     BadId(u32),
+    #[error("cannot index the special tokens: {0}")]
+    Specials(String),
 }
 
 enum Model {
@@ -34,7 +37,10 @@ pub struct Tokenizer {
     spec: TokenizerSpec,
     token_id: HashMap<String, u32>,
     /// Control, user-defined and unknown tokens, matched whole in text; grouped by first byte, longest first.
-    specials: HashMap<u8, Vec<(String, u32)>>,
+    /// The special tokens' texts (control, user-defined, unknown), matched leftmost-longest; pattern `i` is
+    /// token `special_ids[i]`.
+    specials: Option<AhoCorasick>,
+    special_ids: Vec<u32>,
     byte_tokens: [Option<u32>; 256],
     model: Model,
 }
@@ -51,22 +57,29 @@ impl Tokenizer {
         for (id, text) in spec.tokens.iter().enumerate() {
             token_id.entry(text.clone()).or_insert(id as u32);
         }
-        let mut specials: HashMap<u8, Vec<(String, u32)>> = HashMap::new();
-        for (id, (text, ty)) in spec.tokens.iter().zip(&spec.token_types).enumerate() {
-            if matches!(
-                ty,
-                TokenType::Control | TokenType::UserDefined | TokenType::Unknown
-            ) && !text.is_empty()
-            {
-                specials
-                    .entry(text.as_bytes()[0])
-                    .or_default()
-                    .push((text.clone(), id as u32));
-            }
-        }
-        for group in specials.values_mut() {
-            group.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        }
+        let (special_texts, special_ids): (Vec<&str>, Vec<u32>) = spec
+            .tokens
+            .iter()
+            .zip(&spec.token_types)
+            .enumerate()
+            .filter(|(_, (text, ty))| {
+                matches!(
+                    ty,
+                    TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+                ) && !text.is_empty()
+            })
+            .map(|(id, (text, _))| (text.as_str(), id as u32))
+            .unzip();
+        // An automaton, not a scan of every special token at every position: Gemma 3 has thousands that start
+        // with `<`, and a prompt of 80000 `<` took 3 s.
+        let specials = (!special_texts.is_empty())
+            .then(|| {
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&special_texts)
+            })
+            .transpose()
+            .map_err(|e| TokenizerError::Specials(e.to_string()))?;
         let byte_tokens = std::array::from_fn(|b| token_id.get(&format!("<0x{b:02X}>")).copied());
         let model = match spec.kind {
             TokenizerKind::BytePairGpt2 => {
@@ -89,6 +102,7 @@ impl Tokenizer {
             spec: spec.clone(),
             token_id,
             specials,
+            special_ids,
             byte_tokens,
             model,
         })
@@ -173,30 +187,22 @@ impl Tokenizer {
         }
     }
 
-    /// Splits out special tokens, scanning left to right and taking the longest special token at each position.
+    /// Splits out special tokens, scanning left to right and taking the longest special token at each position
+    /// (of equal texts, the lowest id).
     fn split_specials<'t>(&self, text: &'t str) -> Vec<Fragment<'t>> {
+        let Some(specials) = &self.specials else {
+            return vec![Fragment::Text(text)];
+        };
         let mut fragments = Vec::new();
-        let (mut start, mut i) = (0, 0);
-        let bytes = text.as_bytes();
-        while i < bytes.len() {
-            let found = self.specials.get(&bytes[i]).and_then(|group| {
-                group
-                    .iter()
-                    .find(|(s, _)| text[i..].starts_with(s.as_str()))
-            });
-            match found {
-                Some((s, id)) => {
-                    if start < i {
-                        fragments.push(Fragment::Text(&text[start..i]));
-                    }
-                    fragments.push(Fragment::Special(*id));
-                    i += s.len();
-                    start = i;
-                }
-                None => i += 1,
+        let mut start = 0;
+        for m in specials.find_iter(text) {
+            if start < m.start() {
+                fragments.push(Fragment::Text(&text[start..m.start()]));
             }
+            fragments.push(Fragment::Special(self.special_ids[m.pattern().as_usize()]));
+            start = m.end();
         }
-        if start < bytes.len() {
+        if start < text.len() {
             fragments.push(Fragment::Text(&text[start..]));
         }
         fragments
@@ -283,6 +289,35 @@ fn truncated_tail(mut bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn special_tokens_split_leftmost_longest_lowest_id_first() {
+        // A SentencePiece vocabulary of single characters and overlapping control tokens (one text twice).
+        let mut tokens: Vec<String> = ["x", "y", "<", ">", "a", "b"].map(String::from).to_vec();
+        let specials = ["<a>", "<ab>", "<a", "<ab>"];
+        tokens.extend(specials.map(String::from));
+        let mut token_types = vec![TokenType::Normal; 6];
+        token_types.extend([TokenType::Control; 4]);
+        let spec = TokenizerSpec {
+            kind: TokenizerKind::SentencePiece,
+            pre: "default".into(),
+            scores: vec![0.0; tokens.len()],
+            tokens,
+            token_types,
+            merges: Vec::new(),
+            bos: None,
+            eos: None,
+            eot: Vec::new(),
+            unknown: None,
+            add_bos: false,
+            add_eos: false,
+            add_space_prefix: false,
+        };
+        let tokenizer = Tokenizer::new(&spec).unwrap();
+        // "<ab>" is tokens 7 and 9: the lower wins; "<a>" beats its prefix "<a"; a lone "<a" is token 8.
+        assert_eq!(tokenizer.encode("x<ab>y<a>x<a", false), [0, 7, 1, 6, 0, 8]);
+        assert_eq!(tokenizer.encode("<<a>>", false), [2, 6, 3]);
+    }
 
     fn streamed(chunks: &[&[u8]]) -> String {
         let mut decoder = StreamDecoder::default();
