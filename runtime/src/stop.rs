@@ -28,7 +28,9 @@ impl StopMatcher {
             self.pending.clear();
             return (out, true);
         }
-        // Hold back the longest tail of the pending text that is the start of some stop string.
+        // Hold back the longest tail of the pending text that is the start of some stop string (no longer than
+        // the pending text: a client's stop string may be megabytes, and this runs every token).
+        let pending = self.pending.len();
         let hold = self
             .stops
             .iter()
@@ -36,6 +38,7 @@ impl StopMatcher {
                 s.char_indices()
                     .map(|(i, _)| i)
                     .skip(1)
+                    .take_while(|&k| k <= pending)
                     .filter(|&k| self.pending.ends_with(&s[..k]))
             })
             .max()
@@ -61,6 +64,15 @@ mod tests {
         assert_eq!(m.push(" nice.\n"), (" nice.".into(), false));
         assert_eq!(m.push("\nUs"), (String::new(), false));
         assert_eq!(m.push("er: more"), (String::new(), true));
+    }
+
+    #[test]
+    fn a_stop_string_longer_than_the_text_holds_back_its_start() {
+        let long = format!("ab{}", "x".repeat(1 << 20));
+        let mut m = StopMatcher::new(vec![long.clone()]);
+        assert_eq!(m.push("za"), ("z".into(), false));
+        assert_eq!(m.push("b"), (String::new(), false));
+        assert_eq!(m.push(&long[2..]), (String::new(), true));
     }
 
     #[test]
