@@ -128,11 +128,17 @@ impl Sampler {
 
     /// Top-k, top-p and min-p, then the draw at the temperature (or the most likely token at temperature 0).
     fn pick(&mut self, logits: &[f32]) -> u32 {
-        let c = self.config.clone();
-        if c.temperature <= 0.0 {
+        let SamplerConfig {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            ..
+        } = self.config;
+        if temperature <= 0.0 {
             return argmax(logits);
         }
-        let truncates = (c.top_k > 0 && c.top_k < logits.len()) || c.top_p < 1.0 || c.min_p > 0.0;
+        let truncates = (top_k > 0 && top_k < logits.len()) || top_p < 1.0 || min_p > 0.0;
         if !truncates {
             // Every token stays a candidate: draw over the logits as they are, in id order.
             return self.draw(logits, None);
@@ -142,17 +148,17 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l))
             .collect();
-        if c.top_k > 0 && c.top_k < cands.len() {
-            cands.select_nth_unstable_by(c.top_k - 1, by_logit);
-            cands.truncate(c.top_k);
+        if top_k > 0 && top_k < cands.len() {
+            cands.select_nth_unstable_by(top_k - 1, by_logit);
+            cands.truncate(top_k);
         }
-        if c.top_p < 1.0 {
+        if top_p < 1.0 {
             let keep = self.top_p_prefix(&mut cands);
             cands.truncate(keep);
         }
-        if c.min_p > 0.0 {
+        if min_p > 0.0 {
             // A token stays if its probability (at temperature 1) is at least `min_p` times the top one's.
-            let floor = max_logit(cands.iter().map(|c| c.1)) + c.min_p.ln();
+            let floor = max_logit(cands.iter().map(|c| c.1)) + min_p.ln();
             cands.retain(|&(_, l)| l >= floor);
         }
         let (ids, logits): (Vec<u32>, Vec<f32>) = cands.into_iter().unzip();
