@@ -132,6 +132,16 @@ fn sampler(
     Ok((config, max_tokens))
 }
 
+/// Runs a request's CPU work before generation (tokenizing, rendering a chat) on the blocking pool: a prompt of
+/// megabytes takes a second or more, and the async workers, one per core, also answer `/health`.
+async fn off_the_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))
+}
+
 fn parse<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     // Axum's rejections carry the right status (400, 413, 415, 422); keep it, in OpenAI's shape.
     body.map(|Json(v)| v).map_err(|e| {
@@ -421,22 +431,27 @@ pub async fn completions(
     let req = parse(body)?;
     let registry = s.registry()?;
     let m = registry.resolve(req.sampling.model.as_deref())?;
-    let tokenizer = &m.model.tokenizer;
-    let (ids, prompt) = match req.prompt.one()? {
-        OnePrompt::Text(text) => (tokenizer.encode(&text, true), text),
-        OnePrompt::Tokens(ids) => {
-            let text = tokenizer.decode(&ids).map_err(|_| {
-                ApiError::bad_request(
-                    "prompt",
-                    format!(
-                        "the prompt holds a token id past this model's vocabulary ({} tokens)",
-                        tokenizer.vocab_size()
-                    ),
-                )
-            })?;
-            (ids, text)
+    let prompt = req.prompt.one()?;
+    let model = m.model.clone();
+    let (ids, prompt) = off_the_runtime(move || {
+        let tokenizer = &model.tokenizer;
+        match prompt {
+            OnePrompt::Text(text) => Ok((tokenizer.encode(&text, true), text)),
+            OnePrompt::Tokens(ids) => {
+                let text = tokenizer.decode(&ids).map_err(|_| {
+                    ApiError::bad_request(
+                        "prompt",
+                        format!(
+                            "the prompt holds a token id past this model's vocabulary ({} tokens)",
+                            tokenizer.vocab_size()
+                        ),
+                    )
+                })?;
+                Ok((ids, text))
+            }
         }
-    };
+    })
+    .await??;
     if req.echo && req.sampling.logprobs.is_some() {
         return Err(ApiError::bad_request(
             "echo",
@@ -497,12 +512,12 @@ pub async fn chat_completions(
     let req = parse(body)?;
     let registry = s.registry()?;
     let m = registry.resolve(req.sampling.model.as_deref())?;
-    let template = m.template.as_ref().ok_or_else(|| {
-        ApiError::bad_request(
+    if m.template.is_none() {
+        return Err(ApiError::bad_request(
             "messages",
             "this model has no chat template; use /v1/completions",
-        )
-    })?;
+        ));
+    }
     if req.messages.is_empty() {
         return Err(ApiError::bad_request(
             "messages",
@@ -515,16 +530,22 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(i, message)| message.into_message(i))
         .collect::<Result<Vec<_>, _>>()?;
-    let rendered = template
-        .render(&messages, true)
-        .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
-    let tokenizer = &m.model.tokenizer;
-    let mut ids = tokenizer.encode(&rendered, true);
-    if let Some(bos) = tokenizer.bos() {
-        if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
-            ids.remove(0); // the template wrote BOS itself
+    let served = m.clone();
+    let ids = off_the_runtime(move || {
+        let template = served.template.as_ref().expect("checked above");
+        let rendered = template
+            .render(&messages, true)
+            .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+        let tokenizer = &served.model.tokenizer;
+        let mut ids = tokenizer.encode(&rendered, true);
+        if let Some(bos) = tokenizer.bos() {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0); // the template wrote BOS itself
+            }
         }
-    }
+        Ok(ids)
+    })
+    .await??;
     let q = start(&s, m, "chatcmpl", ids, req.sampling)?;
     let (id, created, name, want_logprobs) = (q.id.clone(), now(), m.name.clone(), q.logprobs);
     let logprobs = move |tokens: &[TokenLogprob]| {
@@ -578,10 +599,10 @@ pub async fn tokenize(
     let req = parse(body)?;
     let registry = s.registry()?;
     let m = registry.resolve(req.model.as_deref())?;
-    let tokens = m
-        .model
-        .tokenizer
-        .encode(&req.prompt, req.add_special_tokens);
+    let model = m.model.clone();
+    let tokens =
+        off_the_runtime(move || model.tokenizer.encode(&req.prompt, req.add_special_tokens))
+            .await?;
     Ok(Json(
         json!({ "tokens": tokens, "count": tokens.len(), "max_model_len": m.ctx }),
     ))
