@@ -432,34 +432,41 @@ pub async fn completions(
     let registry = s.registry()?;
     let m = registry.resolve(req.sampling.model.as_deref())?;
     let prompt = req.prompt.one()?;
-    let model = m.model.clone();
-    let (ids, prompt) = off_the_runtime(move || {
-        let tokenizer = &model.tokenizer;
-        match prompt {
-            OnePrompt::Text(text) => Ok((tokenizer.encode(&text, true), text)),
-            OnePrompt::Tokens(ids) => {
-                let text = tokenizer.decode(&ids).map_err(|_| {
-                    ApiError::bad_request(
-                        "prompt",
-                        format!(
-                            "the prompt holds a token id past this model's vocabulary ({} tokens)",
-                            tokenizer.vocab_size()
-                        ),
-                    )
-                })?;
-                Ok((ids, text))
-            }
-        }
-    })
-    .await??;
     if req.echo && req.sampling.logprobs.is_some() {
         return Err(ApiError::bad_request(
             "echo",
             "echo with logprobs (the prompt's logprobs) is not supported",
         ));
     }
-    // With `echo`, each choice's text starts with the prompt's.
-    let echo = req.echo.then_some(prompt);
+    let (model, echo) = (m.model.clone(), req.echo);
+    // With `echo`, each choice's text starts with the prompt's: a token prompt is decoded for it, and only then.
+    let (ids, echo) = off_the_runtime(move || {
+        let tokenizer = &model.tokenizer;
+        let vocab = tokenizer.vocab_size();
+        let (ids, text) = match prompt {
+            OnePrompt::Text(text) => (tokenizer.encode(&text, true), Some(text)),
+            OnePrompt::Tokens(ids) if ids.iter().any(|&id| id as usize >= vocab) => {
+                return Err(ApiError::bad_request(
+                    "prompt",
+                    format!(
+                        "the prompt holds a token id past this model's vocabulary ({vocab} tokens)"
+                    ),
+                ))
+            }
+            OnePrompt::Tokens(ids) => (ids, None),
+        };
+        let echo = match (echo, text) {
+            (false, _) => None,
+            (true, Some(text)) => Some(text),
+            (true, None) => Some(
+                tokenizer
+                    .decode(&ids)
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+            ),
+        };
+        Ok((ids, echo))
+    })
+    .await??;
     let q = start(&s, m, "cmpl", ids, req.sampling)?;
     let (id, created, name, want_logprobs) = (q.id.clone(), now(), m.name.clone(), q.logprobs);
     let logprobs = move |tokens: &[TokenLogprob]| {

@@ -71,11 +71,10 @@ impl Bpe {
         };
         queue.extend((1..n).filter_map(|i| candidate(&ids, i - 1, i)));
         while let Some(Reverse((_, left, right, merged))) = queue.pop() {
-            // Stale when either side has merged since it was queued.
-            if !alive[left] || !alive[right] || next[left] != right {
-                continue;
-            }
-            if self.merges.get(&(ids[left], ids[right])).map(|m| m.1) != Some(merged) {
+            // Stale when either side has merged since it was queued: `left` is gone, its neighbour is another
+            // symbol, or one of the two holds another token now.
+            let current = self.merges.get(&(ids[left], ids[right])).map(|m| m.1);
+            if !alive[left] || next[left] != right || current != Some(merged) {
                 continue;
             }
             ids[left] = merged;
