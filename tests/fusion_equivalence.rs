@@ -77,7 +77,8 @@ impl RandomWeights {
 
     /// The same weights, repacked as the compiler's layout pass chooses for `graph`.
     fn repacked_for(&self, graph: &Graph) -> Self {
-        let layouts = kiln_compiler::passes::choose_layouts(graph);
+        let layouts =
+            kiln_compiler::passes::choose_layouts(graph, kiln_compiler::passes::Readers::Cpu);
         let mut map = self.0.clone();
         for (name, layout) in &layouts {
             let (format, _, shape, bytes) = &self.0[name];

@@ -79,10 +79,11 @@ fn check_metrics(url: &str) {
         "{text}"
     );
     assert_eq!(value("kiln:num_requests_running"), 0.0);
-    assert!(
-        text.contains(r#"kiln:plan_info{format_version="3",model="m",target="cpu ("#),
-        "{text}"
+    let plan_info = format!(
+        r#"kiln:plan_info{{format_version="{}",model="m",target="cpu ("#,
+        kiln_ir::plan::FORMAT_VERSION
     );
+    assert!(text.contains(&plan_info), "{text}");
     let Some(out) = common::pipe_through(
         "promtool",
         &["check", "metrics"],

@@ -13,7 +13,7 @@ use common::{reference, Loaded, MatMul, FORMATS};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln_codegen_cpu::host_isa;
 use kiln_ir::cpu_abi::{AttentionArgs, CpuFunction, Epilogue, KV_PAGE};
-use kiln_ir::layout::{f16_fields, Layout};
+use kiln_ir::layout::{f16_fields, Layout, Scales};
 use kiln_ir::QuantFormat;
 use rand::{Rng, SeedableRng};
 use std::hint::black_box;
@@ -22,16 +22,21 @@ use std::time::Duration;
 const ROWS: usize = 4096;
 const K: usize = 2048;
 
-/// The layout `kiln compile` gives matmul weights: f32 scales where the format has f16 ones, rows interleaved by 4
-/// (floats stay as GGUF has them).
+/// The layout `kiln compile` gives matmul weights of a CPU plan, rows interleaved by 4: the 32-value block formats'
+/// f16 scales grouped, other formats' widened to f32 (floats stay as GGUF has them).
 fn plan_layout(format: QuantFormat) -> Layout {
-    if format.is_float() {
-        Layout::GGUF
+    let scales = if format.is_float() {
+        return Layout::GGUF;
+    } else if format.block_elems() == 32 {
+        Scales::Grouped
+    } else if f16_fields(format).is_empty() {
+        Scales::Gguf
     } else {
-        Layout {
-            f32_scales: !f16_fields(format).is_empty(),
-            interleave: 4,
-        }
+        Scales::F32
+    };
+    Layout {
+        scales,
+        interleave: 4,
     }
 }
 

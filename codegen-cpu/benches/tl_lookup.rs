@@ -21,7 +21,7 @@ use common::MatMul;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln_codegen_cpu::host_isa;
 use kiln_ir::cpu_abi::Epilogue;
-use kiln_ir::layout::Layout;
+use kiln_ir::layout::{Layout, Scales};
 use kiln_ir::{tl, QuantFormat};
 use rand::{Rng, SeedableRng};
 use std::arch::x86_64::*;
@@ -227,7 +227,7 @@ fn tl_lookup(c: &mut Criterion) {
     }
     let isa = host_isa().expect("this host is supported");
     let layout = Layout {
-        f32_scales: false,
+        scales: Scales::Gguf,
         interleave: 4,
     };
     let mut m = MatMul::new(

@@ -1,7 +1,7 @@
 //! Embedding lookup: each token's row of the table dequantized into the activations, block by block, by the
 //! format's `Dequantize` (the reference dequantizer's arithmetic, so the rows are the reference's bit for bit).
-//! Rows interleaved by the layout are found lane by lane: row `r`'s block `b` is entry
-//! `(r / interleave * blocks + b) * interleave + r % interleave`.
+//! Rows interleaved by the layout are found group by group: row `r`'s block `b` lies in group block
+//! `r / interleave * blocks + b`, as row `r % interleave` of it.
 
 use crate::builder::{Kb, Target};
 use crate::formats::BlockDot;
@@ -36,16 +36,20 @@ pub fn build(func: &mut Function, target: Target, dot: &dyn BlockDot, layout: La
             let id = kb.b.ins().uextend(I64, id);
             let group = kb.b.ins().udiv_imm_u(id, interleave);
             let lane = kb.b.ins().urem_imm_u(id, interleave);
-            // The row's first block, and the bytes from one of its blocks to the next.
-            let first = kb.b.ins().imul_imm_s(group, blocks as i64 * interleave);
-            let first = kb.b.ins().iadd(first, lane);
-            let first = kb.offset(table, first, block_bytes);
+            // The row's first group block, and the bytes from one group block to the next.
+            let group_bytes = block_bytes * interleave as usize;
+            let first = kb.b.ins().imul_imm_s(group, blocks as i64);
+            let first = kb.offset(table, first, group_bytes);
             let row = kb.b.ins().imul(t, out_stride);
             let row = kb.offset(out, row, 4);
             kb.for_count(blocks, |kb, b| {
-                let w = kb.offset(first, b, block_bytes * interleave as usize);
+                let group = kb.offset(first, b, group_bytes);
                 let y = kb.offset(row, b, 4 * elems);
-                for (i, v) in dequantizer.dequantize(kb, w).into_iter().enumerate() {
+                for (i, v) in dequantizer
+                    .dequantize(kb, group, lane)
+                    .into_iter()
+                    .enumerate()
+                {
                     kb.store(v, y, 16 * i);
                 }
             });

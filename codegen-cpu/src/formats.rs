@@ -12,7 +12,7 @@ use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
-use kiln_ir::layout::Layout;
+use kiln_ir::layout::{f16_fields, Layout, Scales};
 use kiln_ir::QuantFormat;
 
 /// A row's running sum, as a vector reduced across its lanes at the end.
@@ -104,6 +104,12 @@ pub trait Grouped {
         false
     }
 
+    /// The group's block read straight from a layout that stores it grouped (`Scales::Grouped`), or `None` where
+    /// each row's block is stored whole (and `group` combines the rows' `unpack`ed values).
+    fn load_group(&self, _kb: &mut Kb, _group: Value) -> Option<Vec<Value>> {
+        None
+    }
+
     /// Whether a one-token pass groups the four rows' unpacked blocks in registers as well: where the grouped form
     /// is how the format sums four rows at all (an `acc_type` of f32), not only a faster layout of the scratch
     /// buffer.
@@ -114,61 +120,88 @@ pub trait Grouped {
 
 /// A stored block's values as f32, computed as the reference dequantizer (`kiln_ir::dequant`) computes them.
 pub trait Dequantize {
-    /// The block at `w` as f32x4 vectors, in order.
-    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value>;
+    /// Row `lane`'s block in the group block at `group` (four rows' blocks where rows are interleaved by four, a
+    /// row's own block where they are not) as f32x4 vectors, in order.
+    fn dequantize(&self, kb: &mut Kb, group: Value, lane: Value) -> Vec<Value>;
 }
 
 /// The generator for `format` stored in `layout`, or `None` where kiln has none (the executor then runs the
 /// reference code for that matmul).
 pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot>> {
     use QuantFormat as F;
-    let quant = |d: Box<dyn BlockDot>| layout.f32_scales.then_some(d);
+    let widened = |d: Box<dyn BlockDot>| (layout.scales == Scales::F32).then_some(d);
     match format {
-        F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => quant(Box::new(Block32::of(format))),
-        F::Q4_K | F::Q5_K | F::Q6_K | F::TQ2_0 | F::TQ1_0 => quant(Box::new(KQuant::of(format))),
-        F::I2_S | F::TL1 | F::TL2 if !layout.f32_scales => Some(Box::new(TernaryRow(format))),
+        F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => {
+            let generated = match layout.scales {
+                Scales::F32 => true,
+                Scales::Grouped => layout.interleave == GROUP,
+                Scales::Gguf => false,
+            };
+            generated.then(|| Box::new(Block32::of(format, layout.scales)) as Box<dyn BlockDot>)
+        }
+        F::Q4_K | F::Q5_K | F::Q6_K | F::TQ2_0 | F::TQ1_0 => widened(Box::new(KQuant::of(format))),
+        F::I2_S | F::TL1 | F::TL2 if layout.scales == Scales::Gguf => {
+            Some(Box::new(TernaryRow(format)))
+        }
         F::F32 | F::F16 | F::BF16 if layout == Layout::GGUF => Some(Box::new(Float(format))),
         _ => None,
     }
 }
 
+/// Rows in a grouped block (`Grouped`), and in a grouped layout's row groups.
+const GROUP: usize = 4;
+
 /// The formats with blocks of 32: 4-bit or 8-bit codes, an optional 5th bit, a scale and an optional minimum.
+/// Their f16 fields are stored widened to f32, at each block's front (`Scales::F32`) or gathered at the front of
+/// four rows' group block (`Scales::Grouped`). Grouped, each field of the four rows is one vector load, where per
+/// block it took a load per row and lane inserts (or a load, multiply and broadcast per row), and a group block
+/// reads as one grouped entry (`Grouped::load_group`).
 struct Block32 {
-    /// Byte offset of the f32 minimum (Q4_1, Q5_1), or `None` when the offset is a fixed multiple of `d`.
-    min_at: Option<usize>,
+    /// Whether the format has a minimum (Q4_1, Q5_1), its second f16 field; without one, the offset is a fixed
+    /// multiple of `d`.
+    min: bool,
     /// The code offset (`w = d * (code - offset)`) for formats without a minimum.
     offset: f32,
-    /// Byte offset of the 32 high bits (Q5_0, Q5_1).
+    /// Byte offset of the 32 high bits (Q5_0, Q5_1) among a row's codes (a block's bytes after its f16 fields).
     qh_at: Option<usize>,
+    /// Byte offset of the low 4 bits (or Q8_0's bytes) among a row's codes.
     qs_at: usize,
     /// Q8_0: 32 signed bytes, not 16 bytes of nibbles.
     bytes: bool,
-    block_bytes: usize,
+    /// A row's bytes of codes in a block.
+    codes_bytes: usize,
+    grouped_scales: bool,
 }
 
 impl Block32 {
-    /// The `f32s` layout: the f16 fields widened to f32 and moved to the front (`kiln_ir::layout`).
-    fn of(format: QuantFormat) -> Self {
-        let (min_at, offset, qh_at, qs_at, bytes) = match format {
-            QuantFormat::Q4_0 => (None, 8.0, None, 4, false),
-            QuantFormat::Q4_1 => (Some(4), 0.0, None, 8, false),
-            QuantFormat::Q5_0 => (None, 16.0, Some(4), 8, false),
-            QuantFormat::Q5_1 => (Some(4), 0.0, Some(8), 12, false),
-            QuantFormat::Q8_0 => (None, 128.0, None, 4, true),
+    fn of(format: QuantFormat, scales: Scales) -> Self {
+        let (min, offset, qh_at, qs_at, bytes) = match format {
+            QuantFormat::Q4_0 => (false, 8.0, None, 0, false),
+            QuantFormat::Q4_1 => (true, 0.0, None, 0, false),
+            QuantFormat::Q5_0 => (false, 16.0, Some(0), 4, false),
+            QuantFormat::Q5_1 => (true, 0.0, Some(0), 4, false),
+            QuantFormat::Q8_0 => (false, 128.0, None, 0, true),
             _ => unreachable!("not a 32-block format"),
         };
         Block32 {
-            min_at,
+            min,
             offset,
             qh_at,
             qs_at,
             bytes,
-            block_bytes: Layout {
-                f32_scales: true,
-                interleave: 1,
-            }
-            .block_bytes(format),
+            codes_bytes: format.block_bytes() - 2 * f16_fields(format).len(),
+            grouped_scales: scales == Scales::Grouped,
         }
+    }
+
+    /// The fields per block (f16 in GGUF, f32 stored): the scale, and the minimum where there is one.
+    fn fields(&self) -> usize {
+        1 + usize::from(self.min)
+    }
+
+    /// Where row `lane`'s codes start in a grouped layout's group block: after the four rows' f32 fields.
+    fn grouped_codes_at(&self, lane: usize) -> usize {
+        4 * GROUP * self.fields() + lane * self.codes_bytes
     }
 
     /// Whether the format has a code offset rather than a minimum (Q4_0, Q5_0, Q8_0). Its blocks then sum whole
@@ -178,7 +211,7 @@ impl Block32 {
     /// products spread over four lanes to the end, in the order of llama.cpp's x86 dot product: SmolLM2's greedy
     /// ids are checked against llama.cpp's, and block totals moved a near-tie there.
     fn totals(&self) -> bool {
-        self.min_at.is_none()
+        !self.min
     }
 
     /// Q8_0 on `pmaddubsw` hosts: its codes stay the signed bytes GGUF stores. Offset by 128 (as `vpdpbusd` takes
@@ -188,12 +221,12 @@ impl Block32 {
         self.bytes && kb.byte_dot() == ByteDot::Pmaddubsw
     }
 
-    /// `unpack`'s values, Q8_0's codes offset by 128 into unsigned bytes (as every other format's codes are) or
-    /// left signed.
-    fn unpack_codes(&self, kb: &mut Kb, w: Value, offset_codes: bool) -> Vec<Value> {
+    /// A row's two code vectors from its codes at `w + at`, Q8_0's offset by 128 into unsigned bytes (as every other
+    /// format's codes are) or left signed.
+    fn codes(&self, kb: &mut Kb, w: Value, at: usize, offset_codes: bool) -> [Value; 2] {
         let (mut lo, mut hi) = if self.bytes {
-            let a = kb.load(I8X16, w, self.qs_at);
-            let b = kb.load(I8X16, w, self.qs_at + 16);
+            let a = kb.load(I8X16, w, at + self.qs_at);
+            let b = kb.load(I8X16, w, at + self.qs_at + 16);
             if offset_codes {
                 let flip = kb.i8x16(0x80);
                 (kb.b.ins().bxor(a, flip), kb.b.ins().bxor(b, flip))
@@ -201,21 +234,26 @@ impl Block32 {
                 (a, b)
             }
         } else {
-            let q = kb.load(I8X16, w, self.qs_at);
+            let q = kb.load(I8X16, w, at + self.qs_at);
             let mask = kb.i8x16(0x0F);
             (kb.b.ins().band(q, mask), kb.b.ins().ushr_imm_s(q, 4))
         };
-        if let Some(at) = self.qh_at {
-            // 16 bytes from `qh`, which end within the block (before the codes' last 4).
-            let qh = kb.load(I8X16, w, at);
+        if let Some(qh_at) = self.qh_at {
+            // 16 bytes from `qh`, which end within the row's codes (before the last 4).
+            let qh = kb.load(I8X16, w, at + qh_at);
             let h0 = Self::high_bits(kb, qh, 0);
             let h1 = Self::high_bits(kb, qh, 2);
             lo = kb.b.ins().bor(lo, h0);
             hi = kb.b.ins().bor(hi, h1);
         }
-        let d = kb.load(F32, w, 0);
-        let mut values = vec![lo, hi, d];
-        values.extend(self.min_at.map(|at| kb.load(F32, w, at)));
+        [lo, hi]
+    }
+
+    /// `unpack`'s values of a block with widened scales at `w`.
+    fn unpack_widened(&self, kb: &mut Kb, w: Value, offset_codes: bool) -> Vec<Value> {
+        let [lo, hi] = self.codes(kb, w, 4 * self.fields(), offset_codes);
+        let mut values = vec![lo, hi];
+        values.extend((0..self.fields()).map(|k| kb.load(F32, w, 4 * k)));
         values
     }
 
@@ -291,7 +329,7 @@ impl BlockDot for Block32 {
     }
 
     fn block_bytes(&self) -> usize {
-        self.block_bytes
+        4 * self.fields() + self.codes_bytes
     }
 
     /// `[dx, codes 0..16, codes 16..32]`, then a fourth value: with a minimum, its factor `dx * sum(qx)` (the
@@ -305,7 +343,7 @@ impl BlockDot for Block32 {
         if self.signed_codes(kb) {
             return values;
         }
-        if self.min_at.is_none() {
+        if !self.min {
             // The two i16 sums (the vector's lane 1) in every lane, each pair multiplied-added by `-offset`.
             let head = kb.load(I32X4, x, 0);
             let sums = kb.shuffle32(head, head, [(ActFormat::SUMS_AT / 4) as u8; 4]);
@@ -324,14 +362,19 @@ impl BlockDot for Block32 {
 
     fn unpacked(&self) -> Vec<Type> {
         let mut types = vec![I8X16, I8X16, F32];
-        types.extend(self.min_at.map(|_| F32));
+        types.extend(self.min.then_some(F32));
         types
     }
 
-    /// `[codes 0..16, codes 16..32, d]`, then `m` for formats with a minimum.
+    /// `[codes 0..16, codes 16..32, d]`, then `m` for formats with a minimum. Grouped scales are read a group
+    /// at a time (`load_group`), never row by row: they make the format `groups_stored_rows`.
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+        assert!(
+            !self.grouped_scales,
+            "a row of a grouped block unpacked alone"
+        );
         let offset_codes = !self.signed_codes(kb);
-        self.unpack_codes(kb, w, offset_codes)
+        self.unpack_widened(kb, w, offset_codes)
     }
 
     fn accumulate(&self, kb: &mut Kb, w: &[Value], x: &[Value], acc: RowAcc) {
@@ -353,7 +396,7 @@ impl BlockDot for Block32 {
     }
 
     fn row_term(&self, w: &[Value], x: &[Value]) -> Option<(Value, Value)> {
-        self.min_at.map(|_| (w[3], x[3]))
+        self.min.then(|| (w[3], x[3]))
     }
 
     fn acc_type(&self) -> Type {
@@ -378,12 +421,28 @@ impl Grouped for Block32 {
     fn types(&self) -> Vec<Type> {
         let mut types = vec![I8X16; 8];
         types.push(F32X4);
-        types.extend(self.min_at.map(|_| F32X4));
+        types.extend(self.min.then_some(F32X4));
         types
     }
 
     fn groups_stored_rows(&self) -> bool {
-        self.totals()
+        self.totals() || self.grouped_scales
+    }
+
+    /// A grouped layout's group block: each row's codes, then each field of the four rows in one load.
+    fn load_group(&self, kb: &mut Kb, group: Value) -> Option<Vec<Value>> {
+        if !self.grouped_scales {
+            return None;
+        }
+        let offset_codes = !self.signed_codes(kb);
+        let mut values = Vec::with_capacity(GROUP * 2 + self.fields());
+        for lane in 0..GROUP {
+            values.extend(self.codes(kb, group, self.grouped_codes_at(lane), offset_codes));
+        }
+        for k in 0..self.fields() {
+            values.push(kb.load(F32X4, group, 4 * GROUP * k));
+        }
+        Some(values)
     }
 
     fn group(&self, kb: &mut Kb, rows: &[Vec<Value>]) -> Vec<Value> {
@@ -420,7 +479,7 @@ impl Grouped for Block32 {
             let row_ddx = kb.shuffle32(ddx, ddx, [lane; 4]);
             self.add_lanes(kb, [block[2 * r], block[2 * r + 1]], x, row_ddx, acc);
         }
-        if self.min_at.is_none() {
+        if !self.min {
             return false;
         }
         let factor = kb.b.ins().splat(F32X4, x[3]);
@@ -434,12 +493,29 @@ impl Grouped for Block32 {
 impl Dequantize for Block32 {
     /// `d * (code - offset)`, or `d * code + m` (multiply, then add), from the unpacked codes: each code widened
     /// to an i32 lane, the offset taken off in integers, converted exactly.
-    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
-        let unpacked = self.unpack_codes(kb, w, true);
-        let d = kb.b.ins().splat(F32X4, unpacked[2]);
-        let m = self.min_at.map(|_| kb.b.ins().splat(F32X4, unpacked[3]));
+    fn dequantize(&self, kb: &mut Kb, group: Value, lane: Value) -> Vec<Value> {
+        let (codes, fields) = if self.grouped_scales {
+            let row = kb.offset(group, lane, self.codes_bytes);
+            let codes = self.codes(kb, row, self.grouped_codes_at(0), true);
+            let at = kb.offset(group, lane, 4);
+            let fields: Vec<Value> = (0..self.fields())
+                .map(|k| {
+                    let field = kb.load(F32, at, 4 * GROUP * k);
+                    kb.b.ins().splat(F32X4, field)
+                })
+                .collect();
+            (codes, fields)
+        } else {
+            let w = kb.offset(group, lane, self.block_bytes());
+            let unpacked = self.unpack_widened(kb, w, true);
+            let fields = (unpacked[2..].iter())
+                .map(|&f| kb.b.ins().splat(F32X4, f))
+                .collect();
+            ([unpacked[0], unpacked[1]], fields)
+        };
+        let (d, m) = (fields[0], fields.get(1).copied());
         let mut values = Vec::with_capacity(8);
-        for &codes in &unpacked[..2] {
+        for codes in codes {
             for q in code_values(kb, codes, self.offset as i32) {
                 let y = kb.b.ins().fmul(d, q);
                 values.push(match m {
@@ -543,7 +619,8 @@ impl BlockDot for Float {
 
 impl Dequantize for Float {
     /// The widened values themselves: exact for every finite value.
-    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+    fn dequantize(&self, kb: &mut Kb, group: Value, lane: Value) -> Vec<Value> {
+        let w = kb.offset(group, lane, self.block_bytes());
         self.unpack(kb, w)
     }
 }

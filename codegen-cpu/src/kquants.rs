@@ -20,13 +20,13 @@ use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
-use kiln_ir::layout::Layout;
+use kiln_ir::layout::{Layout, Scales};
 use kiln_ir::QuantFormat;
 
 /// Bytes of an `f32s` block (the f16 fields widened to f32 and moved to the front).
 fn stored_block_bytes(format: QuantFormat) -> usize {
     Layout {
-        f32_scales: true,
+        scales: Scales::F32,
         interleave: 1,
     }
     .block_bytes(format)
@@ -293,7 +293,8 @@ impl Dequantize for KQuant {
     /// Group by group from the unpacked codes, each value as `kiln_ir::dequant` computes it: `(d * sc) * q -
     /// dmin * mn` (Q4_K, Q5_K: the scale and minimum of sub-block `g / 2`), `(d * sc) * (q - 32)` (Q6_K: the
     /// signed scale of group `g`) or `d * (q - 1)` (the ternaries).
-    fn dequantize(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
+    fn dequantize(&self, kb: &mut Kb, group: Value, lane: Value) -> Vec<Value> {
+        let w = kb.offset(group, lane, self.block_bytes());
         let unpacked = self.unpack(kb, w);
         let (codes, rest) = unpacked.split_at(GROUPS);
         // Byte `lane` of a vector of 6-bit scales or minimums (or Q6_K's signed scales) as an f32.

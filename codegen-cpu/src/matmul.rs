@@ -206,15 +206,9 @@ impl Scratch {
                 ];
                 kb.for_walk(shape.blocks, &walks, |kb, at| {
                     let (wb, entries) = (at[0], at[1]);
-                    let rows: Vec<Vec<Value>> = (0..shape.rows)
-                        .map(|lane| {
-                            let wl = kb.b.ins().iadd_imm_s(wb, (lane * block_bytes) as i64);
-                            shape.dot.unpack(kb, wl)
-                        })
-                        .collect();
                     let entry_values = match shape.grouped {
-                        Some(grouped) => vec![grouped.group(kb, &rows)],
-                        None => rows,
+                        Some(grouped) => vec![stored_group(kb, shape, grouped, wb)],
+                        None => stored_rows(kb, shape, wb),
                     };
                     for (e, values) in entry_values.iter().enumerate() {
                         debug_assert_eq!(
@@ -238,6 +232,28 @@ impl Scratch {
             .iter()
             .map(|&(ty, at)| kb.load(ty, entry, at))
             .collect()
+    }
+}
+
+/// Each row's `unpack`ed values of the stored group block at `block`.
+fn stored_rows(kb: &mut Kb, shape: &Shape, block: Value) -> Vec<Vec<Value>> {
+    let block_bytes = shape.dot.block_bytes();
+    (0..shape.rows)
+        .map(|lane| {
+            let row = kb.b.ins().iadd_imm_s(block, (lane * block_bytes) as i64);
+            shape.dot.unpack(kb, row)
+        })
+        .collect()
+}
+
+/// The grouped form of the stored group block at `block`: read as the layout groups it, or grouped from its rows.
+fn stored_group(kb: &mut Kb, shape: &Shape, grouped: &dyn Grouped, block: Value) -> Vec<Value> {
+    match grouped.load_group(kb, block) {
+        Some(values) => values,
+        None => {
+            let rows = stored_rows(kb, shape, block);
+            grouped.group(kb, &rows)
+        }
     }
 }
 
@@ -465,10 +481,7 @@ fn group_dots(kb: &mut Kb, shape: &Shape, tensor: Tensor, source: Source, xt: Va
         if let Some(grouped) = grouped {
             let values = match source {
                 Source::Scratch { layout, .. } => layout.reload(kb, block),
-                Source::Stored => {
-                    let rows: Vec<Vec<Value>> = (0..shape.rows).map(|lane| row(kb, lane)).collect();
-                    grouped.group(kb, &rows)
-                }
+                Source::Stored => stored_group(kb, shape, grouped, block),
             };
             has_terms |= grouped.accumulate(kb, &values, &x, &accs.rows, accs.terms[0]);
             return;

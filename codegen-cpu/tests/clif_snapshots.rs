@@ -3,7 +3,7 @@
 
 use kiln_codegen_cpu::{generate, isa_with_features, portable_isa, CpuIsa};
 use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, FloatRound};
-use kiln_ir::layout::Layout;
+use kiln_ir::layout::{Layout, Scales};
 use kiln_ir::{Activation, QuantFormat};
 
 /// A fixed target, whatever the host: x86-64 with AVX-VNNI, whose byte dot products are the widening tree that
@@ -23,8 +23,9 @@ fn clif(function: CpuFunction) -> String {
     clif_for(function, &vnni_isa())
 }
 
-const X4: Layout = Layout {
-    f32_scales: true,
+/// How a CPU plan stores the 32-value block formats: rows interleaved by 4, their f32 scales grouped.
+const GROUPED_X4: Layout = Layout {
+    scales: Scales::Grouped,
     interleave: 4,
 };
 
@@ -39,12 +40,23 @@ fn matmul_per_format() {
     ] {
         let f = CpuFunction::MatMul {
             format,
-            layout: X4,
+            layout: GROUPED_X4,
             k: 64,
             epilogue: Epilogue::Store,
         };
         insta::assert_snapshot!(format!("matmul_{format}"), clif(f));
     }
+    // A plan with CUDA kernels too keeps the scales at each block's front.
+    let f = CpuFunction::MatMul {
+        format: QuantFormat::Q4_1,
+        layout: Layout {
+            scales: Scales::F32,
+            interleave: 4,
+        },
+        k: 64,
+        epilogue: Epilogue::Store,
+    };
+    insta::assert_snapshot!("matmul_q4_1_f32s", clif(f));
     // The k-quants' blocks are 256 values: one row, to keep the snapshot readable.
     for format in [
         QuantFormat::Q4_K,
@@ -56,7 +68,7 @@ fn matmul_per_format() {
         let f = CpuFunction::MatMul {
             format,
             layout: Layout {
-                f32_scales: true,
+                scales: Scales::F32,
                 interleave: 1,
             },
             k: 256,
@@ -89,17 +101,18 @@ fn matmul_per_format() {
 /// its weights' signs onto the activations: one Block32 format with 4-bit codes, Q8_0, and a k-quant.
 #[test]
 fn matmul_without_vnni() {
-    for (format, interleave, k) in [
-        (QuantFormat::Q4_1, 4, 64),
-        (QuantFormat::Q8_0, 4, 64),
-        (QuantFormat::Q4_K, 1, 256),
+    let q4_k = Layout {
+        scales: Scales::F32,
+        interleave: 1,
+    };
+    for (format, layout, k) in [
+        (QuantFormat::Q4_1, GROUPED_X4, 64),
+        (QuantFormat::Q8_0, GROUPED_X4, 64),
+        (QuantFormat::Q4_K, q4_k, 256),
     ] {
         let f = CpuFunction::MatMul {
             format,
-            layout: Layout {
-                f32_scales: true,
-                interleave,
-            },
+            layout,
             k,
             epilogue: Epilogue::Store,
         };
@@ -120,7 +133,7 @@ fn matmul_per_epilogue() {
     ] {
         let f = CpuFunction::MatMul {
             format: QuantFormat::Q8_0,
-            layout: X4,
+            layout: GROUPED_X4,
             k: 32,
             epilogue,
         };
@@ -182,19 +195,19 @@ fn rms_norm() {
 #[test]
 fn embed() {
     // Q4_1 (codes and a minimum) with rows interleaved by 4: one block per row.
-    let layout = Layout {
-        f32_scales: true,
-        interleave: 4,
-    };
     let f = CpuFunction::Embed {
         format: QuantFormat::Q4_1,
-        layout,
+        layout: GROUPED_X4,
         k: 32,
     };
     insta::assert_snapshot!("embed_q4_1", clif(f));
     // A k-quant (sub-block scales and minimums) and a float table (widened in place).
+    let widened = Layout {
+        scales: Scales::F32,
+        interleave: 4,
+    };
     for (format, layout, k) in [
-        (QuantFormat::Q4_K, layout, 256),
+        (QuantFormat::Q4_K, widened, 256),
         (QuantFormat::F16, Layout::GGUF, 16),
     ] {
         let f = CpuFunction::Embed { format, layout, k };

@@ -7,7 +7,7 @@ use common::{reference, Loaded, MatMul, FORMATS};
 use kiln_codegen_cpu::{host_isa, portable_isa, CpuIsa};
 use kiln_ir::activation::ActivationFormat;
 use kiln_ir::cpu_abi::{ActFormat, CpuFunction, Epilogue, QuantizeArgs};
-use kiln_ir::layout::{f16_fields, Layout};
+use kiln_ir::layout::{f16_fields, Layout, Scales};
 use kiln_ir::{Activation, QuantFormat};
 use rand::{Rng, SeedableRng};
 
@@ -65,17 +65,25 @@ fn layouts_of(format: QuantFormat) -> Vec<Layout> {
         // I2_S, TL1, TL2: no block scales to widen, rows interleaved or not.
         [1, 4]
             .map(|interleave| Layout {
-                f32_scales: false,
+                scales: Scales::Gguf,
                 interleave,
             })
             .to_vec()
     } else {
-        [1, 4]
+        let mut layouts = [1, 4]
             .map(|interleave| Layout {
-                f32_scales: true,
+                scales: Scales::F32,
                 interleave,
             })
-            .to_vec()
+            .to_vec();
+        // The 32-value block formats also keep f16 scales grouped four rows at a time.
+        if format.block_elems() == 32 {
+            layouts.push(Layout {
+                scales: Scales::Grouped,
+                interleave: 4,
+            });
+        }
+        layouts
     }
 }
 
@@ -263,6 +271,41 @@ fn extreme_weight(format: QuantFormat, rows: usize, k: usize) -> Vec<u8> {
 /// The byte dot products stay exact at the extremes: every weight code at its largest and every activation
 /// code at +-127, where `pmaddubsw`'s i16 pair sums (and the i16 sums of several of them) are closest to
 /// saturating.
+/// The 32-value block formats' scales grouped four rows at a time (how a CPU plan stores them) give every output the
+/// bits of scales at each block's front (how a plan with CUDA kernels stores them): the same products in the same
+/// order, read from another place.
+#[test]
+fn grouped_scales_give_the_bits_of_scales_per_block() {
+    let isa = host_isa().unwrap();
+    let widened = Layout {
+        scales: Scales::F32,
+        interleave: 4,
+    };
+    let grouped = Layout {
+        scales: Scales::Grouped,
+        interleave: 4,
+    };
+    let block32 = FORMATS.into_iter().filter(|f| f.block_elems() == 32);
+    for format in block32 {
+        for epilogue in [Epilogue::Store, Epilogue::Gated(Activation::Silu)] {
+            for tokens in [1, 3] {
+                let outputs = [widened, grouped].map(|layout| {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+                    let mut m =
+                        MatMul::new(&isa, &mut rng, format, layout, 12, 320, tokens, epilogue);
+                    m.quantize();
+                    m.run(0, 12);
+                    m.out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                });
+                assert_eq!(
+                    outputs[0], outputs[1],
+                    "{format} {epilogue:?}, {tokens} tokens"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn matmuls_are_exact_at_the_largest_codes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);

@@ -3,7 +3,7 @@
 //! `load_<format>_<layout>(w, i)` per plain-float format. Field offsets come from the layout, so the same
 //! template serves GGUF blocks and blocks with f32 scales.
 
-use kiln_ir::layout::{f16_fields, Layout};
+use kiln_ir::layout::{f16_fields, Layout, Scales};
 use kiln_ir::{tl, QuantFormat};
 
 /// A block format's C helpers, by name.
@@ -35,7 +35,8 @@ pub fn supported(format: QuantFormat) -> bool {
     )
 }
 
-/// Where a block's fields lie in a layout: f16 fields become f32 at the front with `f32_scales`.
+/// Where a block's fields lie in a layout: f16 fields become f32 at the front with `Scales::F32`. (Grouped scales
+/// are the CPU kernels' alone: `supports` refuses them.)
 struct Fields {
     format: QuantFormat,
     layout: Layout,
@@ -44,7 +45,7 @@ struct Fields {
 impl Fields {
     /// The C expression of f16 field `k` (by index among the format's f16 fields) of the block at `b`.
     fn scale(&self, k: usize) -> String {
-        if self.layout.f32_scales {
+        if self.layout.scales == Scales::F32 {
             format!("ld_f32(b + {})", 4 * k)
         } else {
             format!("f16_to_f32(ld_u16(b + {}))", f16_fields(self.format)[k])
@@ -53,7 +54,7 @@ impl Fields {
 
     /// Where byte `gguf_offset` (outside the f16 fields) of a GGUF block lies in this layout.
     fn byte(&self, gguf_offset: usize) -> usize {
-        if !self.layout.f32_scales {
+        if self.layout.scales != Scales::F32 {
             return gguf_offset;
         }
         let fields = f16_fields(self.format);
@@ -63,7 +64,9 @@ impl Fields {
 
     /// The 32-bit load for this layout: aligned when every stored block and field is 4-byte aligned.
     fn load(&self) -> &'static str {
-        if self.layout.block_bytes(self.format).is_multiple_of(4) && self.layout.f32_scales {
+        if self.layout.block_bytes(self.format).is_multiple_of(4)
+            && self.layout.scales == Scales::F32
+        {
             "ld_a32"
         } else {
             "ld_u32"

@@ -10,6 +10,7 @@ mod matmul;
 mod ops;
 
 use kiln_ir::cuda_abi::{ArchPtx, CudaCode, CudaKernel};
+use kiln_ir::layout::Scales;
 
 pub use formats::{helper as decoder, supported as supports_format, Helper};
 
@@ -36,10 +37,14 @@ pub enum CudaCodegenError {
 /// Whether this backend can generate `kernel`.
 pub fn supports(kernel: &CudaKernel) -> bool {
     match kernel {
-        CudaKernel::MatMul { format, .. } => formats::supported(*format),
+        CudaKernel::MatMul { format, layout, .. } => {
+            formats::supported(*format) && layout.scales != Scales::Grouped
+        }
         // An embedding kernel reads single rows and never sees a whole-tensor scale (I2_S).
-        CudaKernel::Embed { format, .. } => {
-            formats::supported(*format) && format.tensor_trailer_bytes() == 0
+        CudaKernel::Embed { format, layout, .. } => {
+            formats::supported(*format)
+                && format.tensor_trailer_bytes() == 0
+                && layout.scales != Scales::Grouped
         }
         _ => true,
     }

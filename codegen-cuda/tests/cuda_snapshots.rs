@@ -5,11 +5,11 @@
 use kiln_codegen_cuda::kernel_source;
 use kiln_ir::cpu_abi::{ActFormat, Epilogue, FloatRound};
 use kiln_ir::cuda_abi::{CudaKernel, ElementOp};
-use kiln_ir::layout::Layout;
+use kiln_ir::layout::{Layout, Scales};
 use kiln_ir::{Activation, QuantFormat, RopeStyle};
 
 const X4: Layout = Layout {
-    f32_scales: true,
+    scales: Scales::F32,
     interleave: 4,
 };
 
@@ -52,7 +52,7 @@ fn i2_s_applies_each_tensor_scale_to_the_row_sums() {
     let kernel = CudaKernel::MatMul {
         format: QuantFormat::I2_S,
         layout: Layout {
-            f32_scales: false,
+            scales: Scales::Gguf,
             interleave: 4,
         },
         k: 256,
@@ -67,7 +67,7 @@ fn tl_formats_decode_through_weight_tables() {
         let kernel = CudaKernel::MatMul {
             format,
             layout: Layout {
-                f32_scales: false,
+                scales: Scales::Gguf,
                 interleave: 4,
             },
             k: 256,

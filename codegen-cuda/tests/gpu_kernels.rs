@@ -10,7 +10,7 @@ mod weights;
 
 use kiln_ir::cpu_abi::{ActFormat, Epilogue};
 use kiln_ir::cuda_abi::{CudaKernel, ATTENTION_THREADS, MATMUL_TOKENS, MATMUL_WARPS, ROW_THREADS};
-use kiln_ir::layout::{f16_fields, Layout};
+use kiln_ir::layout::{f16_fields, Layout, Scales};
 use kiln_ir::weights::WeightView;
 use kiln_ir::{Activation, QuantFormat, RopeParams, RopeStyle};
 use kiln_runtime::cuda::device::{Arg, Buffer, Device, Launch};
@@ -74,7 +74,7 @@ fn layouts_of(format: QuantFormat) -> Vec<Layout> {
         vec![
             Layout::GGUF,
             Layout {
-                f32_scales: false,
+                scales: Scales::Gguf,
                 interleave: 4,
             },
         ]
@@ -82,7 +82,7 @@ fn layouts_of(format: QuantFormat) -> Vec<Layout> {
         vec![
             Layout::GGUF,
             Layout {
-                f32_scales: true,
+                scales: Scales::F32,
                 interleave: 4,
             },
         ]

@@ -10,7 +10,7 @@ mod weights;
 
 use kiln_codegen_cuda::{decoder, supports_format, CODES_PRELUDE};
 use kiln_ir::dequant::dequantize_blocks;
-use kiln_ir::layout::{f16_fields, Layout};
+use kiln_ir::layout::{f16_fields, Layout, Scales};
 use kiln_ir::QuantFormat;
 use rand::SeedableRng;
 use std::io::Write;
@@ -68,7 +68,7 @@ fn layouts_of(format: QuantFormat) -> Vec<Layout> {
     let mut layouts = vec![Layout::GGUF];
     if !f16_fields(format).is_empty() {
         layouts.push(Layout {
-            f32_scales: true,
+            scales: Scales::F32,
             interleave: 1,
         });
     }

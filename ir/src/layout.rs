@@ -1,10 +1,13 @@
 //! Weight layouts: how a plan stores a weight's blocks for the kernels that read it.
 //!
 //! GGUF stores each row's blocks one after another with f16 scales inside each block. Kernels prefer:
-//! - **f32 scales**: each block's f16 fields (scale, minimum) widened to f32 and moved to the front, so the hot
-//!   loop does no half-precision conversion: `[f32 per f16 field, in order][the block's other bytes, in order]`;
 //! - **interleaved rows**: rows in groups of `interleave`, block by block (block b of rows 4g..4g+4 together), so
-//!   one pass over the activations feeds several output rows.
+//!   one pass over the activations feeds several output rows;
+//! - **f32 scales**: each block's f16 fields (scale, minimum) widened to f32, so the hot loop does no
+//!   half-precision conversion, and moved either to the block's front (`Scales::F32`: `[f32 per f16 field, in
+//!   order][the block's other bytes, in order]`) or, for interleaved rows, to the front of the row group's block
+//!   (`Scales::Grouped`: a group block holds field 0 of each row, field 1 of each row, ..., then each row's other
+//!   bytes, row by row), where one vector load gives a kernel the group's scales.
 //!
 //! Every layout is lossless: f16 to f32 is exact, so a repacked block narrows back to the original bytes, and the
 //! reference dequantizer reads it through that.
@@ -14,9 +17,20 @@ use half::f16;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// Where a layout keeps the blocks' f16 fields, and in what precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scales {
+    /// As GGUF keeps them: f16, inside each block.
+    Gguf,
+    /// Widened to f32, at the front of each block.
+    F32,
+    /// Widened to f32, the row group's gathered at the front of each group block (needs interleaved rows).
+    Grouped,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Layout {
-    pub f32_scales: bool,
+    pub scales: Scales,
     /// Rows per interleaved group (1: row after row).
     pub interleave: usize,
 }
@@ -29,11 +43,12 @@ impl Default for Layout {
 
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.f32_scales, self.interleave) {
-            (false, 1) => f.write_str("gguf"),
-            (true, 1) => f.write_str("f32s"),
-            (false, n) => write!(f, "x{n}"),
-            (true, n) => write!(f, "f32s.x{n}"),
+        match (self.scales, self.interleave) {
+            (Scales::Gguf, 1) => f.write_str("gguf"),
+            (Scales::F32, 1) => f.write_str("f32s"),
+            (Scales::Gguf, n) => write!(f, "x{n}"),
+            (Scales::F32, n) => write!(f, "f32s.x{n}"),
+            (Scales::Grouped, n) => write!(f, "f32g.x{n}"),
         }
     }
 }
@@ -65,17 +80,16 @@ pub const MAX_BLOCK_BYTES: usize = 292;
 
 impl Layout {
     pub const GGUF: Layout = Layout {
-        f32_scales: false,
+        scales: Scales::Gguf,
         interleave: 1,
     };
 
-    /// Bytes of one stored block.
+    /// Bytes of one stored block; in a grouped layout, a group block's share per row.
     pub fn block_bytes(self, format: QuantFormat) -> usize {
         format.block_bytes()
-            + if self.f32_scales {
-                2 * f16_fields(format).len()
-            } else {
-                0
+            + match self.scales {
+                Scales::F32 | Scales::Grouped => 2 * f16_fields(format).len(),
+                Scales::Gguf => 0,
             }
     }
 
@@ -97,7 +111,12 @@ impl Layout {
 
     /// Whether `format` and a `[rows, cols]` shape can be stored this way.
     pub fn fits(self, format: QuantFormat, shape: &[usize]) -> bool {
-        let scales_ok = !self.f32_scales || !f16_fields(format).is_empty();
+        let has_fields = !f16_fields(format).is_empty();
+        let scales_ok = match self.scales {
+            Scales::Gguf => true,
+            Scales::F32 => has_fields,
+            Scales::Grouped => has_fields && self.interleave > 1,
+        };
         let rows = if shape.len() == 2 { shape[0] } else { 1 };
         scales_ok
             && self.interleave >= 1
@@ -117,51 +136,114 @@ impl Layout {
         for r in 0..rows {
             for b in 0..per_row {
                 let src = &gguf[(r * per_row + b) * src_bytes..][..src_bytes];
-                let at = self.block_index(r, b, per_row) * dst_bytes;
-                self.widen(format, src, &mut out[at..at + dst_bytes]);
+                self.place(format, r, b, per_row).store(src, &mut out);
             }
         }
         out
     }
 
-    /// Index, among stored blocks, of block `b` of row `r` (`per_row` blocks per row).
-    pub fn block_index(self, r: usize, b: usize, per_row: usize) -> usize {
-        let (group, lane) = (r / self.interleave, r % self.interleave);
-        (group * per_row + b) * self.interleave + lane
+    /// Restores the GGUF bytes of row `r`'s block `b` (of `per_row`) from a weight's stored bytes into `dst`.
+    pub fn read_block(
+        self,
+        format: QuantFormat,
+        stored: &[u8],
+        r: usize,
+        b: usize,
+        per_row: usize,
+        dst: &mut [u8],
+    ) {
+        self.place(format, r, b, per_row).load(stored, dst);
     }
 
-    fn widen(self, format: QuantFormat, src: &[u8], dst: &mut [u8]) {
-        if !self.f32_scales {
-            dst.copy_from_slice(src);
-            return;
-        }
+    /// Index, among stored blocks (group blocks in a grouped layout), of block `b` of row `r`'s group (`per_row`
+    /// blocks per row); the row's block is `r % interleave` blocks further in layouts that keep blocks whole.
+    pub fn group_block_index(self, r: usize, b: usize, per_row: usize) -> usize {
+        (r / self.interleave) * per_row + b
+    }
+
+    /// Where row `r`'s block `b` lies in a stored weight.
+    fn place(self, format: QuantFormat, r: usize, b: usize, per_row: usize) -> BlockPlace {
         let fields = f16_fields(format);
-        for (k, &f) in fields.iter().enumerate() {
-            let value = f16::from_le_bytes([src[f], src[f + 1]]).to_f32();
-            dst[4 * k..4 * k + 4].copy_from_slice(&value.to_le_bytes());
+        let lane = r % self.interleave;
+        let group = self.group_block_index(r, b, per_row) * self.interleave;
+        let stored = self.block_bytes(format);
+        let at = (group + lane) * stored;
+        let (field_at, field_stride, others_at) = match self.scales {
+            Scales::Gguf => (at, 0, at),
+            Scales::F32 => (at, 4, at + 4 * fields.len()),
+            Scales::Grouped => {
+                let group_at = group * stored;
+                let front = 4 * fields.len() * self.interleave;
+                let others = format.block_bytes() - 2 * fields.len();
+                (
+                    group_at + 4 * lane,
+                    4 * self.interleave,
+                    group_at + front + lane * others,
+                )
+            }
+        };
+        BlockPlace {
+            fields,
+            block_bytes: format.block_bytes(),
+            field_at,
+            field_stride,
+            others_at,
+            inline: self.scales == Scales::Gguf,
         }
-        let mut at = 4 * fields.len();
-        for (start, end) in other_bytes(fields, src.len()) {
-            dst[at..at + end - start].copy_from_slice(&src[start..end]);
-            at += end - start;
+    }
+}
+
+/// Where one block's bytes lie in a stored weight: the GGUF block whole at `others_at` (`inline`), or its f16
+/// fields widened to f32 (`field_stride` apart from `field_at`) and its other bytes, in order, from `others_at`.
+struct BlockPlace {
+    fields: &'static [usize],
+    block_bytes: usize,
+    field_at: usize,
+    field_stride: usize,
+    others_at: usize,
+    inline: bool,
+}
+
+impl BlockPlace {
+    /// Each f16 field's offset in the GGUF block and in the stored weight (none when inline).
+    fn field_pieces(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let widened = if self.inline { &[][..] } else { self.fields };
+        (widened.iter().enumerate()).map(|(k, &f)| (f, self.field_at + k * self.field_stride))
+    }
+
+    /// Each run of other bytes: `(offset in the GGUF block, offset in the stored weight, length)`.
+    fn other_pieces(&self) -> Vec<(usize, usize, usize)> {
+        if self.inline {
+            return vec![(0, self.others_at, self.block_bytes)];
+        }
+        let mut at = self.others_at;
+        other_bytes(self.fields, self.block_bytes)
+            .map(|(start, end)| {
+                at += end - start;
+                (start, at - (end - start), end - start)
+            })
+            .collect()
+    }
+
+    /// Writes the GGUF block `gguf` into the stored weight `out`.
+    fn store(&self, gguf: &[u8], out: &mut [u8]) {
+        for (from, to) in self.field_pieces() {
+            let value = f16::from_le_bytes([gguf[from], gguf[from + 1]]).to_f32();
+            out[to..to + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        for (from, to, n) in self.other_pieces() {
+            out[to..to + n].copy_from_slice(&gguf[from..from + n]);
         }
     }
 
-    /// Restores the GGUF bytes of one stored block into `dst` (exact: the f32 values came from f16).
-    pub fn narrow(self, format: QuantFormat, stored: &[u8], dst: &mut [u8]) {
-        if !self.f32_scales {
-            dst.copy_from_slice(stored);
-            return;
+    /// Restores the GGUF block into `dst` from the stored weight `stored` (exact: the f32 values came from f16).
+    fn load(&self, stored: &[u8], dst: &mut [u8]) {
+        for (to, from) in self.field_pieces() {
+            let value = f32::from_le_bytes(stored[from..from + 4].try_into().expect("4 bytes"));
+            dst[to..to + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
         }
-        let fields = f16_fields(format);
-        for (k, &f) in fields.iter().enumerate() {
-            let value = f32::from_le_bytes(stored[4 * k..4 * k + 4].try_into().expect("4 bytes"));
-            dst[f..f + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
-        }
-        let mut at = 4 * fields.len();
-        for (start, end) in other_bytes(fields, dst.len()) {
-            dst[start..end].copy_from_slice(&stored[at..at + end - start]);
-            at += end - start;
+        for (to, from, n) in self.other_pieces() {
+            dst[to..to + n].copy_from_slice(&stored[from..from + n]);
         }
     }
 }

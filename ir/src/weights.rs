@@ -36,9 +36,8 @@ impl WeightView<'_> {
             let mut block = [0u8; MAX_BLOCK_BYTES];
             let block = &mut block[..self.format.block_bytes()];
             for (b, chunk) in out.chunks_exact_mut(elems).enumerate() {
-                let at = self.layout.block_index(r, b, per_row) * stored;
                 self.layout
-                    .narrow(self.format, &self.data[at..at + stored], block);
+                    .read_block(self.format, self.data, r, b, per_row, block);
                 dequantize_blocks(self.format, block, chunk);
             }
         }

@@ -3,7 +3,7 @@
 mod common;
 
 use kiln_ir::dequant::dequantize;
-use kiln_ir::layout::Layout;
+use kiln_ir::layout::{Layout, Scales};
 use kiln_ir::weights::WeightView;
 use kiln_ir::QuantFormat;
 
@@ -11,19 +11,27 @@ use kiln_ir::QuantFormat;
 fn repacked_rows_dequantize_exactly_as_gguf_rows() {
     let layouts = [
         Layout {
-            f32_scales: true,
+            scales: Scales::F32,
             interleave: 1,
         },
         Layout {
-            f32_scales: false,
+            scales: Scales::Gguf,
             interleave: 4,
         },
         Layout {
-            f32_scales: true,
+            scales: Scales::F32,
             interleave: 4,
         },
         Layout {
-            f32_scales: true,
+            scales: Scales::F32,
+            interleave: 2,
+        },
+        Layout {
+            scales: Scales::Grouped,
+            interleave: 4,
+        },
+        Layout {
+            scales: Scales::Grouped,
             interleave: 2,
         },
     ];
@@ -43,7 +51,7 @@ fn repacked_rows_dequantize_exactly_as_gguf_rows() {
         for layout in layouts {
             if !layout.fits(format, &shape) {
                 assert!(
-                    layout.f32_scales && kiln_ir::layout::f16_fields(format).is_empty(),
+                    layout.scales != Scales::Gguf && kiln_ir::layout::f16_fields(format).is_empty(),
                     "{format} {layout}"
                 );
                 continue;
@@ -92,7 +100,7 @@ fn widened_block_puts_f32_scales_first() {
     block.extend(half::f16::from_f32(-1.0).to_le_bytes());
     block.extend(0u8..16);
     let layout = Layout {
-        f32_scales: true,
+        scales: Scales::F32,
         interleave: 1,
     };
     let stored = layout.repack(QuantFormat::Q4_1, &[32], &block);
@@ -101,4 +109,50 @@ fn widened_block_puts_f32_scales_first() {
     assert_eq!(&stored[4..8], &(-1.0f32).to_le_bytes());
     assert_eq!(&stored[8..], &block[4..]);
     assert_eq!(layout.to_string(), "f32s");
+}
+
+#[test]
+fn grouped_block_puts_the_rows_f32_scales_first() {
+    // Four rows of one Q4_1 block each: row r has d = r + 1, m = -r (f16), and codes all equal to r.
+    let block = |r: u8| {
+        let mut b = half::f16::from_f32(f32::from(r) + 1.0)
+            .to_le_bytes()
+            .to_vec();
+        b.extend(half::f16::from_f32(-f32::from(r)).to_le_bytes());
+        b.extend([r; 16]);
+        b
+    };
+    let gguf: Vec<u8> = (0..4).flat_map(block).collect();
+    let layout = Layout {
+        scales: Scales::Grouped,
+        interleave: 4,
+    };
+    let stored = layout.repack(QuantFormat::Q4_1, &[4, 32], &gguf);
+    assert_eq!(stored.len(), 4 * 24);
+    for r in 0..4u8 {
+        let at = 4 * usize::from(r);
+        let d = f32::from(r) + 1.0;
+        assert_eq!(&stored[at..at + 4], &d.to_le_bytes(), "row {r}'s d");
+        let m = -f32::from(r);
+        assert_eq!(
+            &stored[16 + at..16 + at + 4],
+            &m.to_le_bytes(),
+            "row {r}'s m"
+        );
+        let codes = 32 + 16 * usize::from(r);
+        assert_eq!(
+            &stored[codes..codes + 16],
+            &block(r)[4..],
+            "row {r}'s codes"
+        );
+    }
+    assert_eq!(layout.to_string(), "f32g.x4");
+    let per_row = Layout {
+        scales: Scales::Grouped,
+        interleave: 1,
+    };
+    assert!(
+        !per_row.fits(QuantFormat::Q4_1, &[4, 32]),
+        "grouped scales need a row group"
+    );
 }

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_compiler::codegen::{generate_cpu_code, generate_cuda_code};
-use kiln_compiler::passes::{compile, Stage, INTERLEAVE};
+use kiln_compiler::passes::{compile, Readers, Stage, INTERLEAVE};
 use kiln_compiler::plan_writer::{write_plan, PlanCode};
 use kiln_compiler::{lower, GgufFile};
 use kiln_ir::plan::{PlanMeta, Target};
@@ -72,11 +72,16 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         "00-lowered.kir".to_string(),
         kiln_ir::text::print(&lowered.graph),
     )];
-    let compiled = compile(lowered.graph, |i, name, stage| {
+    let readers = if cuda {
+        Readers::WithCuda
+    } else {
+        Readers::Cpu
+    };
+    let compiled = compile(lowered.graph, readers, |i, name, stage| {
         let (summary, dump) = match stage {
             Stage::Graph(graph) => (format!("{} nodes", graph.len()), kiln_ir::text::print(graph)),
             Stage::Layouts(layouts) => (
-                format!("{} weights repacked (f32 block scales, rows interleaved by {INTERLEAVE})", layouts.len()),
+                format!("{} weights repacked (rows interleaved by {INTERLEAVE}, block scales grouped or f32)", layouts.len()),
                 layouts.iter().map(|(name, layout)| format!("@{name} {layout}\n")).collect(),
             ),
             Stage::Schedule(schedule) => (

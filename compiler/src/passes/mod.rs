@@ -8,7 +8,7 @@ mod layout;
 mod rewrite;
 mod schedule;
 
-pub use layout::{choose_layouts, Layouts, INTERLEAVE};
+pub use layout::{choose_layouts, Layouts, Readers, INTERLEAVE};
 pub use schedule::{schedule, specialize, ScheduleError};
 
 use kiln_ir::schedule::Schedule;
@@ -90,14 +90,16 @@ pub enum CompileError {
     InvalidSchedule(String),
 }
 
-/// The whole pipeline. `after(index, name, stage)` sees the result of each stage.
+/// The whole pipeline, for a plan whose weights `readers` read. `after(index, name, stage)` sees the result of
+/// each stage.
 pub fn compile(
     graph: Graph,
+    readers: Readers,
     mut after: impl FnMut(usize, &str, Stage),
 ) -> Result<Compiled, CompileError> {
     let graph = run_pipeline(graph, |i, name, graph| after(i, name, Stage::Graph(graph)))?;
     let n = pipeline().len();
-    let layouts = choose_layouts(&graph);
+    let layouts = choose_layouts(&graph, readers);
     after(n + 1, "layout", Stage::Layouts(&layouts));
     let schedule = schedule(&graph, &layouts)?;
     schedule
