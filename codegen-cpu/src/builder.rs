@@ -550,13 +550,6 @@ impl<'a> Kb<'a> {
         }
     }
 
-    /// A scalar i16 load sign-extended to i32.
-    pub fn load_i16(&mut self, ptr: Value, offset: usize) -> Value {
-        self.b
-            .ins()
-            .sload16(cranelift_codegen::ir::types::I32, mem(), ptr, offset as i32)
-    }
-
     /// `cond ? a : b` for f32 scalars, where `cond` compares `x` with zero.
     pub fn select_if_zero(&mut self, x: Value, zero_case: Value, other: Value) -> Value {
         let zero = self.f32(0.0);

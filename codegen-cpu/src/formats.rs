@@ -352,11 +352,10 @@ impl BlockDot for Block32 {
             values.push(kb.dot_i16(sums, factor));
             return values;
         }
-        let s0 = kb.load_i16(x, ActFormat::SUMS_AT);
-        let s1 = kb.load_i16(x, ActFormat::SUMS_AT + 2);
-        let sum = kb.b.ins().iadd(s0, s1);
-        let sum = kb.b.ins().fcvt_from_sint(F32, sum);
-        values.push(kb.b.ins().fmul(dx, sum));
+        let at = ActFormat::Q8_0
+            .scaled_sum_at()
+            .expect("Q8_0 blocks keep d * sum");
+        values.push(kb.load(F32, x, at));
         values
     }
 

@@ -183,11 +183,20 @@ fn quantize_q8_0(kb: &mut Kb, src: &Source, at: Value, dst: Value) {
         })
         .collect();
     kb.store(d, dst, 0);
-    for half in 0..2 {
+    let sums = [0, 1].map(|half| {
         let (codes, sum) = pack16(kb, &q[4 * half..4 * half + 4]);
         kb.store_i16(sum, dst, ActFormat::SUMS_AT + 2 * half);
         kb.store(codes, dst, ActFormat::Q8_0.codes_at() + 16 * half);
-    }
+        sum
+    });
+    // `d * sum(codes)` as a kernel summed it from the two group sums: the same bits.
+    let sum = kb.b.ins().iadd(sums[0], sums[1]);
+    let sum = kb.b.ins().fcvt_from_sint(F32, sum);
+    let scaled = kb.b.ins().fmul(d, sum);
+    let at = ActFormat::Q8_0
+        .scaled_sum_at()
+        .expect("Q8_0 blocks keep d * sum");
+    kb.store(scaled, dst, at);
 }
 
 /// ggml's `quantize_row_q8_K` on one block of 256: the value of largest magnitude maps to -127,

@@ -173,7 +173,7 @@ fn dequantize_act(act: ActFormat, row: &[u8], k: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(k);
     for block in row.chunks_exact(act.block_bytes()) {
         let d = f32::from_le_bytes(block[..4].try_into().unwrap());
-        let codes = &block[act.codes_at()..];
+        let codes = &block[act.codes_at()..act.codes_at() + act.block_elems()];
         for (g, sums) in codes
             .chunks_exact(16)
             .zip(block[ActFormat::SUMS_AT..].chunks_exact(2))
@@ -183,6 +183,15 @@ fn dequantize_act(act: ActFormat, row: &[u8], k: usize) -> Vec<f32> {
                 sum,
                 i16::from_le_bytes([sums[0], sums[1]]) as i32,
                 "group sums are stored"
+            );
+        }
+        if let Some(at) = act.scaled_sum_at() {
+            let sum: i32 = codes.iter().map(|&c| c as i8 as i32).sum();
+            let stored = f32::from_le_bytes(block[at..at + 4].try_into().unwrap());
+            assert_eq!(
+                stored.to_bits(),
+                (d * sum as f32).to_bits(),
+                "d * sum is stored"
             );
         }
         out.extend(codes.iter().map(|&c| c as i8 as f32 * d));

@@ -161,9 +161,13 @@ pub fn quantize(name: &str, act: ActFormat, k: usize, norm: bool) -> String {
              const float d = round_f16(amax / 127.0f);\n        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;\n        \
              const int q = __float2int_rn(v * id);\n        int s = q;\n        \
              for (int o = 1; o < 16; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);\n        \
-             u8* ob = out + 40 * blk;\n        if (lane == 0) *(float*)ob = d;\n        \
-             if ((lane & 15) == 0) ((i16*)(ob + 4))[lane >> 4] = (i16)s;\n        ob[8 + lane] = (u8)(i8)q;\n    }}\n",
-            blocks = k / 32
+             const int total = s + __shfl_xor_sync(0xffffffffu, s, 16);\n        \
+             u8* ob = out + {block_bytes} * blk;\n        if (lane == 0) {{ *(float*)ob = d; *(float*)(ob + {scaled_at}) = d * (float)total; }}\n        \
+             if ((lane & 15) == 0) ((i16*)(ob + 4))[lane >> 4] = (i16)s;\n        ob[{codes_at} + lane] = (u8)(i8)q;\n    }}\n",
+            blocks = k / 32,
+            block_bytes = act.block_bytes(),
+            codes_at = act.codes_at(),
+            scaled_at = act.scaled_sum_at().expect("Q8_0 blocks keep d * sum"),
         ),
         ActFormat::Q8K => format!(
             "    // ggml's quantize_row_q8_K: the value of largest magnitude maps to -127, q = min(round(-127 x / max), 127).\n    \
@@ -173,11 +177,13 @@ pub fn quantize(name: &str, act: ActFormat, k: usize, norm: bool) -> String {
              for (int j = 0; j < 8; j++) {{ v[j] = VALUE(256 * blk + 8 * lane + j); hi = fmaxf(hi, v[j]); lo = fminf(lo, v[j]); }}\n        \
              hi = warp_max(hi);\n        lo = warp_min(lo);\n        const float max = -lo > hi ? lo : hi;\n        \
              const float iscale = max != 0.0f ? -127.0f / max : 0.0f;\n        const float d = max != 0.0f ? 1.0f / iscale : 0.0f;\n        \
-             u8* ob = out + 292 * blk;\n        int s = 0;\n        for (int j = 0; j < 8; j++) {{\n            \
+             u8* ob = out + {block_bytes} * blk;\n        int s = 0;\n        for (int j = 0; j < 8; j++) {{\n            \
              const int q = __float2int_rn(fminf(rintf(iscale * v[j]), 127.0f));\n            s += q;\n            \
-             ob[36 + 8 * lane + j] = (u8)(i8)q;\n        }}\n        s += __shfl_xor_sync(0xffffffffu, s, 1);\n        \
+             ob[{codes_at} + 8 * lane + j] = (u8)(i8)q;\n        }}\n        s += __shfl_xor_sync(0xffffffffu, s, 1);\n        \
              if (lane == 0) *(float*)ob = d;\n        if ((lane & 1) == 0) ((i16*)(ob + 4))[lane >> 1] = (i16)s;\n    }}\n",
-            blocks = k / 256
+            blocks = k / 256,
+            block_bytes = act.block_bytes(),
+            codes_at = act.codes_at(),
         ),
         ActFormat::I8Row => format!(
             "    // BitNet's per-token int8: d = max|x| / 127 over the row, q = round(x * 127 / max|x|), ties to even.\n    \

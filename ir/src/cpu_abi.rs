@@ -116,8 +116,10 @@ impl fmt::Display for CpuFunction {
 }
 
 /// Quantized activations as the CPU kernels read them: per block, the f32 scale `d`, then per group of 16 values
-/// the sum of their codes (i16) — what formats with an offset or a minimum need — then the i8 codes. The codes
-/// are exactly ggml's, so a dot product with them is the reference `matmul`'s.
+/// the sum of their codes (i16) — what formats with an offset or a minimum need — then the i8 codes; Q8_0 blocks
+/// end with `d * sum(codes)` as f32 (ggml's Q8_1 `s`), the factor of a weight block's minimum, computed once per
+/// token rather than once per row group. The codes are exactly ggml's, so a dot product with them is the
+/// reference `matmul`'s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ActFormat {
     /// Blocks of 32 with ggml's Q8_0 rounding (Q8_1 has the same codes).
@@ -190,10 +192,16 @@ impl ActFormat {
         Self::SUMS_AT + 2 * (self.block_elems() / 16)
     }
 
+    /// Byte offset of the f32 `d * sum(codes)` inside a block, for the format that keeps it (Q8_0).
+    pub fn scaled_sum_at(self) -> Option<usize> {
+        (self == ActFormat::Q8_0).then(|| self.codes_at() + self.block_elems())
+    }
+
     pub fn block_bytes(self) -> usize {
-        match self {
-            ActFormat::F32 { .. } => 4,
-            _ => self.codes_at() + self.block_elems(),
+        match (self, self.scaled_sum_at()) {
+            (ActFormat::F32 { .. }, _) => 4,
+            (_, Some(at)) => at + 4,
+            (_, None) => self.codes_at() + self.block_elems(),
         }
     }
 
