@@ -155,17 +155,12 @@ impl Layout {
         self.place(format, r, b, per_row).load(stored, dst);
     }
 
-    /// Index, among stored blocks (group blocks in a grouped layout), of block `b` of row `r`'s group (`per_row`
-    /// blocks per row); the row's block is `r % interleave` blocks further in layouts that keep blocks whole.
-    pub fn group_block_index(self, r: usize, b: usize, per_row: usize) -> usize {
-        (r / self.interleave) * per_row + b
-    }
-
     /// Where row `r`'s block `b` lies in a stored weight.
     fn place(self, format: QuantFormat, r: usize, b: usize, per_row: usize) -> BlockPlace {
         let fields = f16_fields(format);
-        let lane = r % self.interleave;
-        let group = self.group_block_index(r, b, per_row) * self.interleave;
+        let (group, lane) = (r / self.interleave, r % self.interleave);
+        // Where the group's block `b` starts, in blocks: every earlier group block holds `interleave` rows' blocks.
+        let group = (group * per_row + b) * self.interleave;
         let stored = self.block_bytes(format);
         let at = (group + lane) * stored;
         let (field_at, field_stride, others_at) = match self.scales {
