@@ -23,7 +23,7 @@ const ROWS: usize = 4096;
 const K: usize = 2048;
 
 /// The layout `kiln compile` gives matmul weights of a CPU plan, rows interleaved by 4: the 32-value block formats'
-/// f16 scales grouped, other formats' widened to f32 (floats stay as GGUF has them).
+/// f32 scales grouped, other formats' at each block's front (floats stay as GGUF has them).
 fn plan_layout(format: QuantFormat) -> Layout {
     let scales = if format.is_float() {
         return Layout::GGUF;

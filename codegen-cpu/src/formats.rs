@@ -199,9 +199,15 @@ impl Block32 {
         1 + usize::from(self.min)
     }
 
-    /// Where row `lane`'s codes start in a grouped layout's group block: after the four rows' f32 fields.
+    /// Where field `k` of the group's first row lies in a grouped layout's group block: each field is four f32,
+    /// one per row.
+    fn grouped_field_at(k: usize) -> usize {
+        4 * GROUP * k
+    }
+
+    /// Where row `lane`'s codes start in a grouped layout's group block: after the four rows' fields.
     fn grouped_codes_at(&self, lane: usize) -> usize {
-        4 * GROUP * self.fields() + lane * self.codes_bytes
+        Self::grouped_field_at(self.fields()) + lane * self.codes_bytes
     }
 
     /// Whether the format has a code offset rather than a minimum (Q4_0, Q5_0, Q8_0). Its blocks then sum whole
@@ -439,7 +445,7 @@ impl Grouped for Block32 {
             values.extend(self.codes(kb, group, self.grouped_codes_at(lane), offset_codes));
         }
         for k in 0..self.fields() {
-            values.push(kb.load(F32X4, group, 4 * GROUP * k));
+            values.push(kb.load(F32X4, group, Self::grouped_field_at(k)));
         }
         Some(values)
     }
@@ -499,7 +505,7 @@ impl Dequantize for Block32 {
             let at = kb.offset(group, lane, 4);
             let fields: Vec<Value> = (0..self.fields())
                 .map(|k| {
-                    let field = kb.load(F32, at, 4 * GROUP * k);
+                    let field = kb.load(F32, at, Self::grouped_field_at(k));
                     kb.b.ins().splat(F32X4, field)
                 })
                 .collect();

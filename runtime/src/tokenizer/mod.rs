@@ -36,7 +36,6 @@ enum Model {
 pub struct Tokenizer {
     spec: TokenizerSpec,
     token_id: HashMap<String, u32>,
-    /// Control, user-defined and unknown tokens, matched whole in text; grouped by first byte, longest first.
     /// The special tokens' texts (control, user-defined, unknown), matched leftmost-longest; pattern `i` is
     /// token `special_ids[i]`.
     specials: Option<AhoCorasick>,
