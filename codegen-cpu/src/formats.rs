@@ -12,7 +12,7 @@ use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32X4, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Type, Value};
 use cranelift_frontend::Variable;
 use kiln_ir::cpu_abi::ActFormat;
-use kiln_ir::layout::{f16_fields, Layout, Scales};
+use kiln_ir::layout::{f16_fields, GroupBlock, Layout, Scales};
 use kiln_ir::QuantFormat;
 
 /// A row's running sum, as a vector reduced across its lanes at the end.
@@ -137,7 +137,7 @@ pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot
                 Scales::Grouped => layout.interleave == GROUP,
                 Scales::Gguf => false,
             };
-            generated.then(|| Box::new(Block32::of(format, layout.scales)) as Box<dyn BlockDot>)
+            generated.then(|| Box::new(Block32::of(format, layout)) as Box<dyn BlockDot>)
         }
         F::Q4_K | F::Q5_K | F::Q6_K | F::TQ2_0 | F::TQ1_0 => widened(Box::new(KQuant::of(format))),
         F::I2_S | F::TL1 | F::TL2 if layout.scales == Scales::Gguf => {
@@ -155,59 +155,64 @@ const GROUP: usize = 4;
 /// Their f16 fields are stored widened to f32, at each block's front (`Scales::F32`) or gathered at the front of
 /// four rows' group block (`Scales::Grouped`). Grouped, each field of the four rows is one vector load, where per
 /// block it took a load per row and lane inserts (or a load, multiply and broadcast per row), and a group block
-/// reads as one grouped entry (`Grouped::load_group`).
+/// reads as one grouped entry (`Grouped::load_group`). Grouped, Q5_0's and Q5_1's fifth bits are the group's bit
+/// planes: one load, then a shift and a mask per 16 codes, where a row's own 32 bits took a shuffle, a compare and
+/// two masks per 16 codes.
 struct Block32 {
     /// Whether the format has a minimum (Q4_1, Q5_1), its second f16 field; without one, the offset is a fixed
     /// multiple of `d`.
     min: bool,
     /// The code offset (`w = d * (code - offset)`) for formats without a minimum.
     offset: f32,
-    /// Byte offset of the 32 high bits (Q5_0, Q5_1) among a row's codes (a block's bytes after its f16 fields).
+    /// Whether codes have a fifth bit (Q5_0, Q5_1).
+    fifth_bits: bool,
+    /// Byte offset of a row's own 32 fifth bits among its codes (a block's bytes after its f16 fields), where the
+    /// layout keeps them with the row.
     qh_at: Option<usize>,
     /// Byte offset of the low 4 bits (or Q8_0's bytes) among a row's codes.
     qs_at: usize,
     /// Q8_0: 32 signed bytes, not 16 bytes of nibbles.
     bytes: bool,
-    /// A row's bytes of codes in a block.
+    /// A row's bytes of codes in a block (in a grouped layout, apart from the group's bit planes).
     codes_bytes: usize,
-    grouped_scales: bool,
+    /// Bytes of a stored block (in a grouped layout, a group block's share per row).
+    block_bytes: usize,
+    /// Where a grouped layout's group block keeps its parts.
+    group: Option<GroupBlock>,
 }
 
 impl Block32 {
-    fn of(format: QuantFormat, scales: Scales) -> Self {
-        let (min, offset, qh_at, qs_at, bytes) = match format {
-            QuantFormat::Q4_0 => (false, 8.0, None, 0, false),
-            QuantFormat::Q4_1 => (true, 0.0, None, 0, false),
-            QuantFormat::Q5_0 => (false, 16.0, Some(0), 4, false),
-            QuantFormat::Q5_1 => (true, 0.0, Some(0), 4, false),
-            QuantFormat::Q8_0 => (false, 128.0, None, 0, true),
+    fn of(format: QuantFormat, layout: Layout) -> Self {
+        let (min, offset, fifth_bits, bytes) = match format {
+            QuantFormat::Q4_0 => (false, 8.0, false, false),
+            QuantFormat::Q4_1 => (true, 0.0, false, false),
+            QuantFormat::Q5_0 => (false, 16.0, true, false),
+            QuantFormat::Q5_1 => (true, 0.0, true, false),
+            QuantFormat::Q8_0 => (false, 128.0, false, true),
             _ => unreachable!("not a 32-block format"),
         };
+        let group = layout.group_block(format);
+        // The row's own fifth bits come first among its codes, unless the group keeps them as planes.
+        let own_qh = fifth_bits && group.is_none();
         Block32 {
             min,
             offset,
-            qh_at,
-            qs_at,
+            fifth_bits,
+            qh_at: own_qh.then_some(0),
+            qs_at: if own_qh { 4 } else { 0 },
             bytes,
-            codes_bytes: format.block_bytes() - 2 * f16_fields(format).len(),
-            grouped_scales: scales == Scales::Grouped,
+            codes_bytes: match group {
+                Some(group) => group.others(),
+                None => format.block_bytes() - 2 * f16_fields(format).len(),
+            },
+            block_bytes: layout.block_bytes(format),
+            group,
         }
     }
 
     /// The fields per block (f16 in GGUF, f32 stored): the scale, and the minimum where there is one.
     fn fields(&self) -> usize {
         1 + usize::from(self.min)
-    }
-
-    /// Where field `k` of the group's first row lies in a grouped layout's group block: each field is four f32,
-    /// one per row.
-    fn grouped_field_at(k: usize) -> usize {
-        4 * GROUP * k
-    }
-
-    /// Where row `lane`'s codes start in a grouped layout's group block: after the four rows' fields.
-    fn grouped_codes_at(&self, lane: usize) -> usize {
-        Self::grouped_field_at(self.fields()) + lane * self.codes_bytes
     }
 
     /// Whether the format has a code offset rather than a minimum (Q4_0, Q5_0, Q8_0). Its blocks then sum whole
@@ -255,6 +260,43 @@ impl Block32 {
         [lo, hi]
     }
 
+    /// ORs row `lane`'s fifth bits from the group's bit planes (`planes`, as loaded) into its two code vectors.
+    fn add_plane_bits(
+        &self,
+        kb: &mut Kb,
+        planes: Value,
+        lane: usize,
+        codes: [Value; 2],
+    ) -> [Value; 2] {
+        let (_, bit) =
+            (self.group.and_then(|group| group.planes_at(lane))).expect("grouped fifth bits");
+        let planes = kb.bitcast(I16X8, planes);
+        [0, 1].map(|half| {
+            let high = plane_bit(kb, planes, bit + half);
+            kb.b.ins().bor(codes[usize::from(half)], high)
+        })
+    }
+
+    /// `add_plane_bits` for a row `lane` known only at run time (an embedding lookup's), from the planes at
+    /// `group + at`.
+    fn lane_plane_bits(
+        &self,
+        kb: &mut Kb,
+        group: Value,
+        at: usize,
+        lane: Value,
+        codes: [Value; 2],
+    ) -> [Value; 2] {
+        let planes = kb.load(I16X8, group, at);
+        // The row's two planes moved to bits 0 and 1 (`planes_at`: row `lane`'s first plane is bit `2 * lane`).
+        let first = kb.b.ins().ishl_imm_s(lane, 1);
+        let planes = kb.b.ins().ushr(planes, first);
+        [0, 1].map(|half| {
+            let high = plane_bit(kb, planes, half);
+            kb.b.ins().bor(codes[usize::from(half)], high)
+        })
+    }
+
     /// `unpack`'s values of a block with widened scales at `w`.
     fn unpack_widened(&self, kb: &mut Kb, w: Value, offset_codes: bool) -> Vec<Value> {
         let [lo, hi] = self.codes(kb, w, 4 * self.fields(), offset_codes);
@@ -274,10 +316,10 @@ impl Block32 {
         if self.signed_codes(kb) {
             return ([kb.signed_pair(c0, lo), kb.signed_pair(c1, hi)], 128);
         }
-        let max_code = match (self.bytes, self.qh_at) {
+        let max_code = match (self.bytes, self.fifth_bits) {
             (true, _) => u8::MAX,
-            (false, Some(_)) => 31,
-            (false, None) => 15,
+            (false, true) => 31,
+            (false, false) => 15,
         };
         ([(c0, lo), (c1, hi)], max_code)
     }
@@ -312,6 +354,19 @@ impl Block32 {
     }
 }
 
+/// Bit `bit` (below 8) of every byte of the bit planes `planes` (an i16x8) as that byte's 0x10. A 16-bit shift
+/// moves bits across bytes only into bits the mask clears.
+fn plane_bit(kb: &mut Kb, planes: Value, bit: u8) -> Value {
+    let shifted = match bit.cmp(&4) {
+        std::cmp::Ordering::Less => kb.b.ins().ishl_imm_s(planes, i64::from(4 - bit)),
+        std::cmp::Ordering::Equal => planes,
+        std::cmp::Ordering::Greater => kb.b.ins().ushr_imm_s(planes, i64::from(bit - 4)),
+    };
+    let shifted = kb.bitcast(I8X16, shifted);
+    let high = kb.i8x16(0x10);
+    kb.b.ins().band(shifted, high)
+}
+
 /// The 16 bits of bytes `at` and `at + 1` of the vector `bytes` as 16 byte lanes: 0xFF where the bit is set.
 /// The bits come in a vector load that covers them, not a scalar load: broadcasting a scalar costs a move and a
 /// broadcast per use, where the `pshufb` that spreads the bits picks them from any byte of a vector.
@@ -335,7 +390,7 @@ impl BlockDot for Block32 {
     }
 
     fn block_bytes(&self) -> usize {
-        4 * self.fields() + self.codes_bytes
+        self.block_bytes
     }
 
     /// `[dx, codes 0..16, codes 16..32]`, then a fourth value: with a minimum, its factor `dx * sum(qx)` (the
@@ -375,7 +430,7 @@ impl BlockDot for Block32 {
     /// at a time (`load_group`), never row by row: they make the format `groups_stored_rows`.
     fn unpack(&self, kb: &mut Kb, w: Value) -> Vec<Value> {
         assert!(
-            !self.grouped_scales,
+            self.group.is_none(),
             "a row of a grouped block unpacked alone"
         );
         let offset_codes = !self.signed_codes(kb);
@@ -431,21 +486,25 @@ impl Grouped for Block32 {
     }
 
     fn groups_stored_rows(&self) -> bool {
-        self.totals() || self.grouped_scales
+        self.totals() || self.group.is_some()
     }
 
-    /// A grouped layout's group block: each row's codes, then each field of the four rows in one load.
+    /// A grouped layout's group block: each row's codes (with its fifth bits from the group's planes), then each
+    /// field of the four rows in one load.
     fn load_group(&self, kb: &mut Kb, group: Value) -> Option<Vec<Value>> {
-        if !self.grouped_scales {
-            return None;
-        }
+        let block = self.group?;
         let offset_codes = !self.signed_codes(kb);
+        let planes = (block.planes_at(0)).map(|(at, _)| kb.load(I8X16, group, at));
         let mut values = Vec::with_capacity(GROUP * 2 + self.fields());
         for lane in 0..GROUP {
-            values.extend(self.codes(kb, group, self.grouped_codes_at(lane), offset_codes));
+            let codes = self.codes(kb, group, block.others_at(lane), offset_codes);
+            values.extend(match planes {
+                Some(planes) => self.add_plane_bits(kb, planes, lane, codes),
+                None => codes,
+            });
         }
         for k in 0..self.fields() {
-            values.push(kb.load(F32X4, group, Self::grouped_field_at(k)));
+            values.push(kb.load(F32X4, group, block.field_at(k, 0)));
         }
         Some(values)
     }
@@ -499,13 +558,16 @@ impl Dequantize for Block32 {
     /// `d * (code - offset)`, or `d * code + m` (multiply, then add), from the unpacked codes: each code widened
     /// to an i32 lane, the offset taken off in integers, converted exactly.
     fn dequantize(&self, kb: &mut Kb, group: Value, lane: Value) -> Vec<Value> {
-        let (codes, fields) = if self.grouped_scales {
+        let (codes, fields) = if let Some(block) = self.group {
             let row = kb.offset(group, lane, self.codes_bytes);
-            let codes = self.codes(kb, row, self.grouped_codes_at(0), true);
+            let mut codes = self.codes(kb, row, block.others_at(0), true);
+            if let Some((at, _)) = block.planes_at(0) {
+                codes = self.lane_plane_bits(kb, group, at, lane, codes);
+            }
             let at = kb.offset(group, lane, 4);
             let fields: Vec<Value> = (0..self.fields())
                 .map(|k| {
-                    let field = kb.load(F32, at, Self::grouped_field_at(k));
+                    let field = kb.load(F32, at, block.field_at(k, 0));
                     kb.b.ins().splat(F32X4, field)
                 })
                 .collect();

@@ -7,7 +7,9 @@
 //!   half-precision conversion, and moved either to the block's front (`Scales::F32`: `[f32 per f16 field, in
 //!   order][the block's other bytes, in order]`) or, for interleaved rows, to the front of the row group's block
 //!   (`Scales::Grouped`: a group block holds field 0 of each row, field 1 of each row, ..., then each row's other
-//!   bytes, row by row), where one vector load gives a kernel the group's scales.
+//!   bytes, row by row), where one vector load gives a kernel the group's scales. Grouped, the fifth bits of Q5_0
+//!   and Q5_1 leave the rows too: the group's are bit planes after the fields (`GroupBlock`), so that one vector
+//!   load and a shift per 16 codes spread them, where each row's 32 bits took a shuffle, a compare and two masks.
 //!
 //! Every layout is lossless: f16 to f32 is exact, so a repacked block narrows back to the original bytes, and the
 //! reference dequantizer reads it through that.
@@ -75,6 +77,57 @@ pub fn f16_fields(format: QuantFormat) -> &'static [usize] {
     }
 }
 
+/// Byte offset of the 32 fifth bits (`qh`) inside a GGUF block, for the formats that have them.
+pub fn high_bits(format: QuantFormat) -> Option<usize> {
+    match format {
+        QuantFormat::Q5_0 => Some(2),
+        QuantFormat::Q5_1 => Some(4),
+        _ => None,
+    }
+}
+
+/// Rows whose fifth bits share one 16-byte vector of bit planes in a grouped layout: two planes per row, one per
+/// half of its 32 codes.
+pub const PLANE_ROWS: usize = 4;
+
+/// Where a grouped layout's group block keeps each part, in bytes from the block's start: first each f16 field of
+/// every row, widened (field `k` of row `lane` at `field_at(k, lane)`); then, for formats with fifth bits, the
+/// rows' bit planes, 16 bytes per `PLANE_ROWS` rows, where bit `2 * (lane % 4)` of byte `i` is row `lane`'s fifth
+/// bit of code `i` and the next bit that of code `16 + i`; then each row's other bytes, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupBlock {
+    interleave: usize,
+    fields: usize,
+    planes: bool,
+    others: usize,
+}
+
+impl GroupBlock {
+    /// Where field `k` of row `lane` lies.
+    pub fn field_at(&self, k: usize, lane: usize) -> usize {
+        4 * (k * self.interleave + lane)
+    }
+
+    /// Where row `lane`'s bit planes lie and its first plane's bit, for formats with fifth bits.
+    pub fn planes_at(&self, lane: usize) -> Option<(usize, u8)> {
+        self.planes.then(|| {
+            let vector = self.field_at(self.fields, 0) + 16 * (lane / PLANE_ROWS);
+            (vector, 2 * (lane % PLANE_ROWS) as u8)
+        })
+    }
+
+    /// Where row `lane`'s other bytes start.
+    pub fn others_at(&self, lane: usize) -> usize {
+        let planes = if self.planes { 4 * self.interleave } else { 0 };
+        self.field_at(self.fields, 0) + planes + lane * self.others
+    }
+
+    /// Bytes of a row's other bytes.
+    pub fn others(&self) -> usize {
+        self.others
+    }
+}
+
 /// The largest block of any format (Q8_K), for stack buffers.
 pub const MAX_BLOCK_BYTES: usize = 292;
 
@@ -115,7 +168,11 @@ impl Layout {
         let scales_ok = match self.scales {
             Scales::Gguf => true,
             Scales::F32 => has_fields,
-            Scales::Grouped => has_fields && self.interleave > 1,
+            Scales::Grouped => {
+                let planes_fit =
+                    high_bits(format).is_none() || self.interleave.is_multiple_of(PLANE_ROWS);
+                has_fields && self.interleave > 1 && planes_fit
+            }
         };
         let rows = if shape.len() == 2 { shape[0] } else { 1 };
         scales_ok
@@ -155,6 +212,20 @@ impl Layout {
         self.place(format, r, b, per_row).load(stored, dst);
     }
 
+    /// Where a group block of `format` keeps each part, in a grouped layout.
+    pub fn group_block(self, format: QuantFormat) -> Option<GroupBlock> {
+        (self.scales == Scales::Grouped).then(|| {
+            let fields = f16_fields(format).len();
+            let planes = high_bits(format).is_some();
+            GroupBlock {
+                interleave: self.interleave,
+                fields,
+                planes,
+                others: format.block_bytes() - 2 * fields - if planes { 4 } else { 0 },
+            }
+        })
+    }
+
     /// Where row `r`'s block `b` lies in a stored weight.
     fn place(self, format: QuantFormat, r: usize, b: usize, per_row: usize) -> BlockPlace {
         let fields = f16_fields(format);
@@ -163,39 +234,47 @@ impl Layout {
         let group = (group * per_row + b) * self.interleave;
         let stored = self.block_bytes(format);
         let at = (group + lane) * stored;
-        let (field_at, field_stride, others_at) = match self.scales {
-            Scales::Gguf => (at, 0, at),
-            Scales::F32 => (at, 4, at + 4 * fields.len()),
-            Scales::Grouped => {
-                let group_at = group * stored;
-                let front = 4 * fields.len() * self.interleave;
-                let others = format.block_bytes() - 2 * fields.len();
-                (
-                    group_at + 4 * lane,
-                    4 * self.interleave,
-                    group_at + front + lane * others,
-                )
-            }
-        };
-        BlockPlace {
+        let mut place = BlockPlace {
             fields,
             block_bytes: format.block_bytes(),
-            field_at,
-            field_stride,
-            others_at,
-            inline: self.scales == Scales::Gguf,
+            field_at: at,
+            field_stride: 4,
+            others_at: at + 4 * fields.len(),
+            planes: None,
+            inline: false,
+        };
+        match self.scales {
+            Scales::Gguf => {
+                place.others_at = at;
+                place.inline = true;
+            }
+            Scales::F32 => {}
+            Scales::Grouped => {
+                let block = self.group_block(format).expect("a grouped layout");
+                let group_at = group * stored;
+                place.field_at = group_at + block.field_at(0, lane);
+                place.field_stride = block.field_at(1, lane) - block.field_at(0, lane);
+                place.others_at = group_at + block.others_at(lane);
+                place.planes = (block.planes_at(lane).zip(high_bits(format)))
+                    .map(|((planes, bit), qh)| (qh, group_at + planes, bit));
+            }
         }
+        place
     }
 }
 
 /// Where one block's bytes lie in a stored weight: the GGUF block whole at `others_at` (`inline`), or its f16
-/// fields widened to f32 (`field_stride` apart from `field_at`) and its other bytes, in order, from `others_at`.
+/// fields widened to f32 (`field_stride` apart from `field_at`), its fifth bits in bit planes where `planes` says,
+/// and its other bytes, in order, from `others_at`.
 struct BlockPlace {
     fields: &'static [usize],
     block_bytes: usize,
     field_at: usize,
     field_stride: usize,
     others_at: usize,
+    /// The fifth bits' offset in the GGUF block, their planes' offset in the stored weight, and the first plane's
+    /// bit (the second half's is the next).
+    planes: Option<(usize, usize, u8)>,
     inline: bool,
 }
 
@@ -211,8 +290,11 @@ impl BlockPlace {
         if self.inline {
             return vec![(0, self.others_at, self.block_bytes)];
         }
+        let mut moved: Vec<(usize, usize)> = self.fields.iter().map(|&f| (f, 2)).collect();
+        moved.extend(self.planes.map(|(qh, _, _)| (qh, 4)));
+        moved.sort_unstable();
         let mut at = self.others_at;
-        other_bytes(self.fields, self.block_bytes)
+        other_bytes(&moved, self.block_bytes)
             .map(|(start, end)| {
                 at += end - start;
                 (start, at - (end - start), end - start)
@@ -220,7 +302,7 @@ impl BlockPlace {
             .collect()
     }
 
-    /// Writes the GGUF block `gguf` into the stored weight `out`.
+    /// Writes the GGUF block `gguf` into the stored weight `out`, whose bit planes start cleared.
     fn store(&self, gguf: &[u8], out: &mut [u8]) {
         for (from, to) in self.field_pieces() {
             let value = f16::from_le_bytes([gguf[from], gguf[from + 1]]).to_f32();
@@ -228,6 +310,12 @@ impl BlockPlace {
         }
         for (from, to, n) in self.other_pieces() {
             out[to..to + n].copy_from_slice(&gguf[from..from + n]);
+        }
+        if let Some((qh, planes, bit)) = self.planes {
+            let bits = u32::from_le_bytes(gguf[qh..qh + 4].try_into().expect("4 bytes"));
+            for code in (0..32).filter(|code| bits >> code & 1 == 1) {
+                out[planes + code % 16] |= 1 << (bit + (code / 16) as u8);
+            }
         }
     }
 
@@ -240,12 +328,24 @@ impl BlockPlace {
         for (to, from, n) in self.other_pieces() {
             dst[to..to + n].copy_from_slice(&stored[from..from + n]);
         }
+        if let Some((qh, planes, bit)) = self.planes {
+            let bits = (0..32)
+                .filter(|code| stored[planes + code % 16] >> (bit + (code / 16) as u8) & 1 == 1)
+                .fold(0u32, |bits, code| bits | 1 << code);
+            dst[qh..qh + 4].copy_from_slice(&bits.to_le_bytes());
+        }
     }
 }
 
-/// The byte ranges of a block outside its f16 fields (which are sorted and 2 bytes each), in order.
-fn other_bytes(fields: &[usize], block_bytes: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-    let starts = std::iter::once(0).chain(fields.iter().map(|f| f + 2));
-    let ends = fields.iter().copied().chain(std::iter::once(block_bytes));
+/// The byte ranges of a block outside the `moved` ones (`(start, length)`, sorted), in order.
+fn other_bytes(
+    moved: &[(usize, usize)],
+    block_bytes: usize,
+) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let starts = std::iter::once(0).chain(moved.iter().map(|(at, n)| at + n));
+    let ends = moved
+        .iter()
+        .map(|&(at, _)| at)
+        .chain(std::iter::once(block_bytes));
     starts.zip(ends).filter(|(s, e)| s < e)
 }

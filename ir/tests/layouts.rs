@@ -50,8 +50,13 @@ fn repacked_rows_dequantize_exactly_as_gguf_rows() {
         };
         for layout in layouts {
             if !layout.fits(format, &shape) {
+                let no_fields = kiln_ir::layout::f16_fields(format).is_empty();
+                let planes_split = kiln_ir::layout::high_bits(format).is_some()
+                    && !layout
+                        .interleave
+                        .is_multiple_of(kiln_ir::layout::PLANE_ROWS);
                 assert!(
-                    layout.scales != Scales::Gguf && kiln_ir::layout::f16_fields(format).is_empty(),
+                    layout.scales != Scales::Gguf && (no_fields || planes_split),
                     "{format} {layout}"
                 );
                 continue;
@@ -155,4 +160,68 @@ fn grouped_block_puts_the_rows_f32_scales_first() {
         !per_row.fits(QuantFormat::Q4_1, &[4, 32]),
         "grouped scales need a row group"
     );
+}
+
+#[test]
+fn grouped_block_keeps_the_rows_fifth_bits_as_bit_planes() {
+    // Four rows of one Q5_0 block each: row r has d = r + 1, fifth bits qh = 1 << (8 r + 3) | 1 << (16 + r)
+    // (code 8r + 3 of the first half or code 16 + r of the second), and low codes all r.
+    let qh = |r: u32| 1u32 << (8 * r + 3) | 1 << (16 + r);
+    let block = |r: u8| {
+        let mut b = half::f16::from_f32(f32::from(r) + 1.0)
+            .to_le_bytes()
+            .to_vec();
+        b.extend(qh(u32::from(r)).to_le_bytes());
+        b.extend([r * 0x11; 16]);
+        b
+    };
+    let gguf: Vec<u8> = (0..4).flat_map(block).collect();
+    let layout = Layout {
+        scales: Scales::Grouped,
+        interleave: 4,
+    };
+    let stored = layout.repack(QuantFormat::Q5_0, &[4, 32], &gguf);
+    assert_eq!(
+        stored.len(),
+        4 * 24,
+        "as many bytes as per-block f32 scales"
+    );
+    let group = layout.group_block(QuantFormat::Q5_0).expect("grouped");
+    let (planes, _) = group.planes_at(0).expect("Q5_0 has fifth bits");
+    assert_eq!(planes, 16, "the planes follow the four scales");
+    for r in 0..4usize {
+        assert_eq!(group.planes_at(r), Some((16, 2 * r as u8)));
+        let at = group.field_at(0, r);
+        assert_eq!(&stored[at..at + 4], &(r as f32 + 1.0).to_le_bytes());
+        let codes = group.others_at(r);
+        assert_eq!(codes, 32 + 16 * r, "row {r}'s low codes after the planes");
+        assert_eq!(&stored[codes..codes + 16], &[r as u8 * 0x11; 16]);
+    }
+    // Byte i of the planes: bit 2r for row r's code i, bit 2r + 1 for its code 16 + i.
+    for i in 0..16usize {
+        let want = (0..4u32)
+            .map(|r| {
+                let first = u8::from(qh(r) >> i & 1 == 1) << (2 * r);
+                let second = u8::from(qh(r) >> (16 + i) & 1 == 1) << (2 * r + 1);
+                first | second
+            })
+            .fold(0, |a, b| a | b);
+        assert_eq!(stored[planes + i], want, "plane byte {i}");
+    }
+    // Code 3 (row 0), code 19 (row 2: 8r + 3; row 3: 16 + r).
+    assert_eq!(stored[planes + 3], 0b1010_0001);
+    let mut restored = vec![0u8; QuantFormat::Q5_0.block_bytes()];
+    for r in 0..4 {
+        layout.read_block(QuantFormat::Q5_0, &stored, r, 0, 1, &mut restored);
+        assert_eq!(restored, block(r as u8), "row {r} restored");
+    }
+    let pairs = Layout {
+        scales: Scales::Grouped,
+        interleave: 2,
+    };
+    assert!(
+        !pairs.fits(QuantFormat::Q5_0, &[4, 32]),
+        "a plane vector holds four rows"
+    );
+    assert!(pairs.fits(QuantFormat::Q4_0, &[4, 32]));
 }
