@@ -121,7 +121,7 @@ fn attention(c: &mut Criterion) {
                             k: k.as_ptr(),
                             v: v.as_ptr(),
                             pages: pages.as_ptr(),
-                            width: head_dim as u64,
+                            page_stride: (KV_PAGE * head_dim) as u64,
                             kv_offset: 0,
                             first: 0,
                             last: POSITIONS as u64 - 1,

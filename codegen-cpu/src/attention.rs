@@ -1,7 +1,8 @@
 //! Attention of the query heads that share one KV head (a GQA group, or a single head) over their sequence's
 //! cached keys and values: for each head, the scores `q . k_j * scale` of the positions `first..=last`, their
 //! softmax, and the weighted sum of the values. Cached positions live in pages of `KV_PAGE`, found through the
-//! sequence's page table.
+//! sequence's page table; a page keeps each KV head's rows together (`AttentionArgs`), so the group's rows are
+//! one run of memory per page.
 //!
 //! The group's heads read each key and value row once between them. Attention streams the cache: 512 positions
 //! of a 256-wide head are 512 KiB of keys and as much of values, past this machine's L2, and a call per head
@@ -53,21 +54,22 @@ fn head_tiles(group: usize) -> Vec<Range<usize>> {
 
 struct Cache {
     pages: Value,
-    width: Value,
+    page_stride: Value,
     kv_offset: Value,
+    head_dim: usize,
 }
 
 impl Cache {
-    /// The address of position `j`'s head in the pool at `base`.
+    /// The address of position `j`'s head in the pool at `base` (`AttentionArgs`' layout).
     fn row(&self, kb: &mut Kb, base: Value, j: Value) -> Value {
         let page_index = kb.b.ins().ushr_imm_s(j, KV_PAGE.trailing_zeros() as i64);
         let entry = kb.offset(self.pages, page_index, 4);
         let page = kb.b.ins().uload32(crate::builder::input(), entry, 0);
+        let page = kb.b.ins().imul(page, self.page_stride);
+        let head = kb.b.ins().iadd(page, self.kv_offset);
         let in_page = kb.b.ins().band_imm_s(j, KV_PAGE as i64 - 1);
-        let slot = kb.b.ins().imul_imm_s(page, KV_PAGE as i64);
-        let slot = kb.b.ins().iadd(slot, in_page);
-        let at = kb.b.ins().imul(slot, self.width);
-        let at = kb.b.ins().iadd(at, self.kv_offset);
+        let row = kb.b.ins().imul_imm_s(in_page, self.head_dim as i64);
+        let at = kb.b.ins().iadd(head, row);
         kb.offset(base, at, 4)
     }
 }
@@ -94,7 +96,7 @@ struct Args {
 }
 
 impl Args {
-    fn load(kb: &mut Kb) -> Self {
+    fn load(kb: &mut Kb, head_dim: usize) -> Self {
         let first = kb.arg(arg::FIRST, I64);
         let last = kb.arg(arg::LAST, I64);
         let end = kb.b.ins().iadd_imm_s(last, 1);
@@ -104,8 +106,9 @@ impl Args {
             v: kb.arg(arg::V, I64),
             cache: Cache {
                 pages: kb.arg(arg::PAGES, I64),
-                width: kb.arg(arg::WIDTH, I64),
+                page_stride: kb.arg(arg::PAGE_STRIDE, I64),
                 kv_offset: kb.arg(arg::KV_OFFSET, I64),
+                head_dim,
             },
             first,
             end,
@@ -128,7 +131,7 @@ impl Args {
 pub fn build(func: &mut Function, target: Target, head_dim: usize, group: usize) {
     debug_assert!(supports(head_dim, group), "`generate` refuses other shapes");
     Kb::build(func, target, |kb| {
-        let a = Args::load(kb);
+        let a = Args::load(kb, head_dim);
         // Each head's maximum score, then the reciprocal of its softmax total: kept in memory, since Cranelift
         // would recompute a value carried into a loop (a division, for the reciprocal) at every iteration.
         let per_head = kb.b.create_sized_stack_slot(StackSlotData::new(

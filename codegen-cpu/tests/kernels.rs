@@ -422,7 +422,7 @@ fn attention_matches_the_reference_over_pages_and_windows() {
     use kiln_ir::cpu_abi::{AttentionArgs, KV_PAGE};
     let isa = host_isa().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    // Three KV heads per position; the queries read the middle one.
+    // Three KV heads per page, each head's rows together; the queries read the middle one.
     let (kv_heads, kv_head) = (3, 1);
     let pages: Vec<u32> = vec![4, 0, 3, 1, 2];
     let positions = pages.len() * KV_PAGE;
@@ -436,9 +436,9 @@ fn attention_matches_the_reference_over_pages_and_windows() {
         (256, 4),
     ] {
         let f = Loaded::new(&isa, CpuFunction::Attention { head_dim, group });
-        let width = kv_heads * head_dim;
+        let page_stride = KV_PAGE * kv_heads * head_dim;
         let pool = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
-            (0..positions * width)
+            (0..pages.len() * page_stride)
                 .map(|_| rng.gen_range(-1.0..1.0))
                 .collect()
         };
@@ -446,8 +446,9 @@ fn attention_matches_the_reference_over_pages_and_windows() {
         let q: Vec<f32> = (0..group * head_dim)
             .map(|_| rng.gen_range(-2.0..2.0))
             .collect();
+        let kv_offset = kv_head * KV_PAGE * head_dim;
         let at = |j: usize| {
-            (pages[j / KV_PAGE] as usize * KV_PAGE + j % KV_PAGE) * width + kv_head * head_dim
+            pages[j / KV_PAGE] as usize * page_stride + kv_offset + j % KV_PAGE * head_dim
         };
         for (first, last) in [
             (0, 0),
@@ -492,8 +493,8 @@ fn attention_matches_the_reference_over_pages_and_windows() {
                 k: k.as_ptr(),
                 v: v.as_ptr(),
                 pages: pages.as_ptr(),
-                width: width as u64,
-                kv_offset: (kv_head * head_dim) as u64,
+                page_stride: page_stride as u64,
+                kv_offset: kv_offset as u64,
                 first: first as u64,
                 last: last as u64,
                 out: out.as_mut_ptr(),

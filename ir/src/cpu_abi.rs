@@ -251,8 +251,9 @@ pub struct MatMulArgs {
     pub w2_scale: *const f32,
 }
 
-/// Position `j` of the sequence is at `k + ((pages[j / KV_PAGE] * KV_PAGE + j % KV_PAGE) * width + kv_offset)`
-/// (and likewise in `v`).
+/// Position `j` of the sequence is at `k + pages[j / KV_PAGE] * page_stride + kv_offset + (j % KV_PAGE) * head_dim`
+/// (and likewise in `v`): a page keeps each KV head's `KV_PAGE` rows together, head after head, so that a head's
+/// rows are one run of memory per page rather than every KV head's row interleaved position by position.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionArgs {
@@ -263,9 +264,9 @@ pub struct AttentionArgs {
     pub v: *const f32,
     /// The sequence's page table.
     pub pages: *const u32,
-    /// Values per cached position (all KV heads).
-    pub width: u64,
-    /// The KV head's first value within a position.
+    /// Values per page (every KV head's `KV_PAGE` rows).
+    pub page_stride: u64,
+    /// The KV head's first value within a page.
     pub kv_offset: u64,
     /// The positions attended: `first..=last`.
     pub first: u64,
@@ -361,7 +362,7 @@ pub mod offsets {
         pub const K: i32 = offset_of!(AttentionArgs, k) as i32;
         pub const V: i32 = offset_of!(AttentionArgs, v) as i32;
         pub const PAGES: i32 = offset_of!(AttentionArgs, pages) as i32;
-        pub const WIDTH: i32 = offset_of!(AttentionArgs, width) as i32;
+        pub const PAGE_STRIDE: i32 = offset_of!(AttentionArgs, page_stride) as i32;
         pub const KV_OFFSET: i32 = offset_of!(AttentionArgs, kv_offset) as i32;
         pub const FIRST: i32 = offset_of!(AttentionArgs, first) as i32;
         pub const LAST: i32 = offset_of!(AttentionArgs, last) as i32;

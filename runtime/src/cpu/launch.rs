@@ -922,7 +922,7 @@ fn attention(
     for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
         let k = &rows.k[t * rows.kv_stride + rows.k_at..][..kvw];
         let v = &rows.v[t * rows.kv_stride + rows.v_at..][..kvw];
-        kv.write(layer, slot, pos as usize, k, v)?;
+        kv.write(layer, slot, pos as usize, hd, k, v)?;
     }
     let kv = &*kv;
     let sequences: Vec<SeqKv> = slots.iter().map(|&slot| kv.sequence(layer, slot)).collect();
@@ -949,14 +949,14 @@ fn attention(
                 Some((f, heads)) => {
                     let first = s.first_attended(pos);
                     scores.resize(heads * (pos + 1 - first), 0.0);
-                    let (k, v, pages, width) = seq.raw();
+                    let (k, v, pages, page_stride) = seq.raw();
                     let args = AttentionArgs {
                         q: q.as_ptr(),
                         k,
                         v,
                         pages,
-                        width: width as u64,
-                        kv_offset: (kv_head * hd) as u64,
+                        page_stride: page_stride as u64,
+                        kv_offset: seq.head_offset(kv_head) as u64,
                         first: first as u64,
                         last: pos as u64,
                         out: o.as_mut_ptr(),

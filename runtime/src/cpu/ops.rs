@@ -122,10 +122,9 @@ pub fn attend(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = s.head_dim;
     let first = s.first_attended(pos);
     scores.clear();
-    scores.extend((first..=pos).map(|j| dot(q, &kv.key(j)[kv_head * hd..][..hd]) * s.scale));
+    scores.extend((first..=pos).map(|j| dot(q, kv.key(j, kv_head)) * s.scale));
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for sc in scores.iter_mut() {
@@ -135,7 +134,7 @@ pub fn attend(
     out.fill(0.0);
     let inv = 1.0 / sum;
     for (j, &p) in (first..=pos).zip(scores.iter()) {
-        axpy(out, p * inv, &kv.value(j)[kv_head * hd..][..hd]);
+        axpy(out, p * inv, kv.value(j, kv_head));
     }
 }
 
