@@ -5,7 +5,7 @@
 //! `w = d * code + m` gives `dot = d * dx * sum(code * qx) + m * dx * sum(qx)`.
 
 use crate::builder::{ByteDot, Kb};
-use crate::kquants::KQuant;
+use crate::kquants::{shift_bytes, KQuant};
 use crate::ternary_row::TernaryRow;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32X4, I8X16};
@@ -270,7 +270,6 @@ impl Block32 {
     ) -> [Value; 2] {
         let (_, bit) =
             (self.group.and_then(|group| group.planes_at(lane))).expect("grouped fifth bits");
-        let planes = kb.bitcast(I16X8, planes);
         [0, 1].map(|half| {
             let high = plane_bit(kb, planes, bit + half);
             kb.b.ins().bor(codes[usize::from(half)], high)
@@ -291,6 +290,7 @@ impl Block32 {
         // The row's two planes moved to bits 0 and 1 (`planes_at`: row `lane`'s first plane is bit `2 * lane`).
         let first = kb.b.ins().ishl_imm_s(lane, 1);
         let planes = kb.b.ins().ushr(planes, first);
+        let planes = kb.bitcast(I8X16, planes);
         [0, 1].map(|half| {
             let high = plane_bit(kb, planes, half);
             kb.b.ins().bor(codes[usize::from(half)], high)
@@ -354,17 +354,9 @@ impl Block32 {
     }
 }
 
-/// Bit `bit` (below 8) of every byte of the bit planes `planes` (an i16x8) as that byte's 0x10. A 16-bit shift
-/// moves bits across bytes only into bits the mask clears.
+/// Bit `bit` (below 8) of every byte of the bit planes `planes` as that byte's 0x10.
 fn plane_bit(kb: &mut Kb, planes: Value, bit: u8) -> Value {
-    let shifted = match bit.cmp(&4) {
-        std::cmp::Ordering::Less => kb.b.ins().ishl_imm_s(planes, i64::from(4 - bit)),
-        std::cmp::Ordering::Equal => planes,
-        std::cmp::Ordering::Greater => kb.b.ins().ushr_imm_s(planes, i64::from(bit - 4)),
-    };
-    let shifted = kb.bitcast(I8X16, shifted);
-    let high = kb.i8x16(0x10);
-    kb.b.ins().band(shifted, high)
+    shift_bytes(kb, planes, 4 - i64::from(bit), 0x10)
 }
 
 /// The 16 bits of bytes `at` and `at + 1` of the vector `bytes` as 16 byte lanes: 0xFF where the bit is set.

@@ -77,7 +77,8 @@ pub fn f16_fields(format: QuantFormat) -> &'static [usize] {
     }
 }
 
-/// Byte offset of the 32 fifth bits (`qh`) inside a GGUF block, for the formats that have them.
+/// Byte offset of the 32 fifth bits (`qh`) inside a GGUF block, for the formats that have them: right after the
+/// f16 fields.
 pub fn high_bits(format: QuantFormat) -> Option<usize> {
     match format {
         QuantFormat::Q5_0 => Some(2),
@@ -290,11 +291,11 @@ impl BlockPlace {
         if self.inline {
             return vec![(0, self.others_at, self.block_bytes)];
         }
-        let mut moved: Vec<(usize, usize)> = self.fields.iter().map(|&f| (f, 2)).collect();
-        moved.extend(self.planes.map(|(qh, _, _)| (qh, 4)));
-        moved.sort_unstable();
+        // The fifth bits follow the f16 fields in every format that has both (`high_bits`).
+        let moved =
+            (self.fields.iter().map(|&f| (f, 2))).chain(self.planes.map(|(qh, _, _)| (qh, 4)));
         let mut at = self.others_at;
-        other_bytes(&moved, self.block_bytes)
+        other_bytes(moved, self.block_bytes)
             .map(|(start, end)| {
                 at += end - start;
                 (start, at - (end - start), end - start)
@@ -339,13 +340,10 @@ impl BlockPlace {
 
 /// The byte ranges of a block outside the `moved` ones (`(start, length)`, sorted), in order.
 fn other_bytes(
-    moved: &[(usize, usize)],
+    moved: impl Iterator<Item = (usize, usize)> + Clone,
     block_bytes: usize,
-) -> impl Iterator<Item = (usize, usize)> + '_ {
-    let starts = std::iter::once(0).chain(moved.iter().map(|(at, n)| at + n));
-    let ends = moved
-        .iter()
-        .map(|&(at, _)| at)
-        .chain(std::iter::once(block_bytes));
+) -> impl Iterator<Item = (usize, usize)> {
+    let starts = std::iter::once(0).chain(moved.clone().map(|(at, n)| at + n));
+    let ends = moved.map(|(at, _)| at).chain(std::iter::once(block_bytes));
     starts.zip(ends).filter(|(s, e)| s < e)
 }
