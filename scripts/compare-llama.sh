@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side by side with llama.cpp: prefill (512 tokens) and decode (128 tokens) tok/s of one GGUF model under
 # llama-bench and of its kiln plan under `kiln bench`, both on 2 threads, in alternating rounds so that a busy
-# machine slows both alike. Prints each round, then the medians and kiln's ratios to llama.cpp.
+# machine slows both alike. Prints each round, then the medians and kiln's ratios to llama.cpp, and the spread of
+# the per-round ratios (each kiln round against the llama.cpp round just before it).
 #
 #   scripts/compare-llama.sh MODEL.gguf PLAN.kiln [ROUNDS]     (ROUNDS: default 5)
 #
@@ -68,4 +69,9 @@ rows = [list(map(float, line.split())) for line in open(sys.argv[1])]
 lp, ld, kp, kd = (statistics.median(col) for col in zip(*rows))
 print(f"median  llama.cpp prefill {lp:.1f} decode {ld:.1f} | kiln prefill {kp:.1f} decode {kd:.1f} tok/s")
 print(f"ratio (kiln / llama.cpp): prefill {kp / lp:.2f}x, decode {kd / ld:.2f}x over {len(rows)} rounds")
+for name, llama, ours in (("prefill", 0, 2), ("decode", 1, 3)):
+    ratios = sorted(row[ours] / row[llama] for row in rows)
+    faster = sum(r > 1 for r in ratios)
+    print(f"per-round {name} ratios: median {statistics.median(ratios):.2f}x, "
+          f"{ratios[0]:.2f}x to {ratios[-1]:.2f}x, kiln faster in {faster} of {len(rows)}")
 PY
