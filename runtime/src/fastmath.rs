@@ -1,5 +1,6 @@
 //! Vocabulary-wide arithmetic in forms the compiler vectorizes: sampling and log-probabilities take an `exp` of
-//! every logit each step, which through libm cost milliseconds a token at a vocabulary of 262144.
+//! every logit each step, which through libm cost milliseconds a token at a vocabulary of 262144, and every step
+//! finds the largest logit.
 
 /// The sum of `values` in f64, in eight running sums (which the compiler keeps in vector lanes).
 pub fn sum(values: &[f32]) -> f64 {
@@ -12,6 +13,31 @@ pub fn sum(values: &[f32]) -> f64 {
     }
     let tail: f64 = eights.remainder().iter().map(|&v| v as f64).sum();
     lanes.iter().sum::<f64>() + tail
+}
+
+/// The largest of `values`, NaN ignored (`-inf` when there is none), in eight running maxima (which the compiler
+/// keeps in vector lanes): `fold(f32::max)` is one chain of dependent compares, 8.5 µs over a vocabulary of 49152
+/// where this takes 2.4 (AVX2 host).
+pub fn max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut eights = values.chunks_exact(8);
+    for eight in &mut eights {
+        for (lane, &v) in lanes.iter_mut().zip(eight) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    lanes
+        .into_iter()
+        .chain(eights.remainder().iter().copied())
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
+}
+
+/// The index of the first largest of `values`, NaN ignored (0 when there is none): greedy decoding's token. The
+/// maximum first, then its first position: a loop keeping the best index so far took 31-34 µs a token over 49152
+/// logits, this 3.
+pub fn argmax(values: &[f32]) -> u32 {
+    let top = max(values);
+    values.iter().position(|&v| v == top).unwrap_or(0) as u32
 }
 
 /// `e^x` for `x <= 0` within 2 ulp (0 below about `e^-87`, where f32 runs out of normal numbers; NaN gives 0),
@@ -58,6 +84,25 @@ mod tests {
         assert_eq!(exp_le0(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_le0(f32::NAN), 0.0);
         assert_eq!(exp_le0(0.0), 1.0);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum_and_skips_nan() {
+        // Past a multiple of 8, so the tail counts too.
+        let mut values: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919) % 1009) as f32 - 500.0)
+            .collect();
+        let want = (0..values.len()).fold(0, |b, i| if values[i] > values[b] { i } else { b });
+        assert_eq!(argmax(&values), want as u32);
+        assert_eq!(max(&values), values[want]);
+        values[1002] = 1e9;
+        assert_eq!(argmax(&values), 1002);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, -2.0, -1.0, f32::NAN]), 2);
+        assert_eq!(max(&[f32::NAN; 11]), f32::NEG_INFINITY);
+        assert_eq!(argmax(&[f32::NAN; 11]), 0);
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
     }
 
     #[test]

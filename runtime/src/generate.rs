@@ -1,7 +1,7 @@
 //! Generation and perplexity on any `Engine`.
 
 use crate::engine::{Engine, ExecError};
-use crate::fastmath::{exp_le0, sum};
+use crate::fastmath::{exp_le0, max, sum};
 use crate::sampler::{by_logit, Sampler};
 use crate::tokenizer::Tokenizer;
 use std::ops::ControlFlow;
@@ -74,9 +74,9 @@ pub fn generate(
 
 /// `ln(sum(exp(logits)))`, computed stably in f64.
 fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let shifted: Vec<f32> = logits.iter().map(|&l| exp_le0(l - max)).collect();
-    sum(&shifted).ln() + max as f64
+    let top = max(logits);
+    let shifted: Vec<f32> = logits.iter().map(|&l| exp_le0(l - top)).collect();
+    sum(&shifted).ln() + top as f64
 }
 
 /// Log-probabilities of a logits row (log-softmax).

@@ -18,6 +18,7 @@ pub mod tokenizer;
 pub use cpu::CpuExecutor;
 pub use cuda::CudaExecutor;
 pub use engine::{Engine, ExecError, KernelTime, KvBudget, Logits, SeqTokens};
+pub use fastmath::argmax;
 pub use reference::ReferenceExecutor;
 pub use sampler::{Sampler, SamplerConfig};
 pub use tokenizer::Tokenizer;

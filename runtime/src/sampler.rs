@@ -1,7 +1,7 @@
 //! Token sampling: greedy, or seeded sampling with repetition penalty, top-k, top-p, min-p and temperature,
 //! applied in llama.cpp's default order (penalties, top-k, top-p, min-p, temperature, draw).
 
-use crate::fastmath::{exp_le0, sum};
+use crate::fastmath::{argmax, exp_le0, max, sum};
 use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -158,7 +158,8 @@ impl Sampler {
         }
         if min_p > 0.0 {
             // A token stays if its probability (at temperature 1) is at least `min_p` times the top one's.
-            let floor = max_logit(cands.iter().map(|c| c.1)) + min_p.ln();
+            let top = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+            let floor = top + min_p.ln();
             cands.retain(|&(_, l)| l >= floor);
         }
         let (ids, logits): (Vec<u32>, Vec<f32>) = cands.into_iter().unzip();
@@ -202,8 +203,8 @@ impl Sampler {
         let mut weights = std::mem::take(&mut self.weights);
         weights.clear();
         weights.extend(cands.iter().map(|c| c.1));
-        let max = max_logit(weights.iter().copied());
-        weights.iter_mut().for_each(|w| *w = exp_le0(*w - max));
+        let top = max(&weights);
+        weights.iter_mut().for_each(|w| *w = exp_le0(*w - top));
         let target = self.config.top_p as f64 * sum(&weights);
         self.weights = weights;
         let (mut sorted, mut cumulative) = (0, 0.0f64);
@@ -214,7 +215,7 @@ impl Sampler {
             }
             cands[sorted..want].sort_by(by_logit);
             for (i, &(_, l)) in cands[sorted..want].iter().enumerate() {
-                cumulative += exp_le0(l - max) as f64;
+                cumulative += exp_le0(l - top) as f64;
                 if cumulative >= target {
                     return sorted + i + 1;
                 }
@@ -228,31 +229,17 @@ impl Sampler {
 /// Candidates per chunk of a draw's walk.
 const DRAW_CHUNK: usize = 1024;
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Highest logit first; ties by id, so that the order (and a seeded draw) is the same on every run.
 pub(crate) fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-fn max_logit(logits: impl Iterator<Item = f32>) -> f32 {
-    logits.fold(f32::NEG_INFINITY, f32::max)
-}
-
 /// Each logit's unnormalized probability at `temperature`, `e^((l - max) / temperature)`, into `weights`.
 fn fill_weights(weights: &mut Vec<f32>, logits: &[f32], temperature: f32) {
-    let max = max_logit(logits.iter().copied());
+    let top = max(logits);
     let scale = 1.0 / temperature;
     weights.clear();
-    weights.extend(logits.iter().map(|&l| exp_le0((l - max) * scale)));
+    weights.extend(logits.iter().map(|&l| exp_le0((l - top) * scale)));
 }
 
 #[cfg(test)]

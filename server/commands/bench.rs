@@ -234,11 +234,7 @@ fn decode_rate(engine: &mut dyn Engine, n: usize, batch: usize, vocab: usize) ->
     for pos in first.len()..first.len() + n {
         let next: Vec<[u32; 1]> = logits
             .iter()
-            .map(|row| {
-                [(0..row.len())
-                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                    .unwrap_or(0) as u32]
-            })
+            .map(|row| [kiln_runtime::argmax(row)])
             .collect();
         let seqs: Vec<SeqTokens> = next
             .iter()
