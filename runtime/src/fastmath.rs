@@ -19,17 +19,19 @@ pub fn sum(values: &[f32]) -> f64 {
 /// keeps in vector lanes): `fold(f32::max)` is one chain of dependent compares, 8.5 µs over a vocabulary of 49152
 /// where this takes 2.4 (AVX2 host).
 pub fn max(values: &[f32]) -> f32 {
+    // A compare and a select, which NaN never wins (`f32::max`'s NaN handling keeps the loop from vectorizing).
+    let larger = |m: f32, v: f32| if v > m { v } else { m };
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut eights = values.chunks_exact(8);
     for eight in &mut eights {
         for (lane, &v) in lanes.iter_mut().zip(eight) {
-            *lane = if v > *lane { v } else { *lane };
+            *lane = larger(*lane, v);
         }
     }
     lanes
         .into_iter()
         .chain(eights.remainder().iter().copied())
-        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
+        .fold(f32::NEG_INFINITY, larger)
 }
 
 /// The index of the first largest of `values`, NaN ignored (0 when there is none): greedy decoding's token. The
