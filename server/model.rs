@@ -54,12 +54,34 @@ pub struct Model {
 }
 
 impl Model {
-    /// Opens a `.gguf` model or a `.plan` (told apart by their first bytes, not the file name).
+    /// Opens a `.gguf` model or a `.plan` (told apart by their first bytes, not the file name) for inspection:
+    /// a plan's weights stay in the mapped file.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, None)
+    }
+
+    /// Opens a model to run as `engine` says: a plan whose code will run on the CPU gets its weights copied into
+    /// huge pages (`EngineArgs::huge_pages_for`).
+    pub fn open_to_run(path: &Path, engine: &EngineArgs) -> Result<Self> {
+        Self::open_with(path, Some(engine))
+    }
+
+    fn open_with(path: &Path, engine: Option<&EngineArgs>) -> Result<Self> {
         let started = Instant::now();
         let (source, graph, info) = if FileKind::detect(path)? == FileKind::Plan {
-            let plan =
+            let mut plan =
                 PlanFile::open(path).with_context(|| format!("cannot load {}", path.display()))?;
+            if engine.is_some_and(|engine| engine.huge_pages_for(&plan.meta)) {
+                let copied = Instant::now();
+                let moved = plan
+                    .move_to_huge_pages()
+                    .with_context(|| format!("cannot load {}", path.display()))?;
+                tracing::debug!(
+                    moved,
+                    ms = copied.elapsed().as_millis() as u64,
+                    "plan weights in huge pages"
+                );
+            }
             let (graph, info) = (plan.graph.clone(), plan.meta.model.clone());
             (Source::Plan(Box::new(plan)), graph, info)
         } else {

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{kiln, kiln_ok, model, smollm2_plan};
+use kiln_runtime::plan::PlanFile;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -330,4 +331,23 @@ fn dump_ir_writes_every_stage() {
         kiln_ok(&["inspect", "--ir", plan.to_str().unwrap()])
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A plan's weights copied into huge pages (what a CPU run does by default) are the file's bytes, and run to the same
+/// greedy ids and logits as weights served from the mapped file (`--mapped-weights`).
+#[test]
+fn weights_in_huge_pages_run_exactly_like_mapped_weights() {
+    let Some(path) = smollm2_plan() else {
+        return;
+    };
+    let mapped = PlanFile::open(&path).unwrap();
+    let mut copied = PlanFile::open(&path).unwrap();
+    if !copied.move_to_huge_pages().unwrap() {
+        eprintln!("this host has no transparent huge pages: the weights stayed mapped");
+    }
+    assert!(mapped.weights_bytes() == copied.weights_bytes());
+    assert_eq!(
+        common::greedy_json(&path, 16, &[]),
+        common::greedy_json(&path, 16, &["--mapped-weights"])
+    );
 }

@@ -1,4 +1,5 @@
-//! Loading plan files: mmap, verify every checksum, check the target, and serve weights in place.
+//! Loading plan files: mmap, verify every checksum, check the target, and serve weights in place, or from a copy
+//! in huge pages (`PlanFile::move_to_huge_pages`).
 
 use kiln_ir::cuda_abi::CudaCode;
 use kiln_ir::plan::{
@@ -8,7 +9,7 @@ use kiln_ir::plan::{
 use kiln_ir::schedule::Schedule;
 use kiln_ir::weights::{WeightSource, WeightView};
 use kiln_ir::Graph;
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions, UncheckedAdvice};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -61,6 +62,45 @@ impl PlanFile {
         // SAFETY: read-only map of a file kiln does not modify; every byte is checksummed before use.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         Self::load(map)
+    }
+
+    /// Moves the plan's bytes from the file's mapping into anonymous memory backed by transparent huge pages, and
+    /// says whether it did (not where the kernel has no huge pages for it, or on hosts other than Linux).
+    ///
+    /// Why: decode streams every weight once per token, and with 4 KiB pages that costs a TLB miss every 4 KiB. A
+    /// file's page cache is mapped with 2 MiB pages only where the kernel happened to cache it in large folios (a
+    /// tenth to a fifth of a freshly written SmolLM2 plan, here), so a plan's speed depended on its page cache:
+    /// in huge pages, SmolLM2's LM head ran 11% faster and its gated FFN 4%. The copy costs the plan's size in
+    /// memory no other process shares (the page cache's copy stays reclaimable) and one pass over it at load. The
+    /// copied bytes are the verified bytes; the file's pages leave this process as they are copied, so its
+    /// resident memory does not double.
+    pub fn move_to_huge_pages(&mut self) -> Result<bool, PlanError> {
+        if !huge_pages_available() || self.map.is_empty() {
+            return Ok(false);
+        }
+        let io = |source| PlanError::Io {
+            path: "anonymous memory for the plan".into(),
+            source,
+        };
+        let mut copy = MmapOptions::new()
+            .len(self.map.len())
+            .map_anon()
+            .map_err(io)?;
+        #[cfg(target_os = "linux")]
+        copy.advise(memmap2::Advice::HugePage).map_err(io)?;
+        const CHUNK: usize = 64 << 20;
+        for start in (0..self.map.len()).step_by(CHUNK) {
+            let end = (start + CHUNK).min(self.map.len());
+            copy[start..end].copy_from_slice(&self.map[start..end]);
+            // SAFETY: nothing borrows the mapping while `&mut self` is held, and the file's pages come back from
+            // the page cache if they are read again.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+        self.map = copy.make_read_only().map_err(io)?;
+        Ok(true)
     }
 
     fn load(map: Mmap) -> Result<Self, PlanError> {
@@ -388,4 +428,11 @@ fn host_cannot_run(arch: &str, features: &[String]) -> Option<String> {
         .map(String::as_str)
         .collect();
     (!missing.is_empty()).then(|| format!("this CPU lacks {}", missing.join(", ")))
+}
+
+/// Whether anonymous memory may get transparent huge pages: Linux with THP `always` or `madvise`.
+fn huge_pages_available() -> bool {
+    cfg!(target_os = "linux")
+        && std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|mode| mode.contains("[always]") || mode.contains("[madvise]"))
 }

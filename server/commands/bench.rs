@@ -120,7 +120,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(args.repeat >= 1, "--repeat must be at least 1");
     anyhow::ensure!(args.decode >= 1, "--decode must be at least 1");
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
-    let model = Model::open(&args.model)?;
+    let model = Model::open_to_run(&args.model, &args.engine)?;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     let ctx = longest.max(16 + args.decode);
     let mut engine = model.executor(ctx, &args.engine, args.batch, 0)?;

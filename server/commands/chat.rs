@@ -35,7 +35,7 @@ pub struct ChatArgs {
 
 pub fn run(args: &ChatArgs) -> Result<()> {
     let sampler_config = args.sampling.config()?;
-    let model = Model::open(&args.model)?;
+    let model = Model::open_to_run(&args.model, &args.engine)?;
     let tokenizer = &model.tokenizer;
     let source = match &args.chat_template {
         Some(path) => std::fs::read_to_string(path)

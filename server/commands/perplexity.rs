@@ -30,7 +30,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
     anyhow::ensure!(args.ctx >= 4, "--ctx must be at least 4, is {}", args.ctx);
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let model = Model::open(&args.model)?;
+    let model = Model::open_to_run(&args.model, &args.engine)?;
     let tokenizer = &model.tokenizer;
     let tokens = tokenizer.encode(&text, false);
     let available = tokens.len() / args.ctx;

@@ -34,7 +34,7 @@ pub struct RunArgs {
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let sampler_config = args.sampling.config()?;
-    let model = Model::open(&args.model)?;
+    let model = Model::open_to_run(&args.model, &args.engine)?;
     let mut engine = model.executor(args.ctx, &args.engine, 1, 0)?;
     let tokenizer = &model.tokenizer;
     let prompt_ids = tokenizer.encode(&args.prompt, true);

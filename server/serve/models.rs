@@ -34,7 +34,9 @@ impl Served {
         engine_args: &EngineArgs,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let model = Arc::new(Model::open(path).with_context(|| format!("model `{name}`"))?);
+        let model = Arc::new(
+            Model::open_to_run(path, engine_args).with_context(|| format!("model `{name}`"))?,
+        );
         let ctx = if ctx == 0 {
             model.info.context_length.min(4096)
         } else {
