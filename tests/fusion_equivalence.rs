@@ -78,7 +78,7 @@ impl RandomWeights {
     /// The same weights, repacked as the compiler's layout pass chooses for `graph`.
     fn repacked_for(&self, graph: &Graph) -> Self {
         let layouts =
-            kiln_compiler::passes::choose_layouts(graph, kiln_compiler::passes::Readers::Cpu);
+            kiln_compiler::passes::choose_layouts(graph, kiln_compiler::passes::Readers::Cpu, self);
         let mut map = self.0.clone();
         for (name, layout) in &layouts {
             let (format, _, shape, bytes) = &self.0[name];

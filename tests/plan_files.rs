@@ -202,6 +202,7 @@ fn plan_for_another_target_is_refused() {
     let c = kiln_compiler::passes::compile(
         lowered.graph,
         kiln_compiler::passes::Readers::Cpu,
+        &gguf,
         |_, _, _| {},
     )
     .unwrap();

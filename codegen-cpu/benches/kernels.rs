@@ -23,10 +23,13 @@ const ROWS: usize = 4096;
 const K: usize = 2048;
 
 /// The layout `kiln compile` gives matmul weights of a CPU plan, rows interleaved by 4: the 32-value block formats'
-/// f32 scales grouped, other formats' at each block's front (floats stay as GGUF has them).
+/// scales grouped (f16 where the format has a code offset, else widened to f32), other formats' widened at each
+/// block's front (floats stay as GGUF has them).
 fn plan_layout(format: QuantFormat) -> Layout {
     let scales = if format.is_float() {
         return Layout::GGUF;
+    } else if format.block_elems() == 32 && f16_fields(format).len() == 1 {
+        Scales::GroupedF16
     } else if format.block_elems() == 32 {
         Scales::Grouped
     } else if f16_fields(format).is_empty() {

@@ -2,7 +2,7 @@
 //! every kernel uses, each written once.
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32X4, I16, I16X8, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16, I16X8, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
     BlockArg, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Type, Value,
 };
@@ -139,6 +139,41 @@ impl<'a> Kb<'a> {
     pub fn i32x4(&mut self, v: i32) -> Value {
         let s = self.b.ins().iconst(I32, v as i64);
         self.b.ins().splat(I32X4, s)
+    }
+
+    /// Four f16 values at `ptr + offset` as an f32x4, exact for every finite value (`f16_bits_to_f32`).
+    pub fn load_f16x4(&mut self, ptr: Value, offset: usize) -> Value {
+        let bits = self.b.ins().sload16x4(input(), ptr, offset as i32);
+        self.f16_bits_to_f32(bits)
+    }
+
+    /// The f16 value at `ptr + offset` as an f32 (`f16_bits_to_f32`).
+    pub fn load_f16(&mut self, ptr: Value, offset: usize) -> Value {
+        let bits = self.b.ins().sload16(I32, input(), ptr, offset as i32);
+        self.f16_bits_to_f32(bits)
+    }
+
+    /// f16 bits, sign-extended into an i32 (or each lane of an i32x4), as f32: exact for every finite value,
+    /// subnormals included. The shift puts the exponent and mantissa in f32's places, the mask keeps the sign and
+    /// clears the three bits the sign extension left above the exponent, and the multiply by 2^112 rebiases the
+    /// exponent (a subnormal f16 is an f32 subnormal before it, so it comes out exact too). Three instructions,
+    /// where x86's F16C (which Cranelift does not emit) takes one; the constants are memory operands.
+    pub fn f16_bits_to_f32(&mut self, bits: Value) -> Value {
+        const SIGN_EXPONENT_MANTISSA: i32 = 0x8FFF_FFFF_u32 as i32;
+        const REBIAS: f32 = f32::from_bits(0x7780_0000); // 2^112
+        let placed = self.b.ins().ishl_imm_s(bits, 13);
+        let (placed, scale) = if self.b.func.dfg.value_type(bits).is_vector() {
+            let mask = self.i32x4(SIGN_EXPONENT_MANTISSA);
+            let placed = self.b.ins().band(placed, mask);
+            (self.bitcast(F32X4, placed), self.f32x4(REBIAS))
+        } else {
+            let placed = self
+                .b
+                .ins()
+                .band_imm_s(placed, i64::from(SIGN_EXPONENT_MANTISSA));
+            (self.bitcast(F32, placed), self.f32(REBIAS))
+        };
+        self.b.ins().fmul(placed, scale)
     }
 
     /// `base + index * scale` for an i64 index.

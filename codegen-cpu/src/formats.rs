@@ -134,7 +134,7 @@ pub fn block_dot(format: QuantFormat, layout: Layout) -> Option<Box<dyn BlockDot
         F::Q4_0 | F::Q4_1 | F::Q5_0 | F::Q5_1 | F::Q8_0 => {
             let generated = match layout.scales {
                 Scales::F32 => true,
-                Scales::Grouped => layout.interleave == GROUP,
+                Scales::Grouped | Scales::GroupedF16 => layout.interleave == GROUP,
                 Scales::Gguf => false,
             };
             generated.then(|| Box::new(Block32::of(format, layout)) as Box<dyn BlockDot>)
@@ -496,7 +496,11 @@ impl Grouped for Block32 {
             });
         }
         for k in 0..self.fields() {
-            values.push(kb.load(F32X4, group, block.field_at(k, 0)));
+            let at = block.field_at(k, 0);
+            values.push(match block.field_bytes() {
+                2 => kb.load_f16x4(group, at),
+                _ => kb.load(F32X4, group, at),
+            });
         }
         Some(values)
     }
@@ -556,10 +560,13 @@ impl Dequantize for Block32 {
             if let Some((at, _)) = block.planes_at(0) {
                 codes = self.lane_plane_bits(kb, group, at, lane, codes);
             }
-            let at = kb.offset(group, lane, 4);
+            let at = kb.offset(group, lane, block.field_bytes());
             let fields: Vec<Value> = (0..self.fields())
                 .map(|k| {
-                    let field = kb.load(F32, at, block.field_at(k, 0));
+                    let field = match block.field_bytes() {
+                        2 => kb.load_f16(at, block.field_at(k, 0)),
+                        _ => kb.load(F32, at, block.field_at(k, 0)),
+                    };
                     kb.b.ins().splat(F32X4, field)
                 })
                 .collect();
@@ -617,23 +624,7 @@ impl Float {
                 let bits = kb.b.ins().ishl_imm_s(h, 16);
                 kb.bitcast(F32X4, bits)
             }
-            _ => {
-                // f16 -> f32 exactly for finite values: move the exponent and mantissa into place, rescale by
-                // 2^112 (which also handles subnormals), then restore the sign.
-                let h = kb.b.ins().uload16x4(crate::builder::mem(), w, 8 * i as i32);
-                let magnitude = kb.i32x4(0x7FFF);
-                let mag = kb.b.ins().band(h, magnitude);
-                let mag = kb.b.ins().ishl_imm_s(mag, 13);
-                let mag = kb.bitcast(F32X4, mag);
-                let scale = kb.f32x4(f32::from_bits(0x7780_0000)); // 2^112
-                let value = kb.b.ins().fmul(mag, scale);
-                let sign = kb.i32x4(0x8000);
-                let sign = kb.b.ins().band(h, sign);
-                let sign = kb.b.ins().ishl_imm_s(sign, 16);
-                let bits = kb.bitcast(I32X4, value);
-                let bits = kb.b.ins().bor(bits, sign);
-                kb.bitcast(F32X4, bits)
-            }
+            _ => kb.load_f16x4(w, 8 * i),
         }
     }
 }

@@ -23,11 +23,23 @@ fn clif(function: CpuFunction) -> String {
     clif_for(function, &vnni_isa())
 }
 
-/// How a CPU plan stores the 32-value block formats: rows interleaved by 4, their f32 scales grouped.
+/// Rows interleaved by 4, their scales grouped and widened to f32.
 const GROUPED_X4: Layout = Layout {
     scales: Scales::Grouped,
     interleave: 4,
 };
+
+/// How a CPU plan stores a 32-value block format: rows interleaved by 4, their scales grouped, kept f16 for the
+/// formats with a code offset (Q4_0, Q5_0, Q8_0) and widened for those with a minimum.
+fn plan_layout(format: QuantFormat) -> Layout {
+    match format {
+        QuantFormat::Q4_1 | QuantFormat::Q5_1 => GROUPED_X4,
+        _ => Layout {
+            scales: Scales::GroupedF16,
+            interleave: 4,
+        },
+    }
+}
 
 #[test]
 fn matmul_per_format() {
@@ -40,7 +52,7 @@ fn matmul_per_format() {
     ] {
         let f = CpuFunction::MatMul {
             format,
-            layout: GROUPED_X4,
+            layout: plan_layout(format),
             k: 64,
             epilogue: Epilogue::Store,
         };
@@ -107,7 +119,7 @@ fn matmul_without_vnni() {
     };
     for (format, layout, k) in [
         (QuantFormat::Q4_1, GROUPED_X4, 64),
-        (QuantFormat::Q8_0, GROUPED_X4, 64),
+        (QuantFormat::Q8_0, plan_layout(QuantFormat::Q8_0), 64),
         (QuantFormat::Q4_K, q4_k, 256),
     ] {
         let f = CpuFunction::MatMul {

@@ -76,12 +76,12 @@ fn layouts_of(format: QuantFormat) -> Vec<Layout> {
                 interleave,
             })
             .to_vec();
-        // The 32-value block formats also keep f16 scales grouped four rows at a time.
+        // The 32-value block formats also keep scales grouped four rows at a time, widened or f16.
         if format.block_elems() == 32 {
-            layouts.push(Layout {
-                scales: Scales::Grouped,
+            layouts.extend([Scales::Grouped, Scales::GroupedF16].map(|scales| Layout {
+                scales,
                 interleave: 4,
-            });
+            }));
         }
         layouts
     }
@@ -280,9 +280,9 @@ fn extreme_weight(format: QuantFormat, rows: usize, k: usize) -> Vec<u8> {
 /// The byte dot products stay exact at the extremes: every weight code at its largest and every activation
 /// code at +-127, where `pmaddubsw`'s i16 pair sums (and the i16 sums of several of them) are closest to
 /// saturating.
-/// The 32-value block formats' scales grouped four rows at a time (how a CPU plan stores them) give every output the
-/// bits of scales at each block's front (how a plan with CUDA kernels stores them): the same products in the same
-/// order, read from another place.
+/// The 32-value block formats' scales grouped four rows at a time (how a CPU plan stores them), widened or kept f16
+/// and widened by the kernel, give every output the bits of scales at each block's front (how a plan with CUDA
+/// kernels stores them): the same products in the same order, read from another place.
 #[test]
 fn grouped_scales_give_the_bits_of_scales_per_block() {
     let isa = host_isa().unwrap();
@@ -290,15 +290,15 @@ fn grouped_scales_give_the_bits_of_scales_per_block() {
         scales: Scales::F32,
         interleave: 4,
     };
-    let grouped = Layout {
-        scales: Scales::Grouped,
+    let grouped = [Scales::Grouped, Scales::GroupedF16].map(|scales| Layout {
+        scales,
         interleave: 4,
-    };
+    });
     let block32 = FORMATS.into_iter().filter(|f| f.block_elems() == 32);
     for format in block32 {
         for epilogue in [Epilogue::Store, Epilogue::Gated(Activation::Silu)] {
             for tokens in [1, 3] {
-                let outputs = [widened, grouped].map(|layout| {
+                let outputs = [widened, grouped[0], grouped[1]].map(|layout| {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(17);
                     let mut m =
                         MatMul::new(&isa, &mut rng, format, layout, 12, 320, tokens, epilogue);
@@ -306,10 +306,12 @@ fn grouped_scales_give_the_bits_of_scales_per_block() {
                     m.run(0, 12);
                     m.out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 });
-                assert_eq!(
-                    outputs[0], outputs[1],
-                    "{format} {epilogue:?}, {tokens} tokens"
-                );
+                for (layout, output) in grouped.iter().zip(&outputs[1..]) {
+                    assert_eq!(
+                        &outputs[0], output,
+                        "{format} {layout} {epilogue:?}, {tokens} tokens"
+                    );
+                }
             }
         }
     }

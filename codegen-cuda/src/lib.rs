@@ -10,7 +10,6 @@ mod matmul;
 mod ops;
 
 use kiln_ir::cuda_abi::{ArchPtx, CudaCode, CudaKernel};
-use kiln_ir::layout::Scales;
 
 pub use formats::{helper as decoder, supported as supports_format, Helper};
 
@@ -38,13 +37,13 @@ pub enum CudaCodegenError {
 pub fn supports(kernel: &CudaKernel) -> bool {
     match kernel {
         CudaKernel::MatMul { format, layout, .. } => {
-            formats::supported(*format) && layout.scales != Scales::Grouped
+            formats::supported(*format) && !layout.scales.grouped()
         }
         // An embedding kernel reads single rows and never sees a whole-tensor scale (I2_S).
         CudaKernel::Embed { format, layout, .. } => {
             formats::supported(*format)
                 && format.tensor_trailer_bytes() == 0
-                && layout.scales != Scales::Grouped
+                && !layout.scales.grouped()
         }
         _ => true,
     }

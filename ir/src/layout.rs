@@ -3,13 +3,14 @@
 //! GGUF stores each row's blocks one after another with f16 scales inside each block. Kernels prefer:
 //! - **interleaved rows**: rows in groups of `interleave`, block by block (block b of rows 4g..4g+4 together), so
 //!   one pass over the activations feeds several output rows;
-//! - **f32 scales**: each block's f16 fields (scale, minimum) widened to f32, so the hot loop does no
-//!   half-precision conversion, and moved either to the block's front (`Scales::F32`: `[f32 per f16 field, in
-//!   order][the block's other bytes, in order]`) or, for interleaved rows, to the front of the row group's block
-//!   (`Scales::Grouped`: a group block holds field 0 of each row, field 1 of each row, ..., then each row's other
-//!   bytes, row by row), where one vector load gives a kernel the group's scales. Grouped, the fifth bits of Q5_0
-//!   and Q5_1 leave the rows too: the group's are bit planes after the fields (`GroupBlock`), so that one vector
-//!   load and a shift per 16 codes spread them, where each row's 32 bits took a shuffle, a compare and two masks.
+//! - **moved scales**: each block's f16 fields (scale, minimum) moved either to the block's front, widened to f32
+//!   (`Scales::F32`: `[f32 per f16 field, in order][the block's other bytes, in order]`), or, for interleaved rows,
+//!   to the front of the row group's block (a group block holds field 0 of each row, field 1 of each row, ...,
+//!   then each row's other bytes, row by row), where one vector load gives a kernel the group's scales: widened to
+//!   f32 (`Scales::Grouped`), so the hot loop does no half-precision conversion, or kept f16
+//!   (`Scales::GroupedF16`), GGUF's own bytes, which the kernel widens. Grouped, the fifth bits of Q5_0 and Q5_1
+//!   leave the rows too: the group's are bit planes after the fields (`GroupBlock`), so that one vector load and a
+//!   shift per 16 codes spread them, where each row's 32 bits took a shuffle, a compare and two masks.
 //!
 //! Every layout is lossless: f16 to f32 is exact, so a repacked block narrows back to the original bytes, and the
 //! reference dequantizer reads it through that.
@@ -28,6 +29,24 @@ pub enum Scales {
     F32,
     /// Widened to f32, the row group's gathered at the front of each group block (needs interleaved rows).
     Grouped,
+    /// Kept f16, gathered as `Grouped` gathers them: a block takes GGUF's bytes (Q4_1 20 rather than 24, Q8_0 34
+    /// rather than 36), which a one-token kernel streams from memory, for a widening per group block.
+    GroupedF16,
+}
+
+impl Scales {
+    /// Whether the row group's fields are gathered at the front of each group block.
+    pub fn grouped(self) -> bool {
+        matches!(self, Scales::Grouped | Scales::GroupedF16)
+    }
+
+    /// Bytes of one stored field: 2 where it stays f16, else 4.
+    pub fn field_bytes(self) -> usize {
+        match self {
+            Scales::Gguf | Scales::GroupedF16 => 2,
+            Scales::F32 | Scales::Grouped => 4,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -51,6 +70,7 @@ impl fmt::Display for Layout {
             (Scales::Gguf, n) => write!(f, "x{n}"),
             (Scales::F32, n) => write!(f, "f32s.x{n}"),
             (Scales::Grouped, n) => write!(f, "f32g.x{n}"),
+            (Scales::GroupedF16, n) => write!(f, "f16g.x{n}"),
         }
     }
 }
@@ -77,6 +97,20 @@ pub fn f16_fields(format: QuantFormat) -> &'static [usize] {
     }
 }
 
+/// Whether every f16 field of the GGUF blocks `gguf` is finite: what a kernel that widens them in registers
+/// (`Scales::GroupedF16`) needs, its conversion being exact for finite values only.
+pub fn fields_finite(format: QuantFormat, gguf: &[u8]) -> bool {
+    let fields = f16_fields(format);
+    let blocks = gguf[..gguf.len().saturating_sub(format.tensor_trailer_bytes())]
+        .chunks_exact(format.block_bytes());
+    blocks.into_iter().all(|block| {
+        fields.iter().all(|&at| {
+            let exponent = u16::from_le_bytes([block[at], block[at + 1]]) & 0x7C00;
+            exponent != 0x7C00
+        })
+    })
+}
+
 /// Byte offset of the 32 fifth bits (`qh`) inside a GGUF block, for the formats that have them: right after the
 /// f16 fields.
 pub fn high_bits(format: QuantFormat) -> Option<usize> {
@@ -92,13 +126,14 @@ pub fn high_bits(format: QuantFormat) -> Option<usize> {
 pub const PLANE_ROWS: usize = 4;
 
 /// Where a grouped layout's group block keeps each part, in bytes from the block's start: first each f16 field of
-/// every row, widened (field `k` of row `lane` at `field_at(k, lane)`); then, for formats with fifth bits, the
+/// every row, as the layout stores fields (field `k` of row `lane` at `field_at(k, lane)`); then, for formats with fifth bits, the
 /// rows' bit planes, 16 bytes per `PLANE_ROWS` rows, where bit `2 * (lane % 4)` of byte `i` is row `lane`'s fifth
 /// bit of code `i` and the next bit that of code `16 + i`; then each row's other bytes, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupBlock {
     interleave: usize,
     fields: usize,
+    field_bytes: usize,
     planes: bool,
     others: usize,
 }
@@ -106,7 +141,12 @@ pub struct GroupBlock {
 impl GroupBlock {
     /// Where field `k` of row `lane` lies.
     pub fn field_at(&self, k: usize, lane: usize) -> usize {
-        4 * (k * self.interleave + lane)
+        self.field_bytes * (k * self.interleave + lane)
+    }
+
+    /// Bytes of one stored field: 2 (f16) or 4 (f32).
+    pub fn field_bytes(&self) -> usize {
+        self.field_bytes
     }
 
     /// Where row `lane`'s bit planes lie and its first plane's bit, for formats with fifth bits.
@@ -140,11 +180,7 @@ impl Layout {
 
     /// Bytes of one stored block; in a grouped layout, a group block's share per row.
     pub fn block_bytes(self, format: QuantFormat) -> usize {
-        format.block_bytes()
-            + match self.scales {
-                Scales::F32 | Scales::Grouped => 2 * f16_fields(format).len(),
-                Scales::Gguf => 0,
-            }
+        format.block_bytes() + (self.scales.field_bytes() - 2) * f16_fields(format).len()
     }
 
     /// Bytes a weight of this format and row-major shape takes in this layout (the format's tensor trailer, which
@@ -169,7 +205,7 @@ impl Layout {
         let scales_ok = match self.scales {
             Scales::Gguf => true,
             Scales::F32 => has_fields,
-            Scales::Grouped => {
+            Scales::Grouped | Scales::GroupedF16 => {
                 let planes_fit =
                     high_bits(format).is_none() || self.interleave.is_multiple_of(PLANE_ROWS);
                 has_fields && self.interleave > 1 && planes_fit
@@ -215,12 +251,13 @@ impl Layout {
 
     /// Where a group block of `format` keeps each part, in a grouped layout.
     pub fn group_block(self, format: QuantFormat) -> Option<GroupBlock> {
-        (self.scales == Scales::Grouped).then(|| {
+        self.scales.grouped().then(|| {
             let fields = f16_fields(format).len();
             let planes = high_bits(format).is_some();
             GroupBlock {
                 interleave: self.interleave,
                 fields,
+                field_bytes: self.scales.field_bytes(),
                 planes,
                 others: format.block_bytes() - 2 * fields - if planes { 4 } else { 0 },
             }
@@ -239,6 +276,7 @@ impl Layout {
             fields,
             block_bytes: format.block_bytes(),
             field_at: at,
+            field_bytes: self.scales.field_bytes(),
             field_stride: 4,
             others_at: at + 4 * fields.len(),
             planes: None,
@@ -250,7 +288,7 @@ impl Layout {
                 place.inline = true;
             }
             Scales::F32 => {}
-            Scales::Grouped => {
+            Scales::Grouped | Scales::GroupedF16 => {
                 let block = self.group_block(format).expect("a grouped layout");
                 let group_at = group * stored;
                 place.field_at = group_at + block.field_at(0, lane);
@@ -265,12 +303,14 @@ impl Layout {
 }
 
 /// Where one block's bytes lie in a stored weight: the GGUF block whole at `others_at` (`inline`), or its f16
-/// fields widened to f32 (`field_stride` apart from `field_at`), its fifth bits in bit planes where `planes` says,
+/// fields, f16 or widened to f32 (`field_stride` apart from `field_at`), its fifth bits in bit planes where `planes` says,
 /// and its other bytes, in order, from `others_at`.
 struct BlockPlace {
     fields: &'static [usize],
     block_bytes: usize,
     field_at: usize,
+    /// 2 where fields stay f16, 4 where they are widened to f32.
+    field_bytes: usize,
     field_stride: usize,
     others_at: usize,
     /// The fifth bits' offset in the GGUF block, their planes' offset in the stored weight, and the first plane's
@@ -306,8 +346,12 @@ impl BlockPlace {
     /// Writes the GGUF block `gguf` into the stored weight `out`, whose bit planes start cleared.
     fn store(&self, gguf: &[u8], out: &mut [u8]) {
         for (from, to) in self.field_pieces() {
-            let value = f16::from_le_bytes([gguf[from], gguf[from + 1]]).to_f32();
-            out[to..to + 4].copy_from_slice(&value.to_le_bytes());
+            if self.field_bytes == 2 {
+                out[to..to + 2].copy_from_slice(&gguf[from..from + 2]);
+            } else {
+                let value = f16::from_le_bytes([gguf[from], gguf[from + 1]]).to_f32();
+                out[to..to + 4].copy_from_slice(&value.to_le_bytes());
+            }
         }
         for (from, to, n) in self.other_pieces() {
             out[to..to + n].copy_from_slice(&gguf[from..from + n]);
@@ -323,8 +367,12 @@ impl BlockPlace {
     /// Restores the GGUF block into `dst` from the stored weight `stored` (exact: the f32 values came from f16).
     fn load(&self, stored: &[u8], dst: &mut [u8]) {
         for (to, from) in self.field_pieces() {
-            let value = f32::from_le_bytes(stored[from..from + 4].try_into().expect("4 bytes"));
-            dst[to..to + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
+            if self.field_bytes == 2 {
+                dst[to..to + 2].copy_from_slice(&stored[from..from + 2]);
+            } else {
+                let value = f32::from_le_bytes(stored[from..from + 4].try_into().expect("4 bytes"));
+                dst[to..to + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
+            }
         }
         for (to, from, n) in self.other_pieces() {
             dst[to..to + n].copy_from_slice(&stored[from..from + n]);

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"KILNPLAN";
 /// Bumped on any change a reader of the previous version would misread.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 pub const HEADER_BYTES: usize = 32;
 pub const ENTRY_BYTES: usize = 32;
 /// Alignment of every section and of every weight inside the weights section.

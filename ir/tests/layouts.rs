@@ -3,7 +3,7 @@
 mod common;
 
 use kiln_ir::dequant::dequantize;
-use kiln_ir::layout::{Layout, Scales};
+use kiln_ir::layout::{fields_finite, Layout, Scales};
 use kiln_ir::weights::WeightView;
 use kiln_ir::QuantFormat;
 
@@ -33,6 +33,10 @@ fn repacked_rows_dequantize_exactly_as_gguf_rows() {
         Layout {
             scales: Scales::Grouped,
             interleave: 2,
+        },
+        Layout {
+            scales: Scales::GroupedF16,
+            interleave: 4,
         },
     ];
     let mut checked = 0;
@@ -224,4 +228,35 @@ fn grouped_block_keeps_the_rows_fifth_bits_as_bit_planes() {
         "a plane vector holds four rows"
     );
     assert!(pairs.fits(QuantFormat::Q4_0, &[4, 32]));
+}
+
+/// Kernels widen f16 scales kept in a plan (`Scales::GroupedF16`) exactly for finite values only, so the layout
+/// pass asks `fields_finite` first: any infinite or NaN scale or minimum says no.
+#[test]
+fn fields_finite_finds_every_infinite_or_nan_field() {
+    let mut blocks = vec![0u8; 3 * QuantFormat::Q4_1.block_bytes()];
+    for (i, block) in blocks
+        .chunks_exact_mut(QuantFormat::Q4_1.block_bytes())
+        .enumerate()
+    {
+        let value = half::f16::from_f32(0.5 + i as f32);
+        block[0..2].copy_from_slice(&value.to_le_bytes());
+        block[2..4].copy_from_slice(&(-value).to_le_bytes());
+    }
+    assert!(fields_finite(QuantFormat::Q4_1, &blocks));
+    for bad in [half::f16::INFINITY, half::f16::NEG_INFINITY, half::f16::NAN] {
+        for at in [0, 2, 20, 22, 40, 42] {
+            let mut blocks = blocks.clone();
+            blocks[at..at + 2].copy_from_slice(&bad.to_le_bytes());
+            assert!(
+                !fields_finite(QuantFormat::Q4_1, &blocks),
+                "{bad} at byte {at}"
+            );
+        }
+    }
+    // Subnormal and largest finite values widen exactly.
+    let mut edge = blocks.clone();
+    edge[0..2].copy_from_slice(&half::f16::from_bits(1).to_le_bytes());
+    edge[20..22].copy_from_slice(&half::f16::MAX.to_le_bytes());
+    assert!(fields_finite(QuantFormat::Q4_1, &edge));
 }

@@ -77,11 +77,11 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     } else {
         Readers::Cpu
     };
-    let compiled = compile(lowered.graph, readers, |i, name, stage| {
+    let compiled = compile(lowered.graph, readers, &gguf, |i, name, stage| {
         let (summary, dump) = match stage {
             Stage::Graph(graph) => (format!("{} nodes", graph.len()), kiln_ir::text::print(graph)),
             Stage::Layouts(layouts) => (
-                format!("{} weights repacked (rows interleaved by {INTERLEAVE}, block scales grouped or f32)", layouts.len()),
+                format!("{} weights repacked (rows interleaved by {INTERLEAVE}, block scales moved)", layouts.len()),
                 layouts.iter().map(|(name, layout)| format!("@{name} {layout}\n")).collect(),
             ),
             Stage::Schedule(schedule) => (

@@ -1,15 +1,21 @@
 //! Layout: choose how the plan stores each weight, for the kernels that read it (see `kiln_ir::layout`).
 //!
 //! Weights that a matmul-family kernel or `embed` reads block by block get rows interleaved by `INTERLEAVE` (where
-//! the row count allows) and, where the format has f16 scales, f32 ones:
+//! the row count allows) and their f16 scales moved:
 //! - gathered at the front of each row group's block, for the 32-value block formats when only CPU kernels read
-//!   the plan: one vector load gives four rows' scales (about 5% fewer instructions in the one-token kernels);
-//! - at each block's front otherwise: the CUDA kernels read blocks one by one, and a k-quant has two scales in
-//!   256 values.
+//!   the plan: one vector load gives four rows' scales (about 5% fewer instructions in the one-token kernels).
+//!   The formats with a code offset (Q4_0, Q5_0, Q8_0) keep them f16 (`Scales::GroupedF16`), GGUF's bytes, which
+//!   the kernels widen: one conversion per group block against 6-8% fewer bytes to stream (Qwen2.5's Q8_0 LM head
+//!   decoded 7% faster). Those with a minimum (Q4_1, Q5_1) widen them to f32: their one-token kernel is short of
+//!   registers already, and the conversion's constants cost more than the bytes saved (measured slower or no
+//!   faster). A kernel widens finite values only, so a weight with an infinite or NaN scale keeps f32 ones.
+//! - widened to f32 at each block's front otherwise: the CUDA kernels read blocks one by one, and a k-quant has
+//!   two scales in 256 values.
 //!
 //! Plain-float matrices, norm gains and biases stay as they are.
 
-use kiln_ir::layout::{f16_fields, Layout, Scales};
+use kiln_ir::layout::{f16_fields, fields_finite, Layout, Scales};
+use kiln_ir::weights::WeightSource;
 use kiln_ir::QuantFormat;
 use kiln_ir::{Graph, Op, Operand};
 use std::collections::BTreeMap;
@@ -41,18 +47,23 @@ pub enum Readers {
     WithCuda,
 }
 
-/// Where a weight of `format` gets its f32 scales, interleaved or not, where it has f16 ones.
-fn scales(format: QuantFormat, interleave: usize, readers: Readers) -> Scales {
+/// Where a weight of `format` gets its scales, interleaved or not, where it has f16 ones; `finite` says whether
+/// they are all finite.
+fn scales(format: QuantFormat, interleave: usize, readers: Readers, finite: bool) -> Scales {
     use QuantFormat::*;
-    let block32 = matches!(format, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0);
-    if block32 && interleave > 1 && readers == Readers::Cpu {
-        Scales::Grouped
-    } else {
-        Scales::F32
+    match format {
+        Q4_0 | Q5_0 | Q8_0 if interleave > 1 && readers == Readers::Cpu && finite => {
+            Scales::GroupedF16
+        }
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 if interleave > 1 && readers == Readers::Cpu => {
+            Scales::Grouped
+        }
+        _ => Scales::F32,
     }
 }
 
-pub fn choose_layouts(graph: &Graph, readers: Readers) -> Layouts {
+/// The layouts of `graph`'s weights, whose bytes `weights` holds (as GGUF stores them).
+pub fn choose_layouts(graph: &Graph, readers: Readers, weights: &dyn WeightSource) -> Layouts {
     let mut layouts = Layouts::new();
     for id in graph.node_ids() {
         let node = graph.node(id);
@@ -82,7 +93,9 @@ pub fn choose_layouts(graph: &Graph, readers: Readers) -> Layouts {
             let scales = if f16_fields(format).is_empty() {
                 Scales::Gguf
             } else {
-                scales(format, interleave, readers)
+                let finite =
+                    (weights.weight(&decl.name)).is_some_and(|w| fields_finite(format, w.data));
+                scales(format, interleave, readers, finite)
             };
             let layout = Layout { scales, interleave };
             if layout != Layout::GGUF && layout.fits(format, &shape) {

@@ -90,16 +90,17 @@ pub enum CompileError {
     InvalidSchedule(String),
 }
 
-/// The whole pipeline, for a plan whose weights `readers` read. `after(index, name, stage)` sees the result of
-/// each stage.
+/// The whole pipeline, for a plan whose weights (`weights`, as GGUF stores them) `readers` read.
+/// `after(index, name, stage)` sees the result of each stage.
 pub fn compile(
     graph: Graph,
     readers: Readers,
+    weights: &dyn kiln_ir::weights::WeightSource,
     mut after: impl FnMut(usize, &str, Stage),
 ) -> Result<Compiled, CompileError> {
     let graph = run_pipeline(graph, |i, name, graph| after(i, name, Stage::Graph(graph)))?;
     let n = pipeline().len();
-    let layouts = choose_layouts(&graph, readers);
+    let layouts = choose_layouts(&graph, readers, weights);
     after(n + 1, "layout", Stage::Layouts(&layouts));
     let schedule = schedule(&graph, &layouts)?;
     schedule
