@@ -156,8 +156,10 @@ impl<'a> Kb<'a> {
     /// f16 bits, sign-extended into an i32 (or each lane of an i32x4), as f32: exact for every finite value,
     /// subnormals included. The shift puts the exponent and mantissa in f32's places, the mask keeps the sign and
     /// clears the three bits the sign extension left above the exponent, and the multiply by 2^112 rebiases the
-    /// exponent (a subnormal f16 is an f32 subnormal before it, so it comes out exact too). Three instructions,
-    /// where x86's F16C (which Cranelift does not emit) takes one; the constants are memory operands.
+    /// exponent (a subnormal f16 is an f32 subnormal before it, so it comes out exact too). Three instructions
+    /// (where x86's F16C, which Cranelift does not emit, takes one) and two vector constants, each a register
+    /// for the rest of a loop's iteration: register pressure is why formats with a minimum widen theirs at
+    /// compile time instead (`Scales::Grouped`).
     pub fn f16_bits_to_f32(&mut self, bits: Value) -> Value {
         const SIGN_EXPONENT_MANTISSA: i32 = 0x8FFF_FFFF_u32 as i32;
         const REBIAS: f32 = f32::from_bits(0x7780_0000); // 2^112

@@ -93,7 +93,8 @@ impl PlanFile {
             let end = (start + CHUNK).min(self.map.len());
             copy[start..end].copy_from_slice(&self.map[start..end]);
             // SAFETY: nothing borrows the mapping while `&mut self` is held, and the file's pages come back from
-            // the page cache if they are read again.
+            // the page cache if they are read again. Advice that fails only leaves the pages mapped until the
+            // mapping is dropped below.
             let _ = unsafe {
                 self.map
                     .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
