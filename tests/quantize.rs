@@ -5,6 +5,8 @@
 
 mod common;
 
+use kiln_ir::QuantFormat;
+use kiln_runtime::plan::PlanFile;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -65,11 +67,18 @@ fn ternary_files_hold_absmean_digits_and_both_packings_run_alike() {
     // The same digits and scales in two packings: the same tokens (nonsense: ternarizing a model trained in
     // full precision breaks it, but the files are valid models).
     assert_eq!(greedy_ids(&tq2, 6), greedy_ids(&tq1, 6));
-    // Compiled, their matmuls run the generated TQ2_0 and TQ1_0 kernels, whose integer sums agree exactly.
+    // Compiled for the CPU, the TQ1_0 file's matrices are stored as TQ2_0 (the same digits, converted exactly, for
+    // the faster kernel), and both plans give the same tokens.
     let plans: Vec<PathBuf> = [&tq2, &tq1]
         .iter()
         .map(|gguf| common::compile(gguf, None))
         .collect();
+    let formats = |plan: &Path| -> Vec<QuantFormat> {
+        let plan = PlanFile::open(plan).unwrap();
+        plan.weight_entries().iter().map(|w| w.format).collect()
+    };
+    assert_eq!(formats(&plans[0]), formats(&plans[1]));
+    assert!(formats(&plans[1]).contains(&QuantFormat::TQ2_0));
     assert_eq!(greedy_ids(&plans[0], 6), greedy_ids(&plans[1], 6));
 }
 

@@ -7,7 +7,8 @@ use kiln_ir::plan::{
     self, CodeEntry, PlanMeta, SectionEntry, SectionKind, WeightEntry, ALIGN, ENTRY_BYTES,
     HEADER_BYTES,
 };
-use kiln_ir::weights::WeightSource;
+use kiln_ir::weights::{WeightSource, WeightView};
+use kiln_ir::{QuantFormat, WeightDecl};
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -26,6 +27,35 @@ pub enum PlanWriteError {
         "weight `{name}` cannot be stored in the {layout} layout (a kiln bug in the layout pass)"
     )]
     Layout { name: String, layout: Layout },
+    #[error("weight `{name}` is {found} in the model, and the graph stores it as {stored}, which kiln cannot convert it to (a kiln bug in the transcoding pass)")]
+    Transcode {
+        name: String,
+        found: QuantFormat,
+        stored: String,
+    },
+}
+
+/// The format the graph stores a weight in: the source's own, or another a pass chose that the source converts to
+/// exactly (`passes::transcode_weights`: TQ1_0 as TQ2_0, `converted`).
+fn stored_format(decl: &WeightDecl, view: &WeightView) -> Result<QuantFormat, PlanWriteError> {
+    match (view.format, decl.ty.dtype.format()) {
+        (found, Some(stored)) if found == stored => Ok(found),
+        (QuantFormat::TQ1_0, Some(QuantFormat::TQ2_0)) => Ok(QuantFormat::TQ2_0),
+        (found, _) => Err(PlanWriteError::Transcode {
+            name: decl.name.clone(),
+            found,
+            stored: decl.ty.dtype.to_string(),
+        }),
+    }
+}
+
+/// A weight's bytes in `format`, which `stored_format` chose.
+fn converted<'a>(format: QuantFormat, view: &WeightView<'a>) -> Cow<'a, [u8]> {
+    if format == view.format {
+        Cow::Borrowed(view.data)
+    } else {
+        Cow::Owned(kiln_ir::quantize::tq1_0_to_tq2_0(view.data))
+    }
 }
 
 /// What was written.
@@ -82,15 +112,17 @@ pub fn write_plan(
             .ok_or_else(|| PlanWriteError::MissingWeight(decl.name.clone()))?;
         let offset = plan::align_up(cursor);
         let layout = layouts.get(&decl.name).copied().unwrap_or(Layout::GGUF);
-        let len = layout
-            .stored_bytes(view.format, view.shape)
-            .ok_or_else(|| PlanWriteError::Layout {
-                name: decl.name.clone(),
-                layout,
-            })?;
+        let format = stored_format(decl, &view)?;
+        let len =
+            layout
+                .stored_bytes(format, view.shape)
+                .ok_or_else(|| PlanWriteError::Layout {
+                    name: decl.name.clone(),
+                    layout,
+                })?;
         index.push(WeightEntry {
             name: decl.name.clone(),
-            format: view.format,
+            format,
             shape: view.shape.to_vec(),
             layout,
             offset,
@@ -171,9 +203,10 @@ fn write_sections(
         hasher.update(&padding);
         out.write_all(&padding).map_err(io)?;
         let view = weights.weight(&entry.name).expect("looked up above");
+        let bytes = converted(entry.format, &view);
         let data = match entry.layout {
-            Layout::GGUF => Cow::Borrowed(view.data),
-            layout => Cow::Owned(layout.repack(view.format, view.shape, view.data)),
+            Layout::GGUF => bytes,
+            layout => Cow::Owned(layout.repack(entry.format, view.shape, &bytes)),
         };
         hasher.update(&data);
         out.write_all(&data).map_err(io)?;

@@ -257,21 +257,31 @@ fn q8_k_block(b: &[u8], y: &mut [f32]) {
 }
 
 /// TQ1_0: five ternary digits per byte as a base-3 fixed-point fraction (x * 256 / 243), then four per byte
-/// in `qh`. Digit k of byte v is the top bits of `v * 3^k` (mod 256) times 3.
+/// in `qh`.
 fn tq1_0_block(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 52);
+    for (y, t) in y.iter_mut().zip(tq1_0_digits(b)) {
+        *y = d * (t as i8 - 1) as f32;
+    }
+}
+
+/// A TQ1_0 block's 256 ternary digits (0, 1, 2 for -1, 0, +1), in element order. Digit k of byte v is the top
+/// bits of `v * 3^k` (mod 256) times 3.
+pub fn tq1_0_digits(b: &[u8]) -> [u8; 256] {
     const POW3: [u8; 5] = [1, 3, 9, 27, 81];
     let (qs, qh) = (&b[0..48], &b[48..52]);
-    let d = f16_at(b, 52);
-    let digit = |v: u8, k: usize| ((v.wrapping_mul(POW3[k]) as u16 * 3) >> 8) as i8 - 1;
+    let digit = |v: u8, k: usize| ((v.wrapping_mul(POW3[k]) as u16 * 3) >> 8) as u8;
+    let mut digits = [0u8; 256];
     let mut e = 0;
     for (bytes, runs) in [(&qs[0..32], 5), (&qs[32..48], 5), (qh, 4)] {
         for k in 0..runs {
             for &v in bytes {
-                y[e] = d * digit(v, k) as f32;
+                digits[e] = digit(v, k);
                 e += 1;
             }
         }
     }
+    digits
 }
 
 /// TQ2_0: 2-bit codes 0, 1, 2 for -1, 0, +1 in the k-quant crumb packing, one f16 scale.

@@ -90,6 +90,11 @@ impl Graph {
         &self.weights[id.0 as usize]
     }
 
+    /// A weight's declaration, for passes that change how a weight is stored (its format).
+    pub fn weight_mut(&mut self, id: WeightId) -> &mut WeightDecl {
+        &mut self.weights[id.0 as usize]
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
         &self.dag[id]
     }

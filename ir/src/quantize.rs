@@ -110,12 +110,32 @@ fn ternary(x: &[f32]) -> (f32, Vec<u8>) {
 /// 128, in bits 1:0, 3:2, 5:4, 7:6. The f16 scale follows the 64 bytes.
 fn tq2_0_block(x: &[f32], out: &mut [u8]) {
     let (scale, t) = ternary(x);
+    pack_tq2_0_digits(&t, out);
+    put_f16(out, QK_K / 4, scale);
+}
+
+/// A block's 256 ternary digits into TQ2_0's 64 bytes of codes.
+fn pack_tq2_0_digits(t: &[u8], out: &mut [u8]) {
     for (run, bytes) in out[..QK_K / 4].chunks_exact_mut(32).enumerate() {
         for (m, byte) in bytes.iter_mut().enumerate() {
             *byte = (0..4).fold(0, |q, n| q | t[run * 128 + m + n * 32] << (2 * n));
         }
     }
-    put_f16(out, QK_K / 4, scale);
+}
+
+/// TQ1_0 blocks rewritten as TQ2_0 blocks of the same values, exactly: the same ternary digits, 2 bits each
+/// instead of base 3, and the same f16 scale (66 bytes a block instead of 54).
+pub fn tq1_0_to_tq2_0(tq1_0: &[u8]) -> Vec<u8> {
+    let (from, to) = (
+        QuantFormat::TQ1_0.block_bytes(),
+        QuantFormat::TQ2_0.block_bytes(),
+    );
+    let mut out = vec![0u8; tq1_0.len() / from * to];
+    for (block, tq2) in tq1_0.chunks_exact(from).zip(out.chunks_exact_mut(to)) {
+        pack_tq2_0_digits(&crate::dequant::tq1_0_digits(block), tq2);
+        tq2[QK_K / 4..].copy_from_slice(&block[52..54]);
+    }
+    out
 }
 
 /// TQ1_0: five base-3 digits per byte (the first most significant), stored as the fraction ceil(q * 256 / 243):
@@ -201,6 +221,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// TQ1_0 rewritten as TQ2_0 dequantizes to the same values, bit for bit, over every digit and both signs of
+    /// scale (a quantized block, and blocks of every digit pattern from the fixtures' bytes).
+    #[test]
+    fn tq1_0_to_tq2_0_keeps_every_value() {
+        let mut tq1 = quantize(QuantFormat::TQ1_0, &values(2 * QK_K));
+        let negated: Vec<f32> = values(QK_K).iter().map(|v| -v).collect();
+        tq1.extend(quantize(QuantFormat::TQ1_0, &negated));
+        // A block whose bytes run through every value 0..=255 (digits past 242 included), scale -0.75.
+        let mut all: Vec<u8> = (0..52).map(|i| (i * 5) as u8).collect();
+        all.extend(f16::from_f32(-0.75).to_le_bytes());
+        tq1.extend(all);
+        let tq2 = tq1_0_to_tq2_0(&tq1);
+        let n = tq1.len() / QuantFormat::TQ1_0.block_bytes() * QK_K;
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        dequantize(QuantFormat::TQ1_0, &tq1, &mut a);
+        dequantize(QuantFormat::TQ2_0, &tq2, &mut b);
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

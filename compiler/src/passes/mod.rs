@@ -8,7 +8,7 @@ mod layout;
 mod rewrite;
 mod schedule;
 
-pub use layout::{choose_layouts, Layouts, Readers, INTERLEAVE};
+pub use layout::{choose_layouts, transcode_weights, Layouts, Readers, INTERLEAVE};
 pub use schedule::{schedule, specialize, ScheduleError};
 
 use kiln_ir::schedule::Schedule;
@@ -98,7 +98,8 @@ pub fn compile(
     weights: &dyn kiln_ir::weights::WeightSource,
     mut after: impl FnMut(usize, &str, Stage),
 ) -> Result<Compiled, CompileError> {
-    let graph = run_pipeline(graph, |i, name, graph| after(i, name, Stage::Graph(graph)))?;
+    let mut graph = run_pipeline(graph, |i, name, graph| after(i, name, Stage::Graph(graph)))?;
+    transcode_weights(&mut graph, readers);
     let n = pipeline().len();
     let layouts = choose_layouts(&graph, readers, weights);
     after(n + 1, "layout", Stage::Layouts(&layouts));
