@@ -12,7 +12,8 @@
 //! - widened to f32 at each block's front otherwise: the CUDA kernels read blocks one by one, and a k-quant has
 //!   two scales in 256 values.
 //!
-//! Plain-float matrices, norm gains and biases stay as they are.
+//! TQ1_0 matrices of a CPU plan are stored as TQ2_0 (`transcode_weights`). Plain-float matrices, norm gains and
+//! biases stay as they are.
 
 use kiln_ir::graph::WeightId;
 use kiln_ir::layout::{f16_fields, fields_finite, Layout, Scales};
