@@ -35,15 +35,27 @@ pub enum PlanWriteError {
     },
 }
 
-/// The format the graph stores a weight in: the source's own, or another a pass chose that the source converts to
-/// exactly (`passes::transcode_weights`: TQ1_0 as TQ2_0, `converted`).
+/// Rewrites a weight's bytes from one format into another, exactly.
+type Conversion = fn(&[u8]) -> Vec<u8>;
+
+/// The exact conversion from one format to another that a pass may store a weight in
+/// (`passes::transcode_weights`: TQ1_0 as TQ2_0).
+fn conversion(from: QuantFormat, to: QuantFormat) -> Option<Conversion> {
+    match (from, to) {
+        (QuantFormat::TQ1_0, QuantFormat::TQ2_0) => Some(kiln_ir::quantize::tq1_0_to_tq2_0),
+        _ => None,
+    }
+}
+
+/// The format the graph stores a weight in: the source's own, or one the source converts to (`conversion`).
 fn stored_format(decl: &WeightDecl, view: &WeightView) -> Result<QuantFormat, PlanWriteError> {
-    match (view.format, decl.ty.dtype.format()) {
-        (found, Some(stored)) if found == stored => Ok(found),
-        (QuantFormat::TQ1_0, Some(QuantFormat::TQ2_0)) => Ok(QuantFormat::TQ2_0),
-        (found, _) => Err(PlanWriteError::Transcode {
+    match decl.ty.dtype.format() {
+        Some(stored) if stored == view.format || conversion(view.format, stored).is_some() => {
+            Ok(stored)
+        }
+        _ => Err(PlanWriteError::Transcode {
             name: decl.name.clone(),
-            found,
+            found: view.format,
             stored: decl.ty.dtype.to_string(),
         }),
     }
@@ -51,10 +63,9 @@ fn stored_format(decl: &WeightDecl, view: &WeightView) -> Result<QuantFormat, Pl
 
 /// A weight's bytes in `format`, which `stored_format` chose.
 fn converted<'a>(format: QuantFormat, view: &WeightView<'a>) -> Cow<'a, [u8]> {
-    if format == view.format {
-        Cow::Borrowed(view.data)
-    } else {
-        Cow::Owned(kiln_ir::quantize::tq1_0_to_tq2_0(view.data))
+    match conversion(view.format, format) {
+        Some(convert) => Cow::Owned(convert(view.data)),
+        None => Cow::Borrowed(view.data),
     }
 }
 

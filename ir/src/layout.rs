@@ -126,9 +126,10 @@ pub fn high_bits(format: QuantFormat) -> Option<usize> {
 pub const PLANE_ROWS: usize = 4;
 
 /// Where a grouped layout's group block keeps each part, in bytes from the block's start: first each f16 field of
-/// every row, as the layout stores fields (field `k` of row `lane` at `field_at(k, lane)`); then, for formats with fifth bits, the
-/// rows' bit planes, 16 bytes per `PLANE_ROWS` rows, where bit `2 * (lane % 4)` of byte `i` is row `lane`'s fifth
-/// bit of code `i` and the next bit that of code `16 + i`; then each row's other bytes, in order.
+/// every row, f16 or widened as the layout keeps fields (field `k` of row `lane` at `field_at(k, lane)`); then, for
+/// formats with fifth bits, the rows' bit planes, 16 bytes per `PLANE_ROWS` rows, where bit `2 * (lane % 4)` of
+/// byte `i` is row `lane`'s fifth bit of code `i` and the next bit that of code `16 + i`; then each row's other
+/// bytes, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupBlock {
     interleave: usize,
@@ -303,8 +304,8 @@ impl Layout {
 }
 
 /// Where one block's bytes lie in a stored weight: the GGUF block whole at `others_at` (`inline`), or its f16
-/// fields, f16 or widened to f32 (`field_stride` apart from `field_at`), its fifth bits in bit planes where `planes` says,
-/// and its other bytes, in order, from `others_at`.
+/// fields, f16 or widened to f32 (`field_stride` apart from `field_at`), its fifth bits in bit planes where
+/// `planes` says, and its other bytes, in order, from `others_at`.
 struct BlockPlace {
     fields: &'static [usize],
     block_bytes: usize,
