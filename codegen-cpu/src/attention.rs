@@ -1,8 +1,8 @@
 //! Attention of the query heads that share one KV head (a GQA group, or a single head) over their sequence's
 //! cached keys and values: for each head, the scores `q . k_j * scale` of the positions `first..=last`, their
 //! softmax, and the weighted sum of the values. Cached positions live in pages of `KV_PAGE`, found through the
-//! sequence's page table; a page keeps each KV head's rows together (`AttentionArgs`), so the group's rows are
-//! one run of memory per page.
+//! sequence's page table; each KV head's pages have a region of their own (`AttentionArgs`), so the group's rows
+//! are one run of memory per page, and across pages taken in order.
 //!
 //! The group's heads read each key and value row once between them. Attention streams the cache: 512 positions
 //! of a 256-wide head are 512 KiB of keys and as much of values, past this machine's L2, and a call per head

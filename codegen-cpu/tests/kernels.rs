@@ -424,7 +424,7 @@ fn attention_matches_the_reference_over_pages_and_windows() {
     use kiln_ir::cpu_abi::{AttentionArgs, KV_PAGE};
     let isa = host_isa().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    // Three KV heads per page, each head's rows together; the queries read the middle one.
+    // Three KV heads, each with a region of pages; the queries read the middle one.
     let (kv_heads, kv_head) = (3, 1);
     let pages: Vec<u32> = vec![4, 0, 3, 1, 2];
     let positions = pages.len() * KV_PAGE;
@@ -438,9 +438,9 @@ fn attention_matches_the_reference_over_pages_and_windows() {
         (256, 4),
     ] {
         let f = Loaded::new(&isa, CpuFunction::Attention { head_dim, group });
-        let page_stride = KV_PAGE * kv_heads * head_dim;
+        let page_stride = KV_PAGE * head_dim;
         let pool = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
-            (0..pages.len() * page_stride)
+            (0..kv_heads * pages.len() * page_stride)
                 .map(|_| rng.gen_range(-1.0..1.0))
                 .collect()
         };
@@ -448,7 +448,7 @@ fn attention_matches_the_reference_over_pages_and_windows() {
         let q: Vec<f32> = (0..group * head_dim)
             .map(|_| rng.gen_range(-2.0..2.0))
             .collect();
-        let kv_offset = kv_head * KV_PAGE * head_dim;
+        let kv_offset = kv_head * pages.len() * page_stride;
         let at = |j: usize| {
             pages[j / KV_PAGE] as usize * page_stride + kv_offset + j % KV_PAGE * head_dim
         };

@@ -252,8 +252,8 @@ pub struct MatMulArgs {
 }
 
 /// Position `j` of the sequence is at `k + pages[j / KV_PAGE] * page_stride + kv_offset + (j % KV_PAGE) * head_dim`
-/// (and likewise in `v`): a page keeps each KV head's `KV_PAGE` rows together, head after head, so that a head's
-/// rows are one run of memory per page rather than every KV head's row interleaved position by position.
+/// (and likewise in `v`): the executor keeps each KV head's pages in a region of their own, so that a head's rows are
+/// one run of memory per page, and one run across pages taken in order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionArgs {
@@ -264,9 +264,9 @@ pub struct AttentionArgs {
     pub v: *const f32,
     /// The sequence's page table.
     pub pages: *const u32,
-    /// Values per page (every KV head's `KV_PAGE` rows).
+    /// Values per page of one KV head (its `KV_PAGE` rows).
     pub page_stride: u64,
-    /// The KV head's first value within a page.
+    /// Where the KV head's region of the pools starts.
     pub kv_offset: u64,
     /// The positions attended: `first..=last`.
     pub first: u64,

@@ -4,9 +4,11 @@
 //! position's page is taken once, by the first layer that writes it); each layer's pool grows to the highest page
 //! in use, and a freed page is reused before a new one is touched.
 //!
-//! A page keeps each KV head's rows together (`[kv head, PAGE, head_dim]`), so attention, which reads one KV
-//! head's rows, reads a page's worth as one run of memory: with every head's row interleaved position by position,
-//! it read a head's 256 bytes from every 768 (SmolLM2), and its decode step waited on memory most of its time.
+//! Each KV head's pages are one run of memory (`[kv head, page, PAGE, head_dim]`: a region per head, holding its
+//! rows page after page), so attention, which reads one KV head's rows, reads a sequence whose pages were taken in
+//! order as one run, which the hardware prefetcher follows from page to page. With a page holding every head's
+//! rows, a head's 4 KiB runs were 8 KiB apart (SmolLM2), and attention read the cache at half the speed once it
+//! came from memory; with every head's row interleaved position by position, it read 256 bytes of every 768.
 
 use crate::engine::ExecError;
 use std::collections::HashMap;
@@ -26,13 +28,46 @@ pub struct PagedKv {
     layers: HashMap<usize, LayerPages>,
 }
 
-/// One layer's keys and values, `[page, kv head, PAGE, head_dim]`.
+/// One layer's keys and values, `[kv head, page, PAGE, head_dim]`: room for `pages` pages in each head's region.
 struct LayerPages {
     head_dim: usize,
-    /// Values per page: every KV head's `PAGE` rows.
-    page_stride: usize,
+    kv_heads: usize,
+    pages: usize,
     k: Vec<f32>,
     v: Vec<f32>,
+}
+
+impl LayerPages {
+    /// Values per page of one KV head.
+    fn page_len(&self) -> usize {
+        PAGE * self.head_dim
+    }
+
+    /// Where KV head `kv_head`'s region starts.
+    fn head_offset(&self, kv_head: usize) -> usize {
+        kv_head * self.pages * self.page_len()
+    }
+
+    /// Makes room for page `page` in every head's region: the regions grow to at least double (at most `limit`
+    /// pages), so a layer reallocates a logarithmic number of times, and each head's pages move to the start of
+    /// its new region.
+    fn hold(&mut self, page: usize, limit: usize) {
+        if page < self.pages {
+            return;
+        }
+        let pages = (page + 1).max(2 * self.pages).min(limit);
+        let (old, new) = (self.pages * self.page_len(), pages * self.page_len());
+        for pool in [&mut self.k, &mut self.v] {
+            let mut grown = vec![0.0; self.kv_heads * new];
+            if old > 0 {
+                for (region, head) in grown.chunks_exact_mut(new).zip(pool.chunks_exact(old)) {
+                    region[..old].copy_from_slice(head);
+                }
+            }
+            *pool = grown;
+        }
+        self.pages = pages;
+    }
 }
 
 impl PagedKv {
@@ -81,20 +116,16 @@ impl PagedKv {
         let page = self.tables[slot][pos / PAGE] as usize;
         let pool = self.layers.entry(layer).or_insert_with(|| LayerPages {
             head_dim,
-            page_stride: PAGE * k.len(),
+            kv_heads: k.len() / head_dim,
+            pages: 0,
             k: Vec::new(),
             v: Vec::new(),
         });
-        if pool.k.len() < (page + 1) * pool.page_stride {
-            // Grow to whole pages, at least doubling, so a layer reallocates a logarithmic number of times.
-            let len = ((page + 1) * pool.page_stride).max(2 * pool.k.len());
-            pool.k.resize(len, 0.0);
-            pool.v.resize(len, 0.0);
-        }
-        let row = page * pool.page_stride + pos % PAGE * head_dim;
+        pool.hold(page, self.capacity);
+        let row = page * pool.page_len() + pos % PAGE * head_dim;
         let heads = k.chunks_exact(head_dim).zip(v.chunks_exact(head_dim));
         for (h, (k, v)) in heads.enumerate() {
-            let at = row + h * PAGE * head_dim;
+            let at = pool.head_offset(h) + row;
             pool.k[at..at + head_dim].copy_from_slice(k);
             pool.v[at..at + head_dim].copy_from_slice(v);
         }
@@ -109,55 +140,48 @@ impl PagedKv {
 
     /// The keys and values of the sequence in `slot` at `layer`, for attention.
     pub fn sequence(&self, layer: usize, slot: usize) -> SeqKv<'_> {
-        let pool = &self.layers[&layer];
         SeqKv {
-            head_dim: pool.head_dim,
-            page_stride: pool.page_stride,
+            pool: &self.layers[&layer],
             table: &self.tables[slot],
-            k: &pool.k,
-            v: &pool.v,
         }
     }
 }
 
 /// One sequence's cached keys and values at one layer, position by position.
 pub struct SeqKv<'a> {
-    head_dim: usize,
-    page_stride: usize,
+    pool: &'a LayerPages,
     table: &'a [u32],
-    k: &'a [f32],
-    v: &'a [f32],
 }
 
 impl SeqKv<'_> {
     fn at(&self, pos: usize, kv_head: usize) -> usize {
-        self.table[pos / PAGE] as usize * self.page_stride
-            + self.head_offset(kv_head)
-            + pos % PAGE * self.head_dim
+        self.head_offset(kv_head)
+            + self.table[pos / PAGE] as usize * self.pool.page_len()
+            + pos % PAGE * self.pool.head_dim
     }
 
-    /// Where KV head `kv_head`'s rows start within a page.
+    /// Where KV head `kv_head`'s rows start in the pools.
     pub fn head_offset(&self, kv_head: usize) -> usize {
-        kv_head * PAGE * self.head_dim
+        self.pool.head_offset(kv_head)
     }
 
     /// The key of position `pos` for KV head `kv_head` (`head_dim` values).
     pub fn key(&self, pos: usize, kv_head: usize) -> &[f32] {
-        &self.k[self.at(pos, kv_head)..][..self.head_dim]
+        &self.pool.k[self.at(pos, kv_head)..][..self.pool.head_dim]
     }
 
     pub fn value(&self, pos: usize, kv_head: usize) -> &[f32] {
-        &self.v[self.at(pos, kv_head)..][..self.head_dim]
+        &self.pool.v[self.at(pos, kv_head)..][..self.pool.head_dim]
     }
 
-    /// The key pool, value pool, page table and page stride, as generated attention takes them
-    /// (`AttentionArgs`).
+    /// The key pool, value pool, page table and page stride (values per page of one KV head), as generated
+    /// attention takes them (`AttentionArgs`).
     pub fn raw(&self) -> (*const f32, *const f32, *const u32, usize) {
         (
-            self.k.as_ptr(),
-            self.v.as_ptr(),
+            self.pool.k.as_ptr(),
+            self.pool.v.as_ptr(),
             self.table.as_ptr(),
-            self.page_stride,
+            self.pool.page_len(),
         )
     }
 }
@@ -186,14 +210,19 @@ mod tests {
             (a.key(PAGE, 0), a.value(3, 1), b.key(0, 1)),
             (&[PAGE as f32; 2][..], &[-3.0 + 1.0; 2][..], &[101.0; 2][..])
         );
-        // A page holds each head's rows together: head 1's rows follow head 0's `PAGE` rows.
+        // Each head's pages are one run: head 1's region, room for the three pages, follows head 0's, and slot 0's
+        // pages 0 and 1 lie back to back in it.
         let (k, _, _, page_stride) = a.raw();
-        assert_eq!(page_stride, PAGE * 4);
-        let pool = unsafe { std::slice::from_raw_parts(k, 2 * page_stride) };
+        assert_eq!(page_stride, PAGE * 2);
+        assert_eq!(a.head_offset(1), 3 * page_stride);
+        let pool = unsafe { std::slice::from_raw_parts(k, 2 * a.head_offset(1)) };
         assert_eq!(
-            pool[a.head_offset(1) + 2 * 3],
-            3.0 + 1.0,
-            "head 1, position 3"
+            (
+                pool[a.head_offset(1) + 2 * 3],
+                pool[a.head_offset(1) + 2 * PAGE]
+            ),
+            (3.0 + 1.0, PAGE as f32 + 1.0),
+            "head 1, positions 3 and PAGE"
         );
         // Full: a fourth page is refused with the capacity in the error.
         let full = write(&mut kv, 0, 1, PAGE, 1.0).unwrap_err();
