@@ -4,19 +4,22 @@
 # machine slows both alike. Prints each round, then the medians and kiln's ratios to llama.cpp, and the spread of
 # the per-round ratios (each kiln round against the llama.cpp round just before it).
 #
-#   scripts/compare-llama.sh MODEL.gguf PLAN.kiln [ROUNDS]     (ROUNDS: default 5)
+#   scripts/compare-llama.sh MODEL.gguf PLAN.kiln [ROUNDS] [DEPTH]     (ROUNDS: default 5; DEPTH: default 0)
+#
+# DEPTH tokens are in the cache before each timed prefill and decode (llama-bench's -d, kiln bench's --depth).
 #
 # llama-bench is $LLAMA_BENCH when set; otherwise it is built once (into $KILN_LLAMA, default
 # ~/.cache/kiln/llama.cpp) from the llama-cpp-python source package, which vendors llama.cpp: pip, cmake (installed
 # with pip when missing) and a C++ compiler. kiln is $KILN when set, else target/release/kiln (built when missing).
 set -euo pipefail
 
-usage() { echo "usage: $0 MODEL.gguf PLAN.kiln [ROUNDS]" >&2; exit 2; }
-[ $# -ge 2 ] && [ $# -le 3 ] || usage
-model=$1 plan=$2 rounds=${3:-5}
+usage() { echo "usage: $0 MODEL.gguf PLAN.kiln [ROUNDS] [DEPTH]" >&2; exit 2; }
+[ $# -ge 2 ] && [ $# -le 4 ] || usage
+model=$1 plan=$2 rounds=${3:-5} depth=${4:-0}
 [ -f "$model" ] || { echo "error: no model file $model" >&2; exit 1; }
 [ -f "$plan" ] || { echo "error: no plan file $plan" >&2; exit 1; }
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "error: ROUNDS must be a positive integer, not '$rounds'" >&2; exit 1; }
+[[ "$depth" =~ ^[0-9]+$ ]] || { echo "error: DEPTH must be a whole number of tokens, not '$depth'" >&2; exit 1; }
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 llama_version=0.3.36
@@ -46,11 +49,11 @@ fi
 
 # One round of each: "prefill decode" in tok/s.
 llama_round() {
-  "$llama_bench" -m "$model" -t 2 -p 512 -n 128 -r 1 -o json 2> /dev/null |
+  "$llama_bench" -m "$model" -t 2 -p 512 -n 128 -d "$depth" -r 1 -o json 2> /dev/null |
     python3 -c 'import json, sys; r = json.load(sys.stdin); print(" ".join("%.1f" % x["avg_ts"] for x in r))'
 }
 kiln_round() {
-  "$kiln" bench "$plan" --threads 2 --prefill 512 --decode 128 --repeat 1 --json 2> /dev/null |
+  "$kiln" bench "$plan" --threads 2 --prefill 512 --decode 128 --depth "$depth" --repeat 1 --json 2> /dev/null |
     python3 -c 'import json, sys; d = json.load(sys.stdin); print("%.1f %.1f" % (d["prefill_tok_s"]["512"], d["decode_tok_s"]))'
 }
 

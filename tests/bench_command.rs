@@ -91,3 +91,35 @@ fn bench_profile_accounts_for_every_kernel() {
     let report = bench_json(plan.to_str().unwrap(), &[]);
     assert!(report.get("profile").is_none(), "{report}");
 }
+
+/// `--depth` runs every timed prefill and decode after that many cached tokens (the fill itself is not profiled)
+/// and reports it; a depth past the model's trained context is one clear error.
+#[test]
+fn bench_runs_at_a_depth_and_refuses_one_past_the_context() {
+    let Some(plan) = common::smollm2_plan() else {
+        return;
+    };
+    let plan = plan.to_str().unwrap();
+    let report = bench_json(plan, &["--depth", "100", "--profile"]);
+    assert_eq!(report["depth"], 100, "{report}");
+    for measure in [&report["prefill_tok_s"]["8"], &report["decode_tok_s"]] {
+        assert!(measure.as_f64().is_some_and(|v| v > 0.0), "{report}");
+    }
+    for (phase, launches) in [("prefill", 30), ("decode", 30 * 5)] {
+        let kernels = report["profile"][phase].as_array().unwrap();
+        let gated = kernels
+            .iter()
+            .find(|k| k["spec"].as_str().unwrap().starts_with("gated_ffn"))
+            .unwrap();
+        assert_eq!(gated["launches"], launches, "{phase}: {gated}");
+    }
+    let out = common::kiln(&["bench", plan, "--depth", "9000"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: the longest run needs 9512 positions (--depth 9000")
+            && stderr.contains("the model was trained for 8192"),
+        "{stderr}"
+    );
+}

@@ -19,6 +19,10 @@ pub struct BenchArgs {
     /// Tokens to decode one at a time (per sequence).
     #[arg(long, default_value_t = 128)]
     pub decode: usize,
+    /// Tokens already in the sequence's cache before each timed prefill and decode (decode: at least 8), as
+    /// llama-bench's `-d`: attention then reads that many more positions per token.
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
     /// Sequences decoded together, one token each per step (the server's continuous batching); decode tok/s is
     /// their total. Above 1 it needs an executor that batches (the CPU executor).
     #[arg(long, default_value_t = 1)]
@@ -41,6 +45,7 @@ pub struct BenchArgs {
 struct Report {
     prefill_tok_s: BTreeMap<String, f64>,
     decode_tok_s: f64,
+    depth: usize,
     batch: usize,
     ttft_ms: f64,
     peak_rss_bytes: u64,
@@ -122,7 +127,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     let model = Model::open_to_run(&args.model, &args.engine)?;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
-    let ctx = longest.max(16 + args.decode);
+    let ctx = args.depth + longest.max(16 + args.decode);
+    let trained = model.info.context_length;
+    anyhow::ensure!(
+        ctx <= trained,
+        "the longest run needs {ctx} positions (--depth {}, then a prefill of {longest} or a decode of {}), but the model was trained for {trained}",
+        args.depth,
+        args.decode
+    );
     let mut engine = model.executor(ctx, &args.engine, args.batch, 0)?;
     anyhow::ensure!(
         engine.slots() >= args.batch,
@@ -133,7 +145,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let vocab = engine.vocab_size();
     // Warm-up, as llama-bench's: fault in the weights, and size the buffers for the longest prompt, so no measured
     // run pays for first touches.
-    engine.forward_last(&prompt(longest.max(16), vocab), 0)?;
+    engine.forward_last(&prompt(args.depth + longest.max(16), vocab), 0)?;
+    // The cached tokens every timed prefill follows (each run replaces what the one before added after them).
+    if args.depth > 0 {
+        engine.forward_last(&prompt(args.depth, vocab), 0)?;
+    }
     anyhow::ensure!(
         !args.profile || engine.set_profiling(true),
         "--profile needs an executor that times its kernels (the CPU executor)"
@@ -147,11 +163,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut times = Vec::new();
         for _ in 0..args.repeat {
             let started = Instant::now();
-            engine.forward_last(&tokens, 0)?;
+            engine.forward_last(&tokens, args.depth)?;
             times.push(started.elapsed().as_secs_f64());
         }
         let t = median(times);
-        eprintln!("prefill {len:>4} tokens: {:8.1} tok/s", len as f64 / t);
+        eprintln!(
+            "prefill {len:>4} tokens{}: {:8.1} tok/s",
+            at_depth(args.depth),
+            len as f64 / t
+        );
         prefill_tok_s.insert(len.to_string(), len as f64 / t);
         if len == args.prefill[0] {
             ttft_ms = t * 1e3;
@@ -165,18 +185,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             engine.as_mut(),
             args.decode,
             args.batch,
+            args.depth,
             vocab,
         )?);
     }
     let decode_tok_s = median(rates);
     eprintln!(
-        "decode {:>5} tokens x {} sequences: {decode_tok_s:8.1} tok/s",
-        args.decode, args.batch
+        "decode {:>5} tokens x {} sequences{}: {decode_tok_s:8.1} tok/s",
+        args.decode,
+        args.batch,
+        at_depth(args.depth)
     );
 
     let report = Report {
         prefill_tok_s,
         decode_tok_s,
+        depth: args.depth,
         batch: args.batch,
         ttft_ms,
         peak_rss_bytes: peak_rss_bytes(),
@@ -190,12 +214,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{:<28} {:>12}", "measure", "value");
+        let depth = at_depth(args.depth);
         for (len, v) in &report.prefill_tok_s {
-            println!("{:<28} {v:>12.1}", format!("prefill {len} (tok/s)"));
+            println!("{:<28} {v:>12.1}", format!("prefill {len}{depth} (tok/s)"));
         }
         println!(
             "{:<28} {:>12.1}",
-            format!("decode {} x{} (tok/s)", args.decode, args.batch),
+            format!("decode {} x{}{depth} (tok/s)", args.decode, args.batch),
             report.decode_tok_s
         );
         println!(
@@ -217,10 +242,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// How a measure's label names a depth, as llama-bench's `@ d512` does.
+fn at_depth(depth: usize) -> String {
+    match depth {
+        0 => String::new(),
+        d => format!(" @ d{d}"),
+    }
+}
+
 /// Decodes `n` tokens one at a time in each of `batch` sequences (slots `0..batch`, one step for all) after a
-/// short prompt each, feeding back each argmax; returns the tokens per second of all of them.
-fn decode_rate(engine: &mut dyn Engine, n: usize, batch: usize, vocab: usize) -> Result<f64> {
-    let first = prompt(8, vocab);
+/// prompt of `depth` tokens each (at least 8), feeding back each argmax; returns the tokens per second of all of
+/// them.
+fn decode_rate(
+    engine: &mut dyn Engine,
+    n: usize,
+    batch: usize,
+    depth: usize,
+    vocab: usize,
+) -> Result<f64> {
+    let first = prompt(depth.max(8), vocab);
     let mut logits = Vec::with_capacity(batch);
     for slot in 0..batch {
         let seq = SeqTokens {
