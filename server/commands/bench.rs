@@ -143,8 +143,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         engine.slots()
     );
     let vocab = engine.vocab_size();
-    // Warm-up, as llama-bench's: fault in the weights, and size the buffers for the longest prompt, so no measured
-    // run pays for first touches.
+    // Warm-up, as llama-bench's: fault in the weights and the KV pages of the deepest run, and size the buffers for
+    // the longest prompt, so no measured run pays for first touches.
     engine.forward_last(&prompt(args.depth + longest.max(16), vocab), 0)?;
     // The cached tokens every timed prefill follows (each run replaces what the one before added after them).
     if args.depth > 0 {
