@@ -323,8 +323,8 @@ struct BlockPlace {
 impl BlockPlace {
     /// Each f16 field's offset in the GGUF block and in the stored weight (none when inline).
     fn field_pieces(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let widened = if self.inline { &[][..] } else { self.fields };
-        (widened.iter().enumerate()).map(|(k, &f)| (f, self.field_at + k * self.field_stride))
+        let moved = if self.inline { &[][..] } else { self.fields };
+        (moved.iter().enumerate()).map(|(k, &f)| (f, self.field_at + k * self.field_stride))
     }
 
     /// Each run of other bytes: `(offset in the GGUF block, offset in the stored weight, length)`.

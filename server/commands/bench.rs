@@ -144,12 +144,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     let vocab = engine.vocab_size();
     // Warm-up, as llama-bench's: fault in the weights and the KV pages of the deepest run, and size the buffers for
-    // the longest prompt, so no measured run pays for first touches.
+    // the longest prompt, so no measured run pays for first touches. Its first `depth` tokens are `prompt(depth)`
+    // (a shorter prompt is a prefix of a longer one), the cached tokens every timed prefill follows: each run
+    // replaces only what came after them.
     engine.forward_last(&prompt(args.depth + longest.max(16), vocab), 0)?;
-    // The cached tokens every timed prefill follows (each run replaces what the one before added after them).
-    if args.depth > 0 {
-        engine.forward_last(&prompt(args.depth, vocab), 0)?;
-    }
     anyhow::ensure!(
         !args.profile || engine.set_profiling(true),
         "--profile needs an executor that times its kernels (the CPU executor)"
